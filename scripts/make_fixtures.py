@@ -1,0 +1,193 @@
+"""Reference data for websd's tests, computed by onnxruntime (never by websd).
+
+    python scripts/make_fixtures.py TINY_ONNX_DIR
+
+TINY_ONNX_DIR is the `onnx` folder written by make_tiny_sd.py. Writes:
+  tests/fixtures/tiny-sd/        the exported pipeline (copied)
+  tests/fixtures/tiny-sd-io/     inputs and onnxruntime outputs per graph, as .npy
+  tests/fixtures/ops/<case>/     single-operator models on awkward cases, with
+                                 inputs (in_*.npy) and outputs (out_*.npy)
+"""
+import os
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+rng = np.random.default_rng(1234)
+
+
+def run_ort(model_path, feeds):
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(model_path, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def save_case(folder, feeds, outputs):
+    os.makedirs(folder, exist_ok=True)
+    for name, value in feeds.items():
+        np.save(os.path.join(folder, f"in_{name}.npy"), value)
+    for name, value in outputs.items():
+        np.save(os.path.join(folder, f"out_{name}.npy"), value)
+
+
+def tiny_sd(src):
+    dst = os.path.join(ROOT, "tiny-sd")
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    io = os.path.join(ROOT, "tiny-sd-io")
+    shutil.rmtree(io, ignore_errors=True)
+    ids = np.full((2, 77), 49407, dtype=np.int64)
+    ids[:, 0] = 49406
+    ids[1, 1:6] = [320, 1125, 539, 518, 3937]  # "a photo of the cat"
+    cases = {
+        "text_encoder": {"input_ids": ids},
+        "unet": {
+            "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+            "timestep": np.array(981.0, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, 16), dtype=np.float32),
+        },
+        "unet_nonsquare": {
+            "sample": rng.standard_normal((1, 4, 8, 12), dtype=np.float32),
+            "timestep": np.array(1.0, dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 16), dtype=np.float32),
+        },
+        "vae_decoder": {"latent_sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32)},
+        "vae_encoder": {"sample": rng.uniform(-1, 1, (1, 3, 16, 12)).astype(np.float32)},
+    }
+    for case, feeds in cases.items():
+        graph = case.split("_nonsquare")[0]
+        outputs = run_ort(os.path.join(dst, graph, "model.onnx"), feeds)
+        save_case(os.path.join(io, case), feeds, outputs)
+
+
+# ---- single-operator cases -------------------------------------------------------------
+
+def op_case(name, op_type, inputs, attrs=None, initializers=None, outputs=1, opset=18, external=False):
+    """inputs: list of (name, array); initializers: (name, array) fed as constants."""
+    attrs = attrs or {}
+    initializers = initializers or []
+    graph_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in inputs]
+    out_names = [f"y{i}" for i in range(outputs)]
+    node = helper.make_node(op_type, [n for n, _ in inputs] + [n for n, _ in initializers if n], out_names, **attrs)
+    # Optional inputs given as "" keep their position.
+    node.input[:] = [n for n, _ in inputs] + [n for n, _ in initializers]
+    inits = [numpy_helper.from_array(a, n) for n, a in initializers if n]
+    # Output types come from ONNX shape inference, run on a graph that lists none.
+    graph = helper.make_graph([node], name, graph_inputs, [], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.value_info}
+    elem = graph_inputs[0].type.tensor_type.elem_type
+    model.graph.output.extend(inferred.get(n, helper.make_tensor_value_info(n, elem, None)) for n in out_names)
+    folder = os.path.join(ROOT, "ops", name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.onnx")
+    onnx.save(model, path, save_as_external_data=external, location="weights.bin", size_threshold=0)
+    feeds = dict(inputs)
+    save_case(folder, feeds, run_ort(path, feeds))
+
+
+def f32(*shape, low=-2.0, high=2.0):
+    return rng.uniform(low, high, shape).astype(np.float32)
+
+
+def op_cases():
+    shutil.rmtree(os.path.join(ROOT, "ops"), ignore_errors=True)
+    i64 = lambda v: np.array(v, dtype=np.int64)
+    # Element-wise with numpy broadcasting, and every unary op over a wide range.
+    op_case("add_broadcast", "Add", [("a", f32(3, 1, 5)), ("b", f32(4, 1))])
+    op_case("sub_scalar", "Sub", [("a", f32(2, 3))], initializers=[("b", np.array(0.5, np.float32))])
+    op_case("mul_broadcast", "Mul", [("a", f32(2, 1, 7, 1)), ("b", f32(3, 1, 6))])
+    op_case("div", "Div", [("a", f32(5, 7)), ("b", f32(5, 7, low=0.5, high=3))])
+    op_case("pow_square", "Pow", [("a", f32(13))], initializers=[("b", np.array(2.0, np.float32))])
+    op_case("pow_fractional", "Pow", [("a", f32(13, low=0.1, high=4))], initializers=[("b", np.array(0.7, np.float32))])
+    for op in ["Sqrt", "Exp", "Log", "Reciprocal"]:
+        op_case(op.lower(), op, [("x", f32(37, low=0.05, high=5))])
+    for op in ["Erf", "Tanh", "Sigmoid", "Sin", "Cos", "Neg", "Relu", "Abs", "Floor", "Ceil"]:
+        op_case(op.lower(), op, [("x", np.concatenate([f32(61, low=-6, high=6), np.array([0, -0.5, 0.5, 3.9, -3.9, 20, -20], np.float32)]))])
+    op_case("where_broadcast", "Where", [("c", rng.uniform(size=(3, 1)) > 0.5), ("x", f32(1, 4)), ("y", f32(3, 4))])
+    op_case("equal_int", "Equal", [("a", i64([[1, 2, 3], [4, 5, 6]])), ("b", i64([2, 2, 6]))])
+    op_case("less", "Less", [("a", f32(4, 5)), ("b", f32(5))])
+    op_case("cast_float_to_int", "Cast", [("x", f32(9, low=-5, high=5))], {"to": TensorProto.INT64})
+    op_case("cast_int_to_float", "Cast", [("x", i64([-3, 0, 7, 49407]))], {"to": TensorProto.FLOAT})
+    # Matrix products.
+    op_case("matmul_odd", "MatMul", [("a", f32(3, 37, 29)), ("b", f32(29, 67))])
+    op_case("matmul_broadcast", "MatMul", [("a", f32(2, 1, 5, 70)), ("b", f32(3, 70, 9))])
+    op_case("matmul_vector", "MatMul", [("a", f32(33)), ("b", f32(2, 33, 5))])
+    op_case("matmul_77_tokens", "MatMul", [("a", f32(2, 77, 64)), ("b", f32(2, 64, 77))])
+    op_case("gemm_transb", "Gemm", [("a", f32(6, 40))], {"transB": 1, "alpha": 0.5, "beta": 2.0},
+            initializers=[("w", f32(30, 40)), ("c", f32(30))])
+    op_case("gemm_transa", "Gemm", [("a", f32(40, 6))], {"transA": 1}, initializers=[("w", f32(40, 30))])
+    # Convolutions.
+    op_case("conv_3x3_pad", "Conv", [("x", f32(2, 5, 11, 9))], {"pads": [1, 1, 1, 1]},
+            initializers=[("w", f32(7, 5, 3, 3)), ("b", f32(7))])
+    op_case("conv_stride2", "Conv", [("x", f32(1, 4, 15, 16))], {"strides": [2, 2], "pads": [0, 0, 0, 0]},
+            initializers=[("w", f32(6, 4, 3, 3))])
+    op_case("conv_groups_dilation", "Conv", [("x", f32(1, 6, 12, 12))], {"group": 3, "dilations": [2, 2], "pads": [2, 2, 2, 2]},
+            initializers=[("w", f32(9, 2, 3, 3)), ("b", f32(9))])
+    op_case("conv_1x1", "Conv", [("x", f32(2, 70, 5, 7))], initializers=[("w", f32(65, 70, 1, 1)), ("b", f32(65))])
+    # Normalisations.
+    op_case("instance_norm", "InstanceNormalization", [("x", f32(2, 6, 5, 7))], {"epsilon": 1e-5},
+            initializers=[("s", f32(6)), ("b", f32(6))])
+    op_case("layer_norm", "LayerNormalization", [("x", f32(2, 77, 48))], {"epsilon": 1e-5},
+            initializers=[("s", f32(48)), ("b", f32(48))])
+    op_case("layer_norm_axis", "LayerNormalization", [("x", f32(3, 4, 10))], {"axis": -2},
+            initializers=[("s", f32(4, 10)), ("b", f32(4, 10))])
+    op_case("group_norm", "GroupNormalization", [("x", f32(2, 8, 3, 5))], {"num_groups": 4, "epsilon": 1e-5},
+            initializers=[("s", f32(4)), ("b", f32(4))])
+    op_case("group_norm_opset21", "GroupNormalization", [("x", f32(2, 8, 3, 5))], {"num_groups": 4},
+            initializers=[("s", f32(8)), ("b", f32(8))], opset=21)
+    op_case("softmax_last", "Softmax", [("x", f32(3, 7, 300, low=-10, high=10))])
+    op_case("softmax_axis1", "Softmax", [("x", f32(2, 5, 3))], {"axis": 1})
+    op_case("softmax_opset11", "Softmax", [("x", f32(2, 3, 4))], {"axis": 1}, opset=11)
+    # Data movement.
+    op_case("transpose", "Transpose", [("x", f32(2, 3, 4, 5))], {"perm": [0, 2, 3, 1]})
+    op_case("concat_axis1", "Concat", [("a", f32(2, 3, 4)), ("b", f32(2, 1, 4)), ("c", f32(2, 5, 4))], {"axis": 1})
+    op_case("concat_negative_axis", "Concat", [("a", f32(2, 3)), ("b", f32(2, 4))], {"axis": -1})
+    op_case("slice_negative_step", "Slice", [("x", f32(6, 10))],
+            initializers=[("st", i64([-1, 1])), ("en", i64([-100, 9])), ("ax", i64([0, 1])), ("sp", i64([-2, 3]))])
+    op_case("slice_to_end", "Slice", [("x", f32(4, 7))],
+            initializers=[("st", i64([2])), ("en", i64([9223372036854775807])), ("ax", i64([-1]))])
+    op_case("split", "Split", [("x", f32(4, 9))], {"axis": 1}, initializers=[("sp", i64([2, 3, 4]))], outputs=3)
+    op_case("gather_axis0", "Gather", [("x", f32(10, 4)), ("i", i64([[3, -1], [0, 9]]))])
+    op_case("gather_axis1", "Gather", [("x", f32(3, 10, 2))], {"axis": 1}, initializers=[("i", i64([7, 2, -3]))])
+    op_case("expand", "Expand", [("x", f32(3, 1))], initializers=[("s", i64([2, 3, 4]))])
+    op_case("pad", "Pad", [("x", f32(1, 2, 3, 3))], initializers=[("p", i64([0, 0, 0, 1, 0, 0, 1, 2])), ("v", np.array(0.5, np.float32))])
+    op_case("reshape", "Reshape", [("x", f32(2, 3, 4))], initializers=[("s", i64([0, -1]))])
+    op_case("resize_nearest_2x", "Resize", [("x", f32(1, 2, 3, 5))],
+            {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+            initializers=[("", np.zeros(0, np.float32)), ("sc", np.array([1, 1, 2, 2], np.float32))])
+    op_case("resize_linear_half_pixel", "Resize", [("x", f32(1, 2, 4, 5))],
+            {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+            initializers=[("", np.zeros(0, np.float32)), ("", np.zeros(0, np.float32)), ("sz", i64([1, 2, 7, 9]))])
+    op_case("resize_linear_align_corners", "Resize", [("x", f32(1, 1, 3, 4))],
+            {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+            initializers=[("", np.zeros(0, np.float32)), ("sc", np.array([1, 1, 2.5, 1.5], np.float32))])
+    op_case("reduce_mean", "ReduceMean", [("x", f32(3, 4, 5))], {"keepdims": 1}, initializers=[("ax", i64([-1, 0]))])
+    op_case("reduce_sum", "ReduceSum", [("x", f32(3, 4, 5))], {"keepdims": 0}, initializers=[("ax", i64([1]))])
+    op_case("reduce_max", "ReduceMax", [("x", f32(3, 4, 5))], {"keepdims": 0})
+    op_case("argmax", "ArgMax", [("x", f32(3, 11))], {"axis": -1, "keepdims": 0})
+    # Weights in an external-data file, as optimum writes for models over 2 GB.
+    op_case("matmul_external_data", "MatMul", [("a", f32(3, 8))], initializers=[("w", f32(8, 5))], external=True)
+    op_case("argmax_int", "ArgMax", [("x", i64([[5, 9, 9, 1], [0, -1, 2, 2]]))], {"axis": 1, "select_last_index": 1})
+
+
+def symbolic_add():
+    """y = a + b with a of symbolic length `n`, for tests that pick a size at run time."""
+    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"])
+    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
+    graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "add", [a, b], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), os.path.join(ROOT, "add_symbolic.onnx"))
+
+
+if __name__ == "__main__":
+    tiny_sd(sys.argv[1])
+    op_cases()
+    symbolic_add()

@@ -1,0 +1,146 @@
+//! The shared GPU: one `wgpu::Device` used by every session, and GPU-resident tensors.
+
+use std::sync::Arc;
+
+use wgpu::util::DeviceExt;
+
+use super::error::{Error, Result};
+use super::tensor::{numel, DType, HostTensor};
+
+/// The device every session runs on. Cheap to clone.
+#[derive(Clone)]
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub adapter_info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+}
+
+impl Gpu {
+    /// Opens the default adapter with its own limits (not WebGPU's defaults, whose 128 MiB
+    /// binding limit is below what Stable Diffusion's activations need on most GPUs).
+    pub async fn new() -> Result<Gpu> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::all(),
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        });
+        let adapter = instance
+            .request_adapter(&wgpu::RequestAdapterOptions {
+                power_preference: wgpu::PowerPreference::HighPerformance,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::NoAdapter(e.to_string()))?;
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("websd"),
+                required_features: wgpu::Features::empty(),
+                required_limits: limits.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Error::Device(e.to_string()))?;
+        // Errors are collected through error scopes; never let wgpu's default handler panic.
+        device.on_uncaptured_error(Arc::new(|e| log::error!("uncaptured GPU error: {e}")));
+        device.set_device_lost_callback(|reason, message| log::error!("GPU device lost ({reason:?}): {message}"));
+        Ok(Gpu { device, queue, adapter_info: adapter.get_info(), limits })
+    }
+
+    /// "name (backend, device type)", for logs and the UI.
+    pub fn describe(&self) -> String {
+        let info = &self.adapter_info;
+        format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+    }
+
+    /// Blocks natively until submitted work has finished; a no-op in the browser, where the
+    /// event loop drives the GPU.
+    pub fn wait(&self) {
+        let _ = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+    }
+
+    pub(crate) fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes.max(4).next_multiple_of(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        })
+    }
+
+    pub(crate) fn storage_buffer_with(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
+        let contents: &[u32] = if words.is_empty() { &[0] } else { words };
+        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents: words_as_bytes(contents),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+        })
+    }
+}
+
+pub(crate) fn words_as_bytes(words: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(words.as_ptr().cast::<u8>(), std::mem::size_of_val(words)) }
+}
+
+/// A tensor in GPU memory: 32-bit words (f32 bits, i32, or 0/1 for booleans), row-major.
+#[derive(Clone, Debug)]
+pub struct GpuTensor {
+    pub(crate) buffer: Arc<wgpu::Buffer>,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+}
+
+impl GpuTensor {
+    /// Uploads a host tensor.
+    pub fn from_host(gpu: &Gpu, tensor: &HostTensor) -> GpuTensor {
+        let buffer = gpu.storage_buffer_with("tensor", &tensor.to_gpu_words());
+        GpuTensor { buffer: Arc::new(buffer), dtype: tensor.dtype(), shape: tensor.shape.clone() }
+    }
+
+    pub fn len(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub(crate) fn byte_len(&self) -> u64 {
+        4 * self.len() as u64
+    }
+
+    /// Copies the tensor back to the host. This is the only way data leaves the GPU.
+    pub async fn to_host(&self, gpu: &Gpu) -> Result<HostTensor> {
+        let bytes = self.byte_len().max(4);
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, bytes);
+        gpu.queue.submit([encoder.finish()]);
+        let (sender, receiver) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |result| {
+            let _ = sender.send(result);
+        });
+        gpu.wait();
+        receiver
+            .await
+            .map_err(|_| Error::Device("the device was lost during readback".into()))?
+            .map_err(|e| Error::Device(format!("readback failed: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Device(format!("readback failed: {e}")))?;
+        let words: Vec<u32> = view
+            .chunks_exact(4)
+            .take(self.len())
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        drop(view);
+        staging.unmap();
+        Ok(HostTensor::from_gpu_words(self.dtype, self.shape.clone(), &words))
+    }
+}

@@ -1,0 +1,149 @@
+//! The WGSL kernels (one file per family in `kernels/`), their compiled pipelines, and the
+//! description of one kernel launch.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::graph::ValueId;
+use super::tensor::HostTensor;
+
+/// Largest head dimension the fused attention kernel holds per thread (attention.wgsl's
+/// MAX_DIM). Wider heads run unfused.
+pub const ATTENTION_MAX_HEAD_DIM: usize = 160;
+
+/// Threads per workgroup of the one-thread-per-element kernels.
+pub const LINEAR_WORKGROUP: u32 = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shader {
+    Elementwise,
+    Copy,
+    Fill,
+    Gather,
+    MatMul,
+    Conv,
+    Norm,
+    Softmax,
+    Reduce,
+    Resize,
+    Attention,
+}
+
+impl Shader {
+    fn source(self) -> String {
+        let gemm = include_str!("kernels/gemm.wgsl");
+        match self {
+            Shader::Elementwise => include_str!("kernels/elementwise.wgsl").into(),
+            Shader::Copy => include_str!("kernels/copy.wgsl").into(),
+            Shader::Fill => include_str!("kernels/fill.wgsl").into(),
+            Shader::Gather => include_str!("kernels/gather.wgsl").into(),
+            Shader::MatMul => format!("{gemm}\n{}", include_str!("kernels/matmul.wgsl")),
+            Shader::Conv => format!("{gemm}\n{}", include_str!("kernels/conv.wgsl")),
+            Shader::Norm => include_str!("kernels/norm.wgsl").into(),
+            Shader::Softmax => include_str!("kernels/softmax.wgsl").into(),
+            Shader::Reduce => include_str!("kernels/reduce.wgsl").into(),
+            Shader::Resize => include_str!("kernels/resize.wgsl").into(),
+            Shader::Attention => include_str!("kernels/attention.wgsl").into(),
+        }
+    }
+}
+
+/// A shader specialised by its `OP` override constant, if it has one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    pub shader: Shader,
+    pub op: Option<u32>,
+}
+
+impl From<Shader> for KernelKey {
+    fn from(shader: Shader) -> Self {
+        KernelKey { shader, op: None }
+    }
+}
+
+/// A buffer a launch binds: a graph value, or a constant the lowering made up (zero bias).
+#[derive(Clone, Debug)]
+pub enum Operand {
+    Value(ValueId),
+    Constant(Arc<HostTensor>),
+}
+
+/// One dispatch: binding 0 holds `params`, binding 1 is `output`, bindings 2.. are `inputs`.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub kernel: KernelKey,
+    pub params: Vec<u32>,
+    pub output: ValueId,
+    pub inputs: Vec<Operand>,
+    pub workgroups: [u32; 3],
+}
+
+/// Packs a kernel's `Params` struct: 32-bit fields and fixed-length arrays, in order.
+#[derive(Default)]
+pub struct Params(pub Vec<u32>);
+
+impl Params {
+    pub fn u(mut self, v: usize) -> Self {
+        self.0.push(v as u32);
+        self
+    }
+
+    pub fn i(mut self, v: isize) -> Self {
+        self.0.push(v as i32 as u32);
+        self
+    }
+
+    pub fn f(mut self, v: f32) -> Self {
+        self.0.push(v.to_bits());
+        self
+    }
+
+    /// A `array<u32, len>` field (or i32: values are written as two's complement).
+    pub fn array(mut self, values: impl IntoIterator<Item = isize>, len: usize) -> Self {
+        let start = self.0.len();
+        self.0.extend(values.into_iter().map(|v| v as i32 as u32));
+        debug_assert!(self.0.len() - start <= len, "array longer than its field");
+        self.0.resize(start + len, 0);
+        self
+    }
+}
+
+/// Workgroup counts covering `groups` workgroups, folded into two dimensions so that no
+/// dimension exceeds the device limit. Kernels rebuild the linear index from
+/// `workgroup_id` and `num_workgroups`.
+pub fn grid(groups: usize, max_per_dim: u32) -> [u32; 3] {
+    let groups = groups.max(1);
+    let x = groups.min(max_per_dim as usize);
+    [x as u32, groups.div_ceil(x) as u32, 1]
+}
+
+/// Compiled pipelines of one session, created on first use and then reused.
+#[derive(Default)]
+pub struct Pipelines {
+    modules: HashMap<Shader, wgpu::ShaderModule>,
+    pipelines: HashMap<KernelKey, wgpu::ComputePipeline>,
+}
+
+impl Pipelines {
+    pub fn get(&mut self, device: &wgpu::Device, key: KernelKey) -> &wgpu::ComputePipeline {
+        if !self.pipelines.contains_key(&key) {
+            let module = self.modules.entry(key.shader).or_insert_with(|| {
+                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&format!("{:?}", key.shader)),
+                    source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
+                })
+            });
+            let constants: Vec<(&str, f64)> = key.op.map(|op| ("OP", op as f64)).into_iter().collect();
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&format!("{key:?}")),
+                layout: None,
+                module,
+                entry_point: Some("main"),
+                compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
+                cache: None,
+            });
+            self.pipelines.insert(key, pipeline);
+        }
+        &self.pipelines[&key]
+    }
+}

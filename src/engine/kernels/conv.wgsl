@@ -1,0 +1,71 @@
+// 2-D convolution as an implicit GEMM per (image, group): M = output channels of the group,
+// N = output pixels, K = input channels of the group x kernel taps. Input patches are read
+// straight from the image (no im2col buffer); padding reads as zero. Bias is fused.
+
+struct Params {
+    in_channels: u32,
+    in_h: u32,
+    in_w: u32,
+    out_channels: u32,
+    out_h: u32,
+    out_w: u32,
+    kernel_h: u32,
+    kernel_w: u32,
+    stride_h: u32,
+    stride_w: u32,
+    pad_h: u32,
+    pad_w: u32,
+    dilation_h: u32,
+    dilation_w: u32,
+    groups: u32,
+    has_bias: u32,
+}
+
+@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> image: array<f32>;
+@group(0) @binding(3) var<storage, read> weight: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+var<private> image_base: u32;
+var<private> out_base: u32;
+var<private> first_out_channel: u32;
+
+fn group_out_channels() -> u32 { return p.out_channels / p.groups; }
+fn group_in_channels() -> u32 { return p.in_channels / p.groups; }
+
+fn begin(batch_group: u32) {
+    let image_index = batch_group / p.groups;
+    let group = batch_group % p.groups;
+    image_base = (image_index * p.in_channels + group * group_in_channels()) * p.in_h * p.in_w;
+    first_out_channel = group * group_out_channels();
+    out_base = (image_index * p.out_channels + first_out_channel) * p.out_h * p.out_w;
+}
+
+fn gemm_m() -> u32 { return group_out_channels(); }
+fn gemm_n() -> u32 { return p.out_h * p.out_w; }
+fn gemm_k() -> u32 { return group_in_channels() * p.kernel_h * p.kernel_w; }
+
+fn load_a(m: u32, k: u32) -> f32 {
+    return weight[(first_out_channel + m) * gemm_k() + k];
+}
+
+fn load_b(k: u32, n: u32) -> f32 {
+    let taps = p.kernel_h * p.kernel_w;
+    let channel = k / taps;
+    let tap = k % taps;
+    let y = i32((n / p.out_w) * p.stride_h + (tap / p.kernel_w) * p.dilation_h) - i32(p.pad_h);
+    let x = i32((n % p.out_w) * p.stride_w + (tap % p.kernel_w) * p.dilation_w) - i32(p.pad_w);
+    if y < 0 || x < 0 || y >= i32(p.in_h) || x >= i32(p.in_w) {
+        return 0.0;
+    }
+    return image[image_base + (channel * p.in_h + u32(y)) * p.in_w + u32(x)];
+}
+
+fn store(m: u32, n: u32, value: f32) {
+    var v = value;
+    if p.has_bias != 0u {
+        v += bias[first_out_channel + m];
+    }
+    out[out_base + m * p.out_h * p.out_w + n] = v;
+}

@@ -1,0 +1,32 @@
+// Gather along one axis: data viewed as [outer, axis, inner], indices flattened to [count].
+// Negative indices count from the end, as ONNX specifies.
+
+struct Params {
+    n: u32,
+    inner: u32,
+    count: u32,
+    axis_len: u32,
+}
+
+@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<u32>;
+@group(0) @binding(2) var<storage, read> data: array<u32>;
+@group(0) @binding(3) var<storage, read> indices: array<i32>;
+
+@compute @workgroup_size(256)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
+        @builtin(local_invocation_index) lane: u32) {
+    let i = (wg.y * groups.x + wg.x) * 256u + lane;
+    if i >= p.n {
+        return;
+    }
+    let inner = i % p.inner;
+    let j = (i / p.inner) % p.count;
+    let outer = i / (p.inner * p.count);
+    var index = indices[j];
+    if index < 0 {
+        index += i32(p.axis_len);
+    }
+    let row = u32(clamp(index, 0, i32(p.axis_len) - 1));
+    out[i] = data[(outer * p.axis_len + row) * p.inner + inner];
+}

@@ -1,0 +1,67 @@
+// Batched, broadcasting MatMul and Gemm over strided operands (so transposed operands need
+// no copy): out[b, m, n] = alpha * sum_k A[b, m, k] B[b, k, n] + beta * C[m, n].
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    batch_rank: u32,
+    a_m: u32,
+    a_k: u32,
+    b_k: u32,
+    b_n: u32,
+    alpha: f32,
+    beta: f32,
+    has_bias: u32,
+    bias_m: u32,
+    bias_n: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
+    batch_shape: array<u32, 4>,
+    a_batch_strides: array<u32, 4>,
+    b_batch_strides: array<u32, 4>,
+}
+
+@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(1) var<storage, read_write> out: array<f32>;
+@group(0) @binding(2) var<storage, read> a: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+var<private> a_base: u32;
+var<private> b_base: u32;
+var<private> out_base: u32;
+
+fn begin(batch: u32) {
+    a_base = 0u;
+    b_base = 0u;
+    var rest = batch;
+    for (var d = i32(p.batch_rank) - 1; d >= 0; d--) {
+        let index = rest % p.batch_shape[d];
+        rest /= p.batch_shape[d];
+        a_base += index * p.a_batch_strides[d];
+        b_base += index * p.b_batch_strides[d];
+    }
+    out_base = batch * p.m * p.n;
+}
+
+fn gemm_m() -> u32 { return p.m; }
+fn gemm_n() -> u32 { return p.n; }
+fn gemm_k() -> u32 { return p.k; }
+
+fn load_a(m: u32, k: u32) -> f32 {
+    return a[a_base + m * p.a_m + k * p.a_k];
+}
+
+fn load_b(k: u32, n: u32) -> f32 {
+    return b[b_base + k * p.b_k + n * p.b_n];
+}
+
+fn store(m: u32, n: u32, value: f32) {
+    var v = p.alpha * value;
+    if p.has_bias != 0u {
+        v += p.beta * bias[m * p.bias_m + n * p.bias_n];
+    }
+    out[out_base + m * p.n + n] = v;
+}

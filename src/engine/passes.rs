@@ -1,0 +1,235 @@
+//! Graph preparation, run once per session: bind symbolic dimensions, infer every shape,
+//! fold constant subgraphs on the host, fuse patterns the kernels run in one pass, and drop
+//! nodes nothing needs. What remains is only GPU work over static shapes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::error::{Error, Result};
+use super::fold;
+use super::graph::{Dim, Graph, ValueId};
+use super::infer::{self, InputInfo};
+use super::ops::{BinaryOp, Op, UnaryOp};
+
+pub fn prepare(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
+    bind_inputs(graph, dims)?;
+    infer_and_fold(graph)?;
+    fuse_silu(graph);
+    fuse_attention(graph);
+    remove_dead_nodes(graph);
+    Ok(())
+}
+
+fn bind_inputs(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
+    for &id in &graph.inputs {
+        let value = &mut graph.values[id];
+        let declared = value.dims.clone().unwrap_or_default();
+        value.shape = declared
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => Ok(*n),
+                Dim::Named(name) => dims.get(name).copied().ok_or_else(|| Error::UnboundDimension(name.clone())),
+            })
+            .collect::<Result<_>>()?;
+    }
+    Ok(())
+}
+
+fn infer_and_fold(graph: &mut Graph) -> Result<()> {
+    for value in &mut graph.values {
+        if let Some(c) = &value.constant {
+            value.shape = c.shape.clone();
+            value.dtype = c.dtype();
+        }
+    }
+    let mut kept = Vec::with_capacity(graph.nodes.len());
+    for node in std::mem::take(&mut graph.nodes) {
+        let node_error = |reason: String| Error::Node { node: node.name.clone(), op_type: node.op.name(), reason };
+        let infos: Vec<Option<InputInfo>> = node
+            .inputs
+            .iter()
+            .map(|i| {
+                i.map(|i| {
+                    let v = &graph.values[i];
+                    InputInfo { dtype: v.dtype, shape: &v.shape, constant: v.constant.as_deref() }
+                })
+            })
+            .collect();
+        let outputs = infer::infer(&node.op, &infos, node.outputs.len()).map_err(node_error)?;
+        let all_constant = infos.iter().flatten().all(|i| i.constant.is_some());
+        let foldable = (all_constant && fold::can_fold(&node.op)) || matches!(node.op, Op::Shape { .. });
+        let folded = if foldable {
+            Some(fold::fold(&node.op, &infos, &outputs).map_err(node_error)?)
+        } else {
+            None
+        };
+        for (k, (&out, (dtype, shape))) in node.outputs.iter().zip(outputs).enumerate() {
+            let value = &mut graph.values[out];
+            value.dtype = dtype;
+            value.shape = shape;
+            if let Some(results) = &folded {
+                value.constant = Some(Arc::new(results[k].clone()));
+            }
+        }
+        if folded.is_none() {
+            kept.push(node);
+        }
+    }
+    graph.nodes = kept;
+    Ok(())
+}
+
+/// How many nodes (and graph outputs) read each value.
+fn use_counts(graph: &Graph) -> Vec<usize> {
+    let mut uses = vec![0; graph.values.len()];
+    for node in &graph.nodes {
+        for &i in node.inputs.iter().flatten() {
+            uses[i] += 1;
+        }
+    }
+    for &o in &graph.outputs {
+        uses[o] += 1;
+    }
+    uses
+}
+
+/// The node producing each value.
+fn producers(graph: &Graph) -> HashMap<ValueId, usize> {
+    let mut map = HashMap::new();
+    for (n, node) in graph.nodes.iter().enumerate() {
+        for &o in &node.outputs {
+            map.insert(o, n);
+        }
+    }
+    map
+}
+
+/// The single node reading `value`, if exactly one does and it is not a graph output.
+fn sole_consumer(graph: &Graph, uses: &[usize], value: ValueId) -> Option<usize> {
+    if uses[value] != 1 || graph.outputs.contains(&value) {
+        return None;
+    }
+    graph.nodes.iter().position(|n| n.inputs.contains(&Some(value)))
+}
+
+/// Sigmoid(x) -> Mul(x, s) becomes one Silu(x).
+fn fuse_silu(graph: &mut Graph) {
+    let uses = use_counts(graph);
+    let mut dead = vec![false; graph.nodes.len()];
+    for s in 0..graph.nodes.len() {
+        if !matches!(graph.nodes[s].op, Op::Unary(UnaryOp::Sigmoid)) {
+            continue;
+        }
+        let (x, sig) = (graph.nodes[s].inputs[0], graph.nodes[s].outputs[0]);
+        let Some(m) = sole_consumer(graph, &uses, sig) else { continue };
+        let mul = &graph.nodes[m];
+        let other = if mul.inputs[0] == Some(sig) { mul.inputs[1] } else { mul.inputs[0] };
+        if !matches!(mul.op, Op::Binary(BinaryOp::Mul)) || other != x || graph.values[sig].shape != graph.values[mul.outputs[0]].shape {
+            continue;
+        }
+        let mul = &mut graph.nodes[m];
+        mul.op = Op::Unary(UnaryOp::Silu);
+        mul.inputs = vec![x];
+        dead[s] = true;
+    }
+    retain_nodes(graph, &dead);
+}
+
+/// MatMul(Q, Kt) -> Mul|Div(scalar) -> Softmax(last axis) -> MatMul(., V) becomes one
+/// Attention node, so the [batch*heads, N, M] score matrix is never stored.
+fn fuse_attention(graph: &mut Graph) {
+    let uses = use_counts(graph);
+    let produced_by = producers(graph);
+    let mut dead = vec![false; graph.nodes.len()];
+    for last in 0..graph.nodes.len() {
+        let Some((chain, q, kt, v, scale)) = match_attention(graph, &uses, &produced_by, last) else { continue };
+        if chain.iter().any(|&n| dead[n]) {
+            continue;
+        }
+        for &n in &chain {
+            dead[n] = true;
+        }
+        let node = &mut graph.nodes[last];
+        node.op = Op::Attention { scale };
+        node.inputs = vec![Some(q), Some(kt), Some(v)];
+        dead[last] = false;
+    }
+    retain_nodes(graph, &dead);
+}
+
+type AttentionMatch = (Vec<usize>, ValueId, ValueId, ValueId, f32);
+
+fn match_attention(graph: &Graph, uses: &[usize], produced_by: &HashMap<ValueId, usize>, last: usize) -> Option<AttentionMatch> {
+    let out_mm = &graph.nodes[last];
+    if !matches!(out_mm.op, Op::MatMul) {
+        return None;
+    }
+    let (probs, v) = (out_mm.inputs[0]?, out_mm.inputs[1]?);
+    let softmax_node = *produced_by.get(&probs)?;
+    let rank = graph.values[probs].shape.len();
+    match graph.nodes[softmax_node].op {
+        Op::Softmax { axis, legacy: false } if axis == -1 || axis == rank as i64 - 1 => {}
+        _ => return None,
+    }
+    if uses[probs] != 1 {
+        return None;
+    }
+    let mut scores = graph.nodes[softmax_node].inputs[0]?;
+    let mut chain = vec![softmax_node];
+    let mut scale = 1.0f32;
+    if let Some(&scale_node) = produced_by.get(&scores) {
+        let node = &graph.nodes[scale_node];
+        if let Op::Binary(op @ (BinaryOp::Mul | BinaryOp::Div)) = node.op {
+            let c = graph.values[node.inputs[1]?].constant.as_ref().filter(|c| c.len() == 1)?;
+            let c = c.to_f32()[0];
+            scale = if op == BinaryOp::Mul { c } else { 1.0 / c };
+            if uses[scores] != 1 {
+                return None;
+            }
+            chain.push(scale_node);
+            scores = node.inputs[0]?;
+        }
+    }
+    let qk = *produced_by.get(&scores)?;
+    if !matches!(graph.nodes[qk].op, Op::MatMul) || uses[scores] != 1 {
+        return None;
+    }
+    chain.push(qk);
+    let (q, kt) = (graph.nodes[qk].inputs[0]?, graph.nodes[qk].inputs[1]?);
+    let shapes = [q, kt, v].map(|i| &graph.values[i].shape);
+    // Same rank, same batch dims, no broadcasting: the kernel walks one flat batch.
+    let batch = &shapes[0][..shapes[0].len().checked_sub(2)?];
+    if shapes.iter().any(|s| s.len() != batch.len() + 2 || &s[..batch.len()] != batch) || batch.is_empty() {
+        return None;
+    }
+    if shapes[0][batch.len() + 1] > super::kernels::ATTENTION_MAX_HEAD_DIM || shapes[2][batch.len() + 1] > super::kernels::ATTENTION_MAX_HEAD_DIM {
+        return None;
+    }
+    Some((chain, q, kt, v, scale))
+}
+
+fn retain_nodes(graph: &mut Graph, dead: &[bool]) {
+    let mut i = 0;
+    graph.nodes.retain(|_| {
+        i += 1;
+        !dead[i - 1]
+    });
+}
+
+fn remove_dead_nodes(graph: &mut Graph) {
+    let mut needed = vec![false; graph.values.len()];
+    for &o in &graph.outputs {
+        needed[o] = true;
+    }
+    let mut live = vec![false; graph.nodes.len()];
+    for (n, node) in graph.nodes.iter().enumerate().rev() {
+        if node.outputs.iter().any(|&o| needed[o]) {
+            live[n] = true;
+            for &i in node.inputs.iter().flatten() {
+                needed[i] = true;
+            }
+        }
+    }
+    let dead: Vec<bool> = live.iter().map(|l| !l).collect();
+    retain_nodes(graph, &dead);
+}

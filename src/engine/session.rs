@@ -1,0 +1,371 @@
+//! A compiled model on the shared GPU: prepared graph, planned buffers, pipelines and bind
+//! groups, all built once. `run` only records dispatches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::error::{Error, Result};
+use super::gpu::{Gpu, GpuTensor};
+use super::graph::{Graph, ValueId};
+use super::kernels::{Launch, Operand, Pipelines};
+use super::loader::{load_graph, ExternalDataSource};
+use super::lower::{Lowered, Lowering};
+use super::passes;
+use super::tensor::{numel, DType, HostTensor};
+
+/// A parsed model, not yet bound to dimensions or a device.
+pub struct Model {
+    graph: Graph,
+}
+
+impl Model {
+    /// Parses ONNX bytes; `external` supplies external-data files by their `location`.
+    pub fn from_bytes(bytes: impl Into<Bytes>, external: &mut ExternalDataSource) -> Result<Model> {
+        Ok(Model { graph: load_graph(bytes.into(), external)? })
+    }
+
+    /// Parses a model that has no external data.
+    pub fn from_bytes_only(bytes: impl Into<Bytes>) -> Result<Model> {
+        Model::from_bytes(bytes, &mut |location| Err(format!("no external data was supplied (`{location}`)")))
+    }
+
+    pub fn input_names(&self) -> Vec<&str> {
+        self.graph.input_names()
+    }
+
+    pub fn output_names(&self) -> Vec<&str> {
+        self.graph.output_names()
+    }
+
+    pub fn opset(&self) -> i64 {
+        self.graph.opset
+    }
+}
+
+/// Where a launch finds each of its buffers.
+struct BoundLaunch {
+    pipeline: usize,
+    bind_group: wgpu::BindGroup,
+    workgroups: [u32; 3],
+}
+
+/// One graph input or output: its storage and declared type.
+struct Port {
+    name: String,
+    dtype: DType,
+    shape: Vec<usize>,
+    buffer: Arc<wgpu::Buffer>,
+}
+
+pub struct Session {
+    gpu: Gpu,
+    inputs: Vec<Port>,
+    outputs: Vec<Port>,
+    launches: Vec<BoundLaunch>,
+    pipelines: Vec<wgpu::ComputePipeline>,
+    /// Bytes of GPU memory the session holds (weights and activations).
+    pub memory_bytes: u64,
+    /// Kernel launches per run.
+    pub launch_count: usize,
+}
+
+impl Session {
+    /// Binds the named dimensions (`batch_size`, `height`...), prepares the graph and builds
+    /// everything a run needs on `gpu`.
+    pub async fn new(gpu: &Gpu, model: &Model, dims: &HashMap<String, usize>) -> Result<Session> {
+        let mut graph = model.graph.clone();
+        passes::prepare(&mut graph, dims)?;
+        let oom_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let built = Builder::new(gpu, &graph).build();
+        let validation = validation_scope.pop().await;
+        let oom = oom_scope.pop().await;
+        if let Some(e) = oom {
+            return Err(Error::OutOfMemory(format!("creating the session: {e}")));
+        }
+        if let Some(e) = validation {
+            return Err(Error::Device(format!("creating the session: {e}")));
+        }
+        built
+    }
+
+    pub fn input_names(&self) -> Vec<&str> {
+        self.inputs.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    pub fn output_names(&self) -> Vec<&str> {
+        self.outputs.iter().map(|p| p.name.as_str()).collect()
+    }
+
+    /// The bound shape of an input.
+    pub fn input_shape(&self, name: &str) -> Option<&[usize]> {
+        self.inputs.iter().find(|p| p.name == name).map(|p| p.shape.as_slice())
+    }
+
+    /// Runs the graph on GPU-resident inputs and returns GPU-resident outputs, by name.
+    /// Nothing is read back; see [`GpuTensor::to_host`].
+    pub async fn run(&self, inputs: &[(&str, &GpuTensor)]) -> Result<HashMap<String, GpuTensor>> {
+        let by_name: HashMap<&str, &GpuTensor> = inputs.iter().copied().collect();
+        let missing: Vec<String> = self.inputs.iter().filter(|p| !by_name.contains_key(p.name.as_str())).map(|p| p.name.clone()).collect();
+        if !missing.is_empty() {
+            return Err(Error::MissingInputs(missing));
+        }
+        if let Some((name, _)) = inputs.iter().find(|(n, _)| !self.inputs.iter().any(|p| p.name == *n)) {
+            return Err(Error::Input { name: name.to_string(), reason: format!("the model has no such input (it has {})", self.input_names().join(", ")) });
+        }
+        for port in &self.inputs {
+            let t = by_name[port.name.as_str()];
+            if t.shape != port.shape {
+                return Err(Error::Input { name: port.name.clone(), reason: format!("shape {:?}, the session was built for {:?}", t.shape, port.shape) });
+            }
+            if t.dtype != port.dtype {
+                return Err(Error::Input { name: port.name.clone(), reason: format!("type {:?}, the model expects {:?}", t.dtype, port.dtype) });
+            }
+        }
+
+        let device = &self.gpu.device;
+        let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation_scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") });
+        for port in &self.inputs {
+            let t = by_name[port.name.as_str()];
+            if t.byte_len() > 0 {
+                encoder.copy_buffer_to_buffer(&t.buffer, 0, &port.buffer, 0, t.byte_len());
+            }
+        }
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("graph"), timestamp_writes: None });
+            for launch in &self.launches {
+                pass.set_pipeline(&self.pipelines[launch.pipeline]);
+                pass.set_bind_group(0, &launch.bind_group, &[]);
+                let [x, y, z] = launch.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        let mut results = HashMap::new();
+        for port in &self.outputs {
+            let bytes = 4 * numel(&port.shape) as u64;
+            let buffer = self.gpu.storage_buffer(&port.name, bytes);
+            if bytes > 0 {
+                encoder.copy_buffer_to_buffer(&port.buffer, 0, &buffer, 0, bytes);
+            }
+            results.insert(port.name.clone(), GpuTensor { buffer: Arc::new(buffer), dtype: port.dtype, shape: port.shape.clone() });
+        }
+        self.gpu.queue.submit([encoder.finish()]);
+        let validation = validation_scope.pop().await;
+        if let Some(e) = oom_scope.pop().await {
+            return Err(Error::OutOfMemory(e.to_string()));
+        }
+        if let Some(e) = validation {
+            return Err(Error::Device(e.to_string()));
+        }
+        Ok(results)
+    }
+
+    /// Uploads host inputs, runs, and reads every output back: the convenience path for
+    /// tools and tests.
+    pub async fn run_host(&self, inputs: &[(&str, &HostTensor)]) -> Result<HashMap<String, HostTensor>> {
+        let uploaded: Vec<(&str, GpuTensor)> = inputs.iter().map(|(n, t)| (*n, GpuTensor::from_host(&self.gpu, t))).collect();
+        let refs: Vec<(&str, &GpuTensor)> = uploaded.iter().map(|(n, t)| (*n, t)).collect();
+        let outputs = self.run(&refs).await?;
+        let mut host = HashMap::new();
+        for (name, tensor) in outputs {
+            host.insert(name, tensor.to_host(&self.gpu).await?);
+        }
+        Ok(host)
+    }
+}
+
+/// Assigns buffers to values and turns launches into bind groups.
+struct Builder<'g> {
+    gpu: &'g Gpu,
+    graph: &'g Graph,
+    /// Storage of each value after following aliases (Reshape and friends).
+    root: Vec<ValueId>,
+    buffers: HashMap<ValueId, Arc<wgpu::Buffer>>,
+    memory_bytes: u64,
+}
+
+impl<'g> Builder<'g> {
+    fn new(gpu: &'g Gpu, graph: &'g Graph) -> Self {
+        Builder { gpu, graph, root: (0..graph.values.len()).collect(), buffers: HashMap::new(), memory_bytes: 0 }
+    }
+
+    fn bytes_of(&self, v: ValueId) -> u64 {
+        4 * numel(&self.graph.values[v].shape) as u64
+    }
+
+    fn check_binding(&self, v: ValueId) -> Result<()> {
+        let (bytes, limit) = (self.bytes_of(v), self.gpu.limits.max_storage_buffer_binding_size as u64);
+        if bytes > limit {
+            return Err(Error::TooLarge { name: self.graph.values[v].name.clone(), bytes, limit });
+        }
+        Ok(())
+    }
+
+    fn build(mut self) -> Result<Session> {
+        let lowering = Lowering::new(self.graph, self.gpu.limits.max_compute_workgroups_per_dimension);
+        let mut per_node = Vec::with_capacity(self.graph.nodes.len());
+        for node in &self.graph.nodes {
+            let lowered = lowering.lower(node).map_err(|reason| Error::Node { node: node.name.clone(), op_type: node.op.name(), reason })?;
+            if let Lowered::Alias(src) = &lowered {
+                self.root[node.outputs[0]] = self.root[*src];
+            }
+            per_node.push(lowered);
+        }
+        self.allocate(&per_node)?;
+
+        let mut pipelines = Pipelines::default();
+        let mut pipeline_index: HashMap<super::kernels::KernelKey, usize> = HashMap::new();
+        let mut pipeline_list = Vec::new();
+        let mut launches = Vec::new();
+        for launch in per_node.iter().flat_map(|l| match l {
+            Lowered::Launches(list) => list.as_slice(),
+            Lowered::Alias(_) => &[],
+        }) {
+            let index = *pipeline_index.entry(launch.kernel).or_insert_with(|| {
+                pipeline_list.push(pipelines.get(&self.gpu.device, launch.kernel).clone());
+                pipeline_list.len() - 1
+            });
+            let bind_group = self.bind(launch, &pipeline_list[index]);
+            launches.push(BoundLaunch { pipeline: index, bind_group, workgroups: launch.workgroups });
+        }
+        let port = |v: ValueId, this: &Self| Port {
+            name: this.graph.values[v].name.clone(),
+            dtype: this.graph.values[v].dtype,
+            shape: this.graph.values[v].shape.clone(),
+            buffer: this.buffers[&this.root[v]].clone(),
+        };
+        Ok(Session {
+            gpu: self.gpu.clone(),
+            inputs: self.graph.inputs.iter().map(|&v| port(v, &self)).collect(),
+            outputs: self.graph.outputs.iter().map(|&v| port(v, &self)).collect(),
+            launch_count: launches.len(),
+            launches,
+            pipelines: pipeline_list,
+            memory_bytes: self.memory_bytes,
+        })
+    }
+
+    /// Gives every root value a buffer. Constants, graph inputs and graph outputs get their
+    /// own; intermediates share buffers from a pool, each returned after its last reader.
+    fn allocate(&mut self, per_node: &[Lowered]) -> Result<()> {
+        let graph = self.graph;
+        let mut pinned = vec![false; graph.values.len()];
+        for &v in graph.inputs.iter().chain(&graph.outputs) {
+            pinned[self.root[v]] = true;
+        }
+        for (v, value) in graph.values.iter().enumerate() {
+            if let Some(c) = &value.constant {
+                if self.root[v] == v && self.is_used(v, per_node) {
+                    self.check_binding(v)?;
+                    let buffer = self.gpu.storage_buffer_with(&value.name, &c.to_gpu_words());
+                    self.memory_bytes += buffer.size();
+                    self.buffers.insert(v, Arc::new(buffer));
+                }
+                pinned[v] = true;
+            }
+        }
+        for &v in graph.inputs.iter().chain(&graph.outputs) {
+            let r = self.root[v];
+            if !self.buffers.contains_key(&r) {
+                self.check_binding(r)?;
+                let buffer = self.gpu.storage_buffer(&graph.values[r].name, self.bytes_of(r));
+                self.memory_bytes += buffer.size();
+                self.buffers.insert(r, Arc::new(buffer));
+            }
+        }
+
+        // Last node index reading each root.
+        let mut last_use = vec![0usize; graph.values.len()];
+        for (n, lowered) in per_node.iter().enumerate() {
+            if let Lowered::Launches(list) = lowered {
+                for launch in list {
+                    for op in &launch.inputs {
+                        if let Operand::Value(v) = op {
+                            last_use[self.root[*v]] = n;
+                        }
+                    }
+                }
+            }
+        }
+        let mut free: Vec<Arc<wgpu::Buffer>> = Vec::new();
+        for (n, lowered) in per_node.iter().enumerate() {
+            let Lowered::Launches(list) = lowered else { continue };
+            for &out in &graph.nodes[n].outputs {
+                let r = self.root[out];
+                if self.buffers.contains_key(&r) {
+                    continue;
+                }
+                self.check_binding(r)?;
+                let need = self.bytes_of(r).max(4);
+                // Best fit from the pool, else a new buffer.
+                let best = free
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| b.size() >= need)
+                    .min_by_key(|(_, b)| b.size())
+                    .map(|(i, _)| i);
+                let buffer = match best {
+                    Some(i) => free.swap_remove(i),
+                    None => {
+                        let b = Arc::new(self.gpu.storage_buffer(&graph.values[r].name, need));
+                        self.memory_bytes += b.size();
+                        b
+                    }
+                };
+                self.buffers.insert(r, buffer);
+            }
+            // Return buffers whose last reader is this node (after outputs were assigned,
+            // so a node never writes into a buffer it reads).
+            let mut released: Vec<ValueId> = list
+                .iter()
+                .flat_map(|l| l.inputs.iter())
+                .filter_map(|op| match op {
+                    Operand::Value(v) => Some(self.root[*v]),
+                    Operand::Constant(_) => None,
+                })
+                .filter(|&r| !pinned[r] && last_use[r] == n)
+                .collect();
+            released.sort_unstable();
+            released.dedup();
+            for r in released {
+                if let Some(b) = self.buffers.get(&r) {
+                    free.push(b.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn is_used(&self, v: ValueId, per_node: &[Lowered]) -> bool {
+        self.graph.outputs.iter().any(|&o| self.root[o] == v)
+            || per_node.iter().any(|l| match l {
+                Lowered::Launches(list) => list.iter().any(|launch| launch.inputs.iter().any(|op| matches!(op, Operand::Value(x) if self.root[*x] == v))),
+                Lowered::Alias(_) => false,
+            })
+    }
+
+    fn bind(&mut self, launch: &Launch, pipeline: &wgpu::ComputePipeline) -> wgpu::BindGroup {
+        let params = self.gpu.storage_buffer_with("params", &launch.params);
+        let mut buffers: Vec<Arc<wgpu::Buffer>> = vec![Arc::new(params), self.buffers[&self.root[launch.output]].clone()];
+        for op in &launch.inputs {
+            buffers.push(match op {
+                Operand::Value(v) => self.buffers[&self.root[*v]].clone(),
+                Operand::Constant(c) => Arc::new(self.gpu.storage_buffer_with("constant", &c.to_gpu_words())),
+            });
+        }
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .collect();
+        self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        })
+    }
+}

@@ -1,0 +1,4 @@
+//! websd: Stable Diffusion on WebGPU, from ONNX files, natively and in the browser.
+
+pub mod engine;
+pub mod npy;

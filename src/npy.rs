@@ -13,17 +13,33 @@ pub fn read(bytes: &[u8]) -> Result<HostTensor, String> {
     }
     let (header_len, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + header_len).ok_or("truncated header")?)
-        .map_err(|_| "header is not text")?;
+    let header = std::str::from_utf8(
+        bytes
+            .get(start..start + header_len)
+            .ok_or("truncated header")?,
+    )
+    .map_err(|_| "header is not text")?;
     let field = |key: &str| -> Result<&str, String> {
-        let at = header.find(&format!("'{key}'")).ok_or(format!("header lacks `{key}`"))?;
-        Ok(header[at + key.len() + 2..].trim_start().trim_start_matches(':').trim_start())
+        let at = header
+            .find(&format!("'{key}'"))
+            .ok_or(format!("header lacks `{key}`"))?;
+        Ok(header[at + key.len() + 2..]
+            .trim_start()
+            .trim_start_matches(':')
+            .trim_start())
     };
     let descr = field("descr")?;
-    let descr = descr.trim_start_matches('\'').split('\'').next().unwrap_or("");
+    let descr = descr
+        .trim_start_matches('\'')
+        .split('\'')
+        .next()
+        .unwrap_or("");
     if field("fortran_order")?.starts_with("True") {
         return Err("Fortran-ordered arrays are not supported".into());
     }
@@ -33,7 +49,10 @@ pub fn read(bytes: &[u8]) -> Result<HostTensor, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad dimension `{s}`")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad dimension `{s}`"))
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let data = Bytes::copy_from_slice(&bytes[start + header_len..]);
     use crate::engine::Storage;
@@ -55,8 +74,22 @@ pub fn read(bytes: &[u8]) -> Result<HostTensor, String> {
 pub fn write(tensor: &HostTensor) -> Vec<u8> {
     use crate::engine::DType;
     let (descr, body): (&str, Vec<u8>) = match tensor.dtype() {
-        DType::F32 => ("<f4", tensor.to_f32().iter().flat_map(|v| v.to_le_bytes()).collect()),
-        DType::I64 => ("<i8", tensor.to_i64().iter().flat_map(|v| v.to_le_bytes()).collect()),
+        DType::F32 => (
+            "<f4",
+            tensor
+                .to_f32()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        DType::I64 => (
+            "<i8",
+            tensor
+                .to_i64()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
         DType::Bool => ("|b1", tensor.to_bool().into_iter().map(u8::from).collect()),
     };
     let dims: Vec<String> = tensor.shape.iter().map(|d| d.to_string()).collect();

@@ -1,4 +1,5 @@
 //! Every operator case in tests/fixtures/ops against onnxruntime's outputs.
+#![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 
@@ -10,9 +11,15 @@ use websd::engine::{HostTensor, Session};
 fn every_operator_case_matches_onnxruntime() {
     let gpu = common::gpu();
     let mut failures = Vec::new();
-    let mut dirs: Vec<_> = std::fs::read_dir(common::fixtures().join("ops")).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut dirs: Vec<_> = std::fs::read_dir(common::fixtures().join("ops"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     dirs.sort();
-    assert!(dirs.len() > 50, "fixtures missing: run scripts/make_fixtures.py");
+    assert!(
+        dirs.len() > 50,
+        "fixtures missing: run scripts/make_fixtures.py"
+    );
     for dir in dirs {
         let case = dir.file_name().unwrap().to_string_lossy().to_string();
         let model = common::load_model(&dir.join("model.onnx"));
@@ -27,7 +34,12 @@ fn every_operator_case_matches_onnxruntime() {
             failures.push(format!("{case}: {e}"));
         }
     }
-    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Past 65535 workgroups in one dimension: 17M elements need the folded 2-D grid.
@@ -36,7 +48,12 @@ fn elementwise_past_the_workgroup_limit() {
     let gpu = common::gpu();
     let model = common::load_model(&common::fixtures().join("add_symbolic.onnx"));
     let n = 17 * 1024 * 1024;
-    let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::from([("n".to_string(), n)]))).unwrap();
+    let session = pollster::block_on(Session::new(
+        &gpu,
+        &model,
+        &HashMap::from([("n".to_string(), n)]),
+    ))
+    .unwrap();
     let a = HostTensor::f32(vec![n], (0..n).map(|i| (i % 1000) as f32).collect());
     let b = HostTensor::f32(vec![1], vec![1.5]);
     let out = pollster::block_on(session.run_host(&[("a", &a), ("b", &b)])).unwrap();

@@ -33,8 +33,14 @@ pub enum Error {
     Device(String),
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
-    #[error("tensor of {bytes} bytes (`{name}`) exceeds this GPU's storage binding limit of {limit} bytes")]
-    TooLarge { name: String, bytes: u64, limit: u64 },
+    #[error(
+        "tensor of {bytes} bytes (`{name}`) exceeds this GPU's storage binding limit of {limit} bytes"
+    )]
+    TooLarge {
+        name: String,
+        bytes: u64,
+        limit: u64,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -4,8 +4,10 @@
 //! the GPU.
 
 use super::infer::{self, InputInfo};
-use super::ops::{broadcast_strides, contiguous_strides, normalize_axis, BinaryOp, Op, ReduceOp, UnaryOp};
-use super::tensor::{numel, DType, HostData, HostTensor};
+use super::ops::{
+    BinaryOp, Op, ReduceOp, UnaryOp, broadcast_strides, contiguous_strides, normalize_axis,
+};
+use super::tensor::{DType, HostData, HostTensor, numel};
 
 type FoldResult<T> = std::result::Result<T, String>;
 
@@ -26,16 +28,24 @@ pub fn can_fold(op: &Op) -> bool {
 }
 
 /// Evaluates `op` on constant inputs. `outputs` gives each output's inferred type and shape.
-pub fn fold(op: &Op, infos: &[Option<InputInfo>], outputs: &[infer::TypeShape]) -> FoldResult<Vec<HostTensor>> {
+pub fn fold(
+    op: &Op,
+    infos: &[Option<InputInfo>],
+    outputs: &[infer::TypeShape],
+) -> FoldResult<Vec<HostTensor>> {
     if let Op::Shape { start, .. } = op {
         // Shapes are static, so Shape folds whatever its input is.
         let shape = infer::input(infos, 0)?.shape;
         let rank = shape.len() as i64;
         let s = (if *start < 0 { start + rank } else { *start }).clamp(0, rank) as usize;
-        let dims = shape[s..s + outputs[0].1[0]].iter().map(|&d| d as i64).collect();
+        let dims = shape[s..s + outputs[0].1[0]]
+            .iter()
+            .map(|&d| d as i64)
+            .collect();
         return Ok(vec![HostTensor::i64(outputs[0].1.clone(), dims)]);
     }
-    let inputs: Vec<Option<&HostTensor>> = infos.iter().map(|i| i.and_then(|i| i.constant)).collect();
+    let inputs: Vec<Option<&HostTensor>> =
+        infos.iter().map(|i| i.and_then(|i| i.constant)).collect();
     let inputs = inputs.as_slice();
     let x = || inputs[0].ok_or_else(|| "input 0 is required".to_string());
     let (dtype, shape) = outputs[0].clone();
@@ -43,25 +53,45 @@ pub fn fold(op: &Op, infos: &[Option<InputInfo>], outputs: &[infer::TypeShape]) 
     match op {
         Op::Unary(u) => one(map_values(x()?, dtype, |v| unary(*u, v))),
         Op::Cast(to) => one(x()?.cast(*to)),
-        Op::Binary(b) => one(binary(*b, x()?, inputs[1].ok_or("input 1 is required")?, &shape, dtype)),
+        Op::Binary(b) => one(binary(
+            *b,
+            x()?,
+            inputs[1].ok_or("input 1 is required")?,
+            &shape,
+            dtype,
+        )),
         Op::Where => {
-            let (c, a, b) = (x()?, inputs[1].ok_or("X is required")?, inputs[2].ok_or("Y is required")?);
+            let (c, a, b) = (
+                x()?,
+                inputs[1].ok_or("X is required")?,
+                inputs[2].ok_or("Y is required")?,
+            );
             let cond = broadcast_pick(c, &shape).to_bool();
             let (a, b) = (broadcast_pick(a, &shape), broadcast_pick(b, &shape));
             let picks: Vec<usize> = (0..cond.len()).collect();
             let a = a.data_owned();
             let b = b.data_owned();
-            one(HostTensor { shape, data: zip_select(&cond, a, b, &picks) })
+            one(HostTensor {
+                shape,
+                data: zip_select(&cond, a, b, &picks),
+            })
         }
         Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } => {
-            one(HostTensor { shape, data: x()?.data.clone() })
+            one(HostTensor {
+                shape,
+                data: x()?.data.clone(),
+            })
         }
         Op::Transpose { perm } => {
             let t = x()?;
             let perm = infer::transpose_perm(perm.as_deref(), t.shape.len())?;
             let src = contiguous_strides(&t.shape);
             let strides: Vec<isize> = perm.iter().map(|&p| src[p] as isize).collect();
-            one(take(t, shape.clone(), &strided_indices(&shape, &strides, 0)))
+            one(take(
+                t,
+                shape.clone(),
+                &strided_indices(&shape, &strides, 0),
+            ))
         }
         Op::Expand => one(broadcast_pick(x()?, &shape)),
         Op::Concat { axis } => {
@@ -76,15 +106,32 @@ pub fn fold(op: &Op, infos: &[Option<InputInfo>], outputs: &[infer::TypeShape]) 
                     out.push((data, o * chunk..(o + 1) * chunk));
                 }
             }
-            one(HostTensor { shape, data: concat_ranges(dtype, &out) })
+            one(HostTensor {
+                shape,
+                data: concat_ranges(dtype, &out),
+            })
         }
         Op::Slice => {
             let t = x()?;
             let plan = infer::slice_plan(infos)?;
             let src = contiguous_strides(&t.shape);
-            let base: isize = plan.starts.iter().zip(&src).map(|(&s, &st)| (s * st) as isize).sum();
-            let strides: Vec<isize> = plan.steps.iter().zip(&src).map(|(&step, &st)| step as isize * st as isize).collect();
-            one(take(t, shape.clone(), &strided_indices(&shape, &strides, base)))
+            let base: isize = plan
+                .starts
+                .iter()
+                .zip(&src)
+                .map(|(&s, &st)| (s * st) as isize)
+                .sum();
+            let strides: Vec<isize> = plan
+                .steps
+                .iter()
+                .zip(&src)
+                .map(|(&step, &st)| step as isize * st as isize)
+                .collect();
+            one(take(
+                t,
+                shape.clone(),
+                &strided_indices(&shape, &strides, base),
+            ))
         }
         Op::Split { axis, .. } => {
             let t = x()?;
@@ -95,7 +142,11 @@ pub fn fold(op: &Op, infos: &[Option<InputInfo>], outputs: &[infer::TypeShape]) 
             for (_, out_shape) in outputs {
                 let strides: Vec<isize> = src.iter().map(|&s| s as isize).collect();
                 let base = (offset * src[axis]) as isize;
-                results.push(take(t, out_shape.clone(), &strided_indices(out_shape, &strides, base)));
+                results.push(take(
+                    t,
+                    out_shape.clone(),
+                    &strided_indices(out_shape, &strides, base),
+                ));
                 offset += out_shape[axis];
             }
             Ok(results)
@@ -121,7 +172,11 @@ pub fn fold(op: &Op, infos: &[Option<InputInfo>], outputs: &[infer::TypeShape]) 
         }
         Op::Pad => {
             let t = x()?;
-            let pad_value = inputs.get(2).copied().flatten().map_or(0.0, |v| v.to_f32().first().copied().unwrap_or(0.0));
+            let pad_value = inputs
+                .get(2)
+                .copied()
+                .flatten()
+                .map_or(0.0, |v| v.to_f32().first().copied().unwrap_or(0.0));
             let (begin, _) = infer::pad_amounts(infos)?;
             let src = contiguous_strides(&t.shape);
             let values = t.to_f32();
@@ -167,24 +222,40 @@ pub fn fold(op: &Op, infos: &[Option<InputInfo>], outputs: &[infer::TypeShape]) 
                 .collect();
             let zero = HostTensor::filled(dtype, t.shape.clone(), 0.0);
             let picks: Vec<usize> = (0..t.len()).collect();
-            one(HostTensor { shape, data: zip_select(&keep, t.cast(dtype).data, zero.data, &picks) })
+            one(HostTensor {
+                shape,
+                data: zip_select(&keep, t.cast(dtype).data, zero.data, &picks),
+            })
         }
-        Op::ArgMax { axis, select_last, .. } => {
+        Op::ArgMax {
+            axis, select_last, ..
+        } => {
             let t = x()?;
             let axis = normalize_axis(*axis, t.shape.len())?;
             let values = t.to_f32();
-            one(HostTensor::i64(shape, reduce_along(&t.shape, &[axis], |idx| {
-                let mut best = 0;
-                for (j, &i) in idx.iter().enumerate() {
-                    let (v, b) = (values[i], values[idx[best]]);
-                    if v > b || (*select_last && v == b) {
-                        best = j;
+            one(HostTensor::i64(
+                shape,
+                reduce_along(&t.shape, &[axis], |idx| {
+                    let mut best = 0;
+                    for (j, &i) in idx.iter().enumerate() {
+                        let (v, b) = (values[i], values[idx[best]]);
+                        if v > b || (*select_last && v == b) {
+                            best = j;
+                        }
                     }
-                }
-                best as f64
-            }).into_iter().map(|v| v as i64).collect()))
+                    best as f64
+                })
+                .into_iter()
+                .map(|v| v as i64)
+                .collect(),
+            ))
         }
-        Op::Reduce { op, axes, noop_with_empty_axes, .. } => {
+        Op::Reduce {
+            op,
+            axes,
+            noop_with_empty_axes,
+            ..
+        } => {
             let t = x()?;
             let axes = infer::reduce_axes(axes, infos, t.shape.len(), *noop_with_empty_axes)?;
             let values = t.to_f32();
@@ -254,13 +325,28 @@ fn erf(x: f64) -> f64 {
 fn map_values(t: &HostTensor, dtype: DType, f: impl Fn(f64) -> f64) -> HostTensor {
     let shape = t.shape.clone();
     match dtype {
-        DType::F32 => HostTensor::f32(shape, t.to_f32().iter().map(|&v| f(v as f64) as f32).collect()),
-        DType::I64 => HostTensor::i64(shape, t.to_i64().iter().map(|&v| f(v as f64) as i64).collect()),
-        DType::Bool => HostTensor::bool(shape, t.to_f32().iter().map(|&v| f(v as f64) != 0.0).collect()),
+        DType::F32 => HostTensor::f32(
+            shape,
+            t.to_f32().iter().map(|&v| f(v as f64) as f32).collect(),
+        ),
+        DType::I64 => HostTensor::i64(
+            shape,
+            t.to_i64().iter().map(|&v| f(v as f64) as i64).collect(),
+        ),
+        DType::Bool => HostTensor::bool(
+            shape,
+            t.to_f32().iter().map(|&v| f(v as f64) != 0.0).collect(),
+        ),
     }
 }
 
-fn binary(op: BinaryOp, a: &HostTensor, b: &HostTensor, shape: &[usize], dtype: DType) -> HostTensor {
+fn binary(
+    op: BinaryOp,
+    a: &HostTensor,
+    b: &HostTensor,
+    shape: &[usize],
+    dtype: DType,
+) -> HostTensor {
     let (a, b) = (broadcast_pick(a, shape), broadcast_pick(b, shape));
     let shape = shape.to_vec();
     if a.dtype() == DType::I64 && b.dtype() == DType::I64 {
@@ -268,16 +354,35 @@ fn binary(op: BinaryOp, a: &HostTensor, b: &HostTensor, shape: &[usize], dtype: 
         let (x, y) = (a.to_i64(), b.to_i64());
         let pairs = x.iter().zip(y.iter());
         return match op {
-            _ if op.is_comparison() => {
-                HostTensor::bool(shape, pairs.map(|(&p, &q)| compare(op, p as f64, q as f64, p.cmp(&q))).collect())
+            _ if op.is_comparison() => HostTensor::bool(
+                shape,
+                pairs
+                    .map(|(&p, &q)| compare(op, p as f64, q as f64, p.cmp(&q)))
+                    .collect(),
+            ),
+            BinaryOp::Add => {
+                HostTensor::i64(shape, pairs.map(|(p, q)| p.wrapping_add(*q)).collect())
             }
-            BinaryOp::Add => HostTensor::i64(shape, pairs.map(|(p, q)| p.wrapping_add(*q)).collect()),
-            BinaryOp::Sub => HostTensor::i64(shape, pairs.map(|(p, q)| p.wrapping_sub(*q)).collect()),
-            BinaryOp::Mul => HostTensor::i64(shape, pairs.map(|(p, q)| p.wrapping_mul(*q)).collect()),
-            BinaryOp::Div => HostTensor::i64(shape, pairs.map(|(p, q)| if *q == 0 { 0 } else { p / q }).collect()),
+            BinaryOp::Sub => {
+                HostTensor::i64(shape, pairs.map(|(p, q)| p.wrapping_sub(*q)).collect())
+            }
+            BinaryOp::Mul => {
+                HostTensor::i64(shape, pairs.map(|(p, q)| p.wrapping_mul(*q)).collect())
+            }
+            BinaryOp::Div => HostTensor::i64(
+                shape,
+                pairs
+                    .map(|(p, q)| if *q == 0 { 0 } else { p / q })
+                    .collect(),
+            ),
             BinaryOp::Max => HostTensor::i64(shape, pairs.map(|(p, q)| *p.max(q)).collect()),
             BinaryOp::Min => HostTensor::i64(shape, pairs.map(|(p, q)| *p.min(q)).collect()),
-            _ => HostTensor::i64(shape, pairs.map(|(&p, &q)| (p as f64).powf(q as f64) as i64).collect()),
+            _ => HostTensor::i64(
+                shape,
+                pairs
+                    .map(|(&p, &q)| (p as f64).powf(q as f64) as i64)
+                    .collect(),
+            ),
         };
     }
     let (x, y) = (a.to_f32(), b.to_f32());
@@ -322,7 +427,10 @@ fn broadcast_pick(t: &HostTensor, shape: &[usize]) -> HostTensor {
     if t.shape == shape {
         return t.clone();
     }
-    let strides: Vec<isize> = broadcast_strides(&t.shape, shape).iter().map(|&s| s as isize).collect();
+    let strides: Vec<isize> = broadcast_strides(&t.shape, shape)
+        .iter()
+        .map(|&s| s as isize)
+        .collect();
     take(t, shape.to_vec(), &strided_indices(shape, &strides, 0))
 }
 
@@ -375,14 +483,26 @@ impl HostTensor {
 /// Element-wise choice between two tensors of the same type: `a` where `cond`, else `b`.
 fn zip_select(cond: &[bool], a: HostData, b: HostData, picks: &[usize]) -> HostData {
     fn choose<T: Copy>(cond: &[bool], a: &[T], b: &[T], picks: &[usize]) -> Vec<T> {
-        picks.iter().map(|&i| if cond[i] { a[i] } else { b[i] }).collect()
+        picks
+            .iter()
+            .map(|&i| if cond[i] { a[i] } else { b[i] })
+            .collect()
     }
     match (a, b) {
         (HostData::F32(a), HostData::F32(b)) => HostData::F32(choose(cond, &a, &b, picks)),
         (HostData::I64(a), HostData::I64(b)) => HostData::I64(choose(cond, &a, &b, picks)),
         (HostData::Bool(a), HostData::Bool(b)) => HostData::Bool(choose(cond, &a, &b, picks)),
         (a, b) => {
-            let (a, b) = (HostTensor { shape: vec![cond.len()], data: a }, HostTensor { shape: vec![cond.len()], data: b });
+            let (a, b) = (
+                HostTensor {
+                    shape: vec![cond.len()],
+                    data: a,
+                },
+                HostTensor {
+                    shape: vec![cond.len()],
+                    data: b,
+                },
+            );
             let (a, b) = (a.to_f32(), b.cast(DType::F32).to_f32().into_owned());
             HostData::F32(choose(cond, &a, &b, picks))
         }
@@ -391,14 +511,44 @@ fn zip_select(cond: &[bool], a: HostData, b: HostData, picks: &[usize]) -> HostD
 
 fn concat_ranges(dtype: DType, parts: &[(&HostData, std::ops::Range<usize>)]) -> HostData {
     match dtype {
-        DType::F32 => HostData::F32(parts.iter().flat_map(|(d, r)| match d { HostData::F32(v) => v[r.clone()].to_vec(), _ => unreachable!() }).collect()),
-        DType::I64 => HostData::I64(parts.iter().flat_map(|(d, r)| match d { HostData::I64(v) => v[r.clone()].to_vec(), _ => unreachable!() }).collect()),
-        DType::Bool => HostData::Bool(parts.iter().flat_map(|(d, r)| match d { HostData::Bool(v) => v[r.clone()].to_vec(), _ => unreachable!() }).collect()),
+        DType::F32 => HostData::F32(
+            parts
+                .iter()
+                .flat_map(|(d, r)| match d {
+                    HostData::F32(v) => v[r.clone()].to_vec(),
+                    _ => unreachable!(),
+                })
+                .collect(),
+        ),
+        DType::I64 => HostData::I64(
+            parts
+                .iter()
+                .flat_map(|(d, r)| match d {
+                    HostData::I64(v) => v[r.clone()].to_vec(),
+                    _ => unreachable!(),
+                })
+                .collect(),
+        ),
+        DType::Bool => HostData::Bool(
+            parts
+                .iter()
+                .flat_map(|(d, r)| match d {
+                    HostData::Bool(v) => v[r.clone()].to_vec(),
+                    _ => unreachable!(),
+                })
+                .collect(),
+        ),
     }
 }
 
 /// The source index of output element `o` of a Pad, or `None` in the padding.
-fn padded_source(o: usize, out_shape: &[usize], in_shape: &[usize], begin: &[i64], src_strides: &[usize]) -> Option<usize> {
+fn padded_source(
+    o: usize,
+    out_shape: &[usize],
+    in_shape: &[usize],
+    begin: &[i64],
+    src_strides: &[usize],
+) -> Option<usize> {
     let mut rest = o;
     let mut src = 0;
     for d in (0..out_shape.len()).rev() {

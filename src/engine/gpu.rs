@@ -5,7 +5,7 @@ use std::sync::Arc;
 use wgpu::util::DeviceExt;
 
 use super::error::{Error, Result};
-use super::tensor::{numel, DType, HostTensor};
+use super::tensor::{DType, HostTensor, numel};
 
 /// The device every session runs on. Cheap to clone.
 #[derive(Clone)]
@@ -43,8 +43,15 @@ impl Gpu {
             .map_err(|e| Error::Device(e.to_string()))?;
         // Errors are collected through error scopes; never let wgpu's default handler panic.
         device.on_uncaptured_error(Arc::new(|e| log::error!("uncaptured GPU error: {e}")));
-        device.set_device_lost_callback(|reason, message| log::error!("GPU device lost ({reason:?}): {message}"));
-        Ok(Gpu { device, queue, adapter_info: adapter.get_info(), limits })
+        device.set_device_lost_callback(|reason, message| {
+            log::error!("GPU device lost ({reason:?}): {message}")
+        });
+        Ok(Gpu {
+            device,
+            queue,
+            adapter_info: adapter.get_info(),
+            limits,
+        })
     }
 
     /// "name (backend, device type)", for logs and the UI.
@@ -56,25 +63,33 @@ impl Gpu {
     /// Blocks natively until submitted work has finished; a no-op in the browser, where the
     /// event loop drives the GPU.
     pub fn wait(&self) {
-        let _ = self.device.poll(wgpu::PollType::Wait { submission_index: None, timeout: None });
+        let _ = self.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        });
     }
 
     pub(crate) fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),
             size: bytes.max(4).next_multiple_of(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            usage: wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
     }
 
     pub(crate) fn storage_buffer_with(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
         let contents: &[u32] = if words.is_empty() { &[0] } else { words };
-        self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents: words_as_bytes(contents),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-        })
+        self.device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some(label),
+                contents: words_as_bytes(contents),
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+            })
     }
 }
 
@@ -86,7 +101,7 @@ pub(crate) fn words_as_bytes(words: &[u32]) -> &[u8] {
 /// A tensor in GPU memory: 32-bit words (f32 bits, i32, or 0/1 for booleans), row-major.
 #[derive(Clone, Debug)]
 pub struct GpuTensor {
-    pub(crate) buffer: Arc<wgpu::Buffer>,
+    pub(crate) buffer: wgpu::Buffer,
     pub dtype: DType,
     pub shape: Vec<usize>,
 }
@@ -95,7 +110,11 @@ impl GpuTensor {
     /// Uploads a host tensor.
     pub fn from_host(gpu: &Gpu, tensor: &HostTensor) -> GpuTensor {
         let buffer = gpu.storage_buffer_with("tensor", &tensor.to_gpu_words());
-        GpuTensor { buffer: Arc::new(buffer), dtype: tensor.dtype(), shape: tensor.shape.clone() }
+        GpuTensor {
+            buffer,
+            dtype: tensor.dtype(),
+            shape: tensor.shape.clone(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -141,6 +160,10 @@ impl GpuTensor {
             .collect();
         drop(view);
         staging.unmap();
-        Ok(HostTensor::from_gpu_words(self.dtype, self.shape.clone(), &words))
+        Ok(HostTensor::from_gpu_words(
+            self.dtype,
+            self.shape.clone(),
+            &words,
+        ))
     }
 }

@@ -47,10 +47,16 @@ pub struct Graph {
 
 impl Graph {
     pub fn input_names(&self) -> Vec<&str> {
-        self.inputs.iter().map(|&v| self.values[v].name.as_str()).collect()
+        self.inputs
+            .iter()
+            .map(|&v| self.values[v].name.as_str())
+            .collect()
     }
 
     pub fn output_names(&self) -> Vec<&str> {
-        self.outputs.iter().map(|&v| self.values[v].name.as_str()).collect()
+        self.outputs
+            .iter()
+            .map(|&v| self.values[v].name.as_str())
+            .collect()
     }
 }

@@ -2,8 +2,8 @@
 //! follow from its inputs' shapes and, for shape-valued inputs (Reshape's `shape`, Slice's
 //! `starts`...), their folded constant values.
 
-use super::ops::{broadcast_shapes, normalize_axis, ConvAttrs, Op, ReduceOp};
-use super::tensor::{numel, DType, HostTensor};
+use super::ops::{ConvAttrs, Op, ReduceOp, broadcast_shapes, normalize_axis};
+use super::tensor::{DType, HostTensor, numel};
 
 /// What inference knows about one input.
 #[derive(Clone, Copy)]
@@ -26,7 +26,11 @@ pub(crate) fn input<'a>(inputs: &[Option<InputInfo<'a>>], i: usize) -> InferResu
 }
 
 /// The constant value of the `i`-th input, if it is present.
-pub(crate) fn const_input<'a>(inputs: &[Option<InputInfo<'a>>], i: usize, what: &str) -> InferResult<Option<&'a HostTensor>> {
+pub(crate) fn const_input<'a>(
+    inputs: &[Option<InputInfo<'a>>],
+    i: usize,
+    what: &str,
+) -> InferResult<Option<&'a HostTensor>> {
     match inputs.get(i).copied().flatten() {
         None => Ok(None),
         Some(info) => info
@@ -36,7 +40,11 @@ pub(crate) fn const_input<'a>(inputs: &[Option<InputInfo<'a>>], i: usize, what: 
     }
 }
 
-pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> InferResult<Vec<TypeShape>> {
+pub fn infer(
+    op: &Op,
+    inputs: &[Option<InputInfo>],
+    num_outputs: usize,
+) -> InferResult<Vec<TypeShape>> {
     let x = || input(inputs, 0);
     let same = |dtype| -> InferResult<Vec<TypeShape>> { Ok(vec![(dtype, x()?.shape.to_vec())]) };
     match op {
@@ -45,14 +53,29 @@ pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> Infer
         Op::Binary(b) => {
             let (a, c) = (x()?, input(inputs, 1)?);
             let shape = broadcast_shapes(&[a.shape, c.shape])?;
-            Ok(vec![(if b.is_comparison() { DType::Bool } else { a.dtype }, shape)])
+            Ok(vec![(
+                if b.is_comparison() {
+                    DType::Bool
+                } else {
+                    a.dtype
+                },
+                shape,
+            )])
         }
         Op::Where => {
             let (c, a, b) = (x()?, input(inputs, 1)?, input(inputs, 2)?);
-            Ok(vec![(a.dtype, broadcast_shapes(&[c.shape, a.shape, b.shape])?)])
+            Ok(vec![(
+                a.dtype,
+                broadcast_shapes(&[c.shape, a.shape, b.shape])?,
+            )])
         }
-        Op::MatMul => Ok(vec![(DType::F32, matmul_shape(x()?.shape, input(inputs, 1)?.shape)?)]),
-        Op::Gemm { trans_a, trans_b, .. } => {
+        Op::MatMul => Ok(vec![(
+            DType::F32,
+            matmul_shape(x()?.shape, input(inputs, 1)?.shape)?,
+        )]),
+        Op::Gemm {
+            trans_a, trans_b, ..
+        } => {
             let (a, b) = (x()?.shape, input(inputs, 1)?.shape);
             if a.len() != 2 || b.len() != 2 {
                 return Err("Gemm needs 2-D inputs".into());
@@ -64,8 +87,14 @@ pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> Infer
             }
             Ok(vec![(DType::F32, vec![m, n])])
         }
-        Op::Conv(attrs) => Ok(vec![(DType::F32, conv_geometry(attrs, x()?.shape, input(inputs, 1)?.shape)?.output_shape())]),
-        Op::InstanceNorm { .. } | Op::LayerNorm { .. } | Op::GroupNorm { .. } | Op::Softmax { .. } => {
+        Op::Conv(attrs) => Ok(vec![(
+            DType::F32,
+            conv_geometry(attrs, x()?.shape, input(inputs, 1)?.shape)?.output_shape(),
+        )]),
+        Op::InstanceNorm { .. }
+        | Op::LayerNorm { .. }
+        | Op::GroupNorm { .. }
+        | Op::Softmax { .. } => {
             if let Op::LayerNorm { axis, .. } = op {
                 normalize_axis(*axis, x()?.shape.len())?;
             }
@@ -81,33 +110,60 @@ pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> Infer
         }
         Op::Reshape { allow_zero } => {
             let target = const_input(inputs, 1, "the target shape")?.ok_or("shape is required")?;
-            Ok(vec![(x()?.dtype, reshape_shape(x()?.shape, &target.ints(), *allow_zero)?)])
+            Ok(vec![(
+                x()?.dtype,
+                reshape_shape(x()?.shape, &target.ints(), *allow_zero)?,
+            )])
         }
         Op::Flatten { axis } => {
             let shape = x()?.shape;
-            let axis = if *axis == shape.len() as i64 { shape.len() } else { normalize_axis(*axis, shape.len())? };
-            Ok(vec![(x()?.dtype, vec![numel(&shape[..axis]), numel(&shape[axis..])])])
+            let axis = if *axis == shape.len() as i64 {
+                shape.len()
+            } else {
+                normalize_axis(*axis, shape.len())?
+            };
+            Ok(vec![(
+                x()?.dtype,
+                vec![numel(&shape[..axis]), numel(&shape[axis..])],
+            )])
         }
         Op::Squeeze { axes } => {
             let shape = x()?.shape;
             let axes = axes_from(axes, inputs, 1)?;
             let axes = match axes {
-                Some(axes) => axes.iter().map(|&a| normalize_axis(a, shape.len())).collect::<InferResult<Vec<_>>>()?,
+                Some(axes) => axes
+                    .iter()
+                    .map(|&a| normalize_axis(a, shape.len()))
+                    .collect::<InferResult<Vec<_>>>()?,
                 None => (0..shape.len()).filter(|&i| shape[i] == 1).collect(),
             };
             if let Some(&bad) = axes.iter().find(|&&a| shape[a] != 1) {
                 return Err(format!("cannot squeeze axis {bad} of shape {shape:?}"));
             }
-            let out = (0..shape.len()).filter(|i| !axes.contains(i)).map(|i| shape[i]).collect();
+            let out = (0..shape.len())
+                .filter(|i| !axes.contains(i))
+                .map(|i| shape[i])
+                .collect();
             Ok(vec![(x()?.dtype, out)])
         }
         Op::Unsqueeze { axes } => {
             let shape = x()?.shape;
             let axes = axes_from(axes, inputs, 1)?.ok_or("axes are required")?;
             let rank = shape.len() + axes.len();
-            let axes = axes.iter().map(|&a| normalize_axis(a, rank)).collect::<InferResult<Vec<_>>>()?;
+            let axes = axes
+                .iter()
+                .map(|&a| normalize_axis(a, rank))
+                .collect::<InferResult<Vec<_>>>()?;
             let mut dims = shape.iter();
-            let out = (0..rank).map(|i| if axes.contains(&i) { 1 } else { *dims.next().unwrap_or(&1) }).collect();
+            let out = (0..rank)
+                .map(|i| {
+                    if axes.contains(&i) {
+                        1
+                    } else {
+                        *dims.next().unwrap_or(&1)
+                    }
+                })
+                .collect();
             Ok(vec![(x()?.dtype, out)])
         }
         Op::Concat { axis } => {
@@ -118,7 +174,10 @@ pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> Infer
             for info in inputs.iter().flatten() {
                 let s = info.shape;
                 if s.len() != out.len() || (0..s.len()).any(|i| i != axis && s[i] != out[i]) {
-                    return Err(format!("Concat inputs {:?} and {s:?} differ off axis {axis}", first.shape));
+                    return Err(format!(
+                        "Concat inputs {:?} and {s:?} differ off axis {axis}",
+                        first.shape
+                    ));
                 }
                 out[axis] += s[axis];
             }
@@ -152,7 +211,10 @@ pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> Infer
         Op::Expand => {
             let target = const_input(inputs, 1, "the target shape")?.ok_or("shape is required")?;
             let target: Vec<usize> = target.ints().iter().map(|&d| d.max(0) as usize).collect();
-            Ok(vec![(x()?.dtype, broadcast_shapes(&[x()?.shape, &target])?)])
+            Ok(vec![(
+                x()?.dtype,
+                broadcast_shapes(&[x()?.shape, &target])?,
+            )])
         }
         Op::Pad => {
             let (begin, end) = pad_amounts(inputs)?;
@@ -166,16 +228,30 @@ pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> Infer
             Ok(vec![(x()?.dtype, out)])
         }
         Op::Resize { .. } => Ok(vec![(x()?.dtype, resize_shape(inputs)?)]),
-        Op::Reduce { op, axes, keep_dims, noop_with_empty_axes } => {
+        Op::Reduce {
+            op,
+            axes,
+            keep_dims,
+            noop_with_empty_axes,
+        } => {
             let shape = x()?.shape;
             let axes = reduce_axes(axes, inputs, shape.len(), *noop_with_empty_axes)?;
-            let dtype = if *op == ReduceOp::ArgMax { DType::I64 } else { x()?.dtype };
+            let dtype = if *op == ReduceOp::ArgMax {
+                DType::I64
+            } else {
+                x()?.dtype
+            };
             Ok(vec![(dtype, reduced_shape(shape, &axes, *keep_dims))])
         }
-        Op::ArgMax { axis, keep_dims, .. } => {
+        Op::ArgMax {
+            axis, keep_dims, ..
+        } => {
             let shape = x()?.shape;
             let axis = normalize_axis(*axis, shape.len())?;
-            Ok(vec![(DType::I64, reduced_shape(shape, &[axis], *keep_dims))])
+            Ok(vec![(
+                DType::I64,
+                reduced_shape(shape, &[axis], *keep_dims),
+            )])
         }
         Op::Shape { start, end } => {
             let rank = x()?.shape.len() as i64;
@@ -185,11 +261,15 @@ pub fn infer(op: &Op, inputs: &[Option<InputInfo>], num_outputs: usize) -> Infer
         }
         Op::ConstantOfShape { value } => {
             let shape = const_input(inputs, 0, "the shape")?.ok_or("shape is required")?;
-            Ok(vec![(value.dtype(), shape.ints().iter().map(|&d| d.max(0) as usize).collect())])
+            Ok(vec![(
+                value.dtype(),
+                shape.ints().iter().map(|&d| d.max(0) as usize).collect(),
+            )])
         }
         Op::Range => {
             let scalar = |i| -> InferResult<f64> {
-                let t = const_input(inputs, i, "Range bounds")?.ok_or("start, limit and delta are required")?;
+                let t = const_input(inputs, i, "Range bounds")?
+                    .ok_or("start, limit and delta are required")?;
                 Ok(t.to_f32().first().copied().unwrap_or(0.0) as f64)
             };
             let (start, limit, delta) = (scalar(0)?, scalar(1)?, scalar(2)?);
@@ -213,8 +293,16 @@ pub fn matmul_shape(a: &[usize], b: &[usize]) -> InferResult<Vec<usize>> {
     if a.is_empty() || b.is_empty() {
         return Err("MatMul of a scalar".into());
     }
-    let a2: Vec<usize> = if a.len() == 1 { vec![1, a[0]] } else { a.to_vec() };
-    let b2: Vec<usize> = if b.len() == 1 { vec![b[0], 1] } else { b.to_vec() };
+    let a2: Vec<usize> = if a.len() == 1 {
+        vec![1, a[0]]
+    } else {
+        a.to_vec()
+    };
+    let b2: Vec<usize> = if b.len() == 1 {
+        vec![b[0], 1]
+    } else {
+        b.to_vec()
+    };
     let (m, k) = (a2[a2.len() - 2], a2[a2.len() - 1]);
     let (k2, n) = (b2[b2.len() - 2], b2[b2.len() - 1]);
     if k != k2 {
@@ -255,14 +343,27 @@ impl ConvGeometry {
 
 pub fn conv_geometry(attrs: &ConvAttrs, x: &[usize], w: &[usize]) -> InferResult<ConvGeometry> {
     if x.len() != 4 || w.len() != 4 {
-        return Err(format!("only 2-D convolution is supported (input {x:?}, weight {w:?})"));
+        return Err(format!(
+            "only 2-D convolution is supported (input {x:?}, weight {w:?})"
+        ));
     }
     let two = |v: &[usize], default: usize| -> [usize; 2] {
-        if v.len() >= 2 { [v[0], v[1]] } else { [default, default] }
+        if v.len() >= 2 {
+            [v[0], v[1]]
+        } else {
+            [default, default]
+        }
     };
-    let (kernel, stride, dilation) = ([w[2], w[3]], two(&attrs.strides, 1), two(&attrs.dilations, 1));
-    if x[1] != w[1] * attrs.group || w[0] % attrs.group != 0 {
-        return Err(format!("channels of input {x:?} and weight {w:?} do not match group {}", attrs.group));
+    let (kernel, stride, dilation) = (
+        [w[2], w[3]],
+        two(&attrs.strides, 1),
+        two(&attrs.dilations, 1),
+    );
+    if x[1] != w[1] * attrs.group || !w[0].is_multiple_of(attrs.group) {
+        return Err(format!(
+            "channels of input {x:?} and weight {w:?} do not match group {}",
+            attrs.group
+        ));
     }
     let mut pad = [0usize; 2];
     let mut out = [0usize; 2];
@@ -270,15 +371,22 @@ pub fn conv_geometry(attrs: &ConvAttrs, x: &[usize], w: &[usize]) -> InferResult
         let extent = dilation[i] * (kernel[i] - 1) + 1;
         let (begin, end) = match attrs.auto_pad.as_str() {
             "NOTSET" => {
-                let p = if attrs.pads.len() == 4 { (attrs.pads[i], attrs.pads[i + 2]) } else { (0, 0) };
-                p
+                if attrs.pads.len() == 4 {
+                    (attrs.pads[i], attrs.pads[i + 2])
+                } else {
+                    (0, 0)
+                }
             }
             "VALID" => (0, 0),
             "SAME_UPPER" | "SAME_LOWER" => {
                 let o = x[2 + i].div_ceil(stride[i]);
                 let total = ((o - 1) * stride[i] + extent).saturating_sub(x[2 + i]);
                 let small = total / 2;
-                if attrs.auto_pad == "SAME_UPPER" { (small, total - small) } else { (total - small, small) }
+                if attrs.auto_pad == "SAME_UPPER" {
+                    (small, total - small)
+                } else {
+                    (total - small, small)
+                }
             }
             other => return Err(format!("auto_pad `{other}`")),
         };
@@ -310,7 +418,10 @@ pub fn conv_geometry(attrs: &ConvAttrs, x: &[usize], w: &[usize]) -> InferResult
 
 pub fn transpose_perm(perm: Option<&[i64]>, rank: usize) -> InferResult<Vec<usize>> {
     let perm: Vec<usize> = match perm {
-        Some(p) => p.iter().map(|&a| normalize_axis(a, rank)).collect::<InferResult<_>>()?,
+        Some(p) => p
+            .iter()
+            .map(|&a| normalize_axis(a, rank))
+            .collect::<InferResult<_>>()?,
         None => (0..rank).rev().collect(),
     };
     let mut seen = vec![false; rank];
@@ -342,18 +453,24 @@ pub fn reshape_shape(shape: &[usize], target: &[i64], allow_zero: bool) -> Infer
     let total = numel(shape);
     if let Some(i) = infer_at {
         let known = numel(&out);
-        if known == 0 || total % known != 0 {
+        if known == 0 || !total.is_multiple_of(known) {
             return Err(format!("cannot reshape {shape:?} to {target:?}"));
         }
         out[i] = total / known;
     }
     if numel(&out) != total {
-        return Err(format!("cannot reshape {shape:?} ({total} elements) to {out:?}"));
+        return Err(format!(
+            "cannot reshape {shape:?} ({total} elements) to {out:?}"
+        ));
     }
     Ok(out)
 }
 
-fn axes_from(attr: &Option<Vec<i64>>, inputs: &[Option<InputInfo>], i: usize) -> InferResult<Option<Vec<i64>>> {
+fn axes_from(
+    attr: &Option<Vec<i64>>,
+    inputs: &[Option<InputInfo>],
+    i: usize,
+) -> InferResult<Option<Vec<i64>>> {
     if let Some(axes) = attr {
         return Ok(Some(axes.clone()));
     }
@@ -370,7 +487,9 @@ pub struct SlicePlan {
 pub fn slice_plan(inputs: &[Option<InputInfo>]) -> InferResult<SlicePlan> {
     let shape = input(inputs, 0)?.shape;
     let rank = shape.len();
-    let ints = |i, what| -> InferResult<Option<Vec<i64>>> { Ok(const_input(inputs, i, what)?.map(|t| t.ints())) };
+    let ints = |i, what| -> InferResult<Option<Vec<i64>>> {
+        Ok(const_input(inputs, i, what)?.map(|t| t.ints()))
+    };
     let starts = ints(1, "starts")?.ok_or("starts are required")?;
     let ends = ints(2, "ends")?.ok_or("ends are required")?;
     let axes = ints(3, "axes")?.unwrap_or_else(|| (0..starts.len() as i64).collect());
@@ -378,7 +497,11 @@ pub fn slice_plan(inputs: &[Option<InputInfo>]) -> InferResult<SlicePlan> {
     if ends.len() != starts.len() || axes.len() != starts.len() || steps.len() != starts.len() {
         return Err("starts, ends, axes and steps differ in length".into());
     }
-    let mut plan = SlicePlan { starts: vec![0; rank], steps: vec![1; rank], shape: shape.to_vec() };
+    let mut plan = SlicePlan {
+        starts: vec![0; rank],
+        steps: vec![1; rank],
+        shape: shape.to_vec(),
+    };
     for i in 0..starts.len() {
         let axis = normalize_axis(axes[i], rank)?;
         let (dim, step) = (shape[axis] as i64, steps[i]);
@@ -387,9 +510,15 @@ pub fn slice_plan(inputs: &[Option<InputInfo>]) -> InferResult<SlicePlan> {
         }
         let resolve = |v: i64| if v < 0 { v.saturating_add(dim) } else { v };
         let (start, end) = if step > 0 {
-            (resolve(starts[i]).clamp(0, dim), resolve(ends[i]).clamp(0, dim))
+            (
+                resolve(starts[i]).clamp(0, dim),
+                resolve(ends[i]).clamp(0, dim),
+            )
         } else {
-            (resolve(starts[i]).clamp(0, dim - 1), resolve(ends[i]).clamp(-1, dim - 1))
+            (
+                resolve(starts[i]).clamp(0, dim - 1),
+                resolve(ends[i]).clamp(-1, dim - 1),
+            )
         };
         let len = if step > 0 {
             (end - start + step - 1).div_euclid(step).max(0)
@@ -403,7 +532,12 @@ pub fn slice_plan(inputs: &[Option<InputInfo>]) -> InferResult<SlicePlan> {
     Ok(plan)
 }
 
-pub fn split_sizes(dim: usize, attr: &Option<Vec<i64>>, inputs: &[Option<InputInfo>], outputs: usize) -> InferResult<Vec<usize>> {
+pub fn split_sizes(
+    dim: usize,
+    attr: &Option<Vec<i64>>,
+    inputs: &[Option<InputInfo>],
+    outputs: usize,
+) -> InferResult<Vec<usize>> {
     let split = match attr {
         Some(s) => Some(s.clone()),
         None => const_input(inputs, 1, "split sizes")?.map(|t| t.ints()),
@@ -412,13 +546,17 @@ pub fn split_sizes(dim: usize, attr: &Option<Vec<i64>>, inputs: &[Option<InputIn
         Some(s) => {
             let sizes: Vec<usize> = s.iter().map(|&x| x.max(0) as usize).collect();
             if sizes.iter().sum::<usize>() != dim || sizes.len() != outputs {
-                return Err(format!("split {s:?} does not fit axis of {dim} into {outputs} outputs"));
+                return Err(format!(
+                    "split {s:?} does not fit axis of {dim} into {outputs} outputs"
+                ));
             }
             Ok(sizes)
         }
         None => {
             let chunk = dim.div_ceil(outputs.max(1));
-            Ok((0..outputs).map(|i| chunk.min(dim.saturating_sub(i * chunk))).collect())
+            Ok((0..outputs)
+                .map(|i| chunk.min(dim.saturating_sub(i * chunk)))
+                .collect())
         }
     }
 }
@@ -426,9 +564,15 @@ pub fn split_sizes(dim: usize, attr: &Option<Vec<i64>>, inputs: &[Option<InputIn
 /// Padding before and after each axis (may be negative: cropping).
 pub fn pad_amounts(inputs: &[Option<InputInfo>]) -> InferResult<(Vec<i64>, Vec<i64>)> {
     let rank = input(inputs, 0)?.shape.len();
-    let pads = const_input(inputs, 1, "pads")?.ok_or("pads are required")?.ints();
+    let pads = const_input(inputs, 1, "pads")?
+        .ok_or("pads are required")?
+        .ints();
     let axes = match const_input(inputs, 3, "axes")? {
-        Some(t) => t.ints().iter().map(|&a| normalize_axis(a, rank)).collect::<InferResult<Vec<_>>>()?,
+        Some(t) => t
+            .ints()
+            .iter()
+            .map(|&a| normalize_axis(a, rank))
+            .collect::<InferResult<Vec<_>>>()?,
         None => (0..rank).collect(),
     };
     if pads.len() != 2 * axes.len() {
@@ -458,16 +602,32 @@ pub fn resize_shape(inputs: &[Option<InputInfo>]) -> InferResult<Vec<usize>> {
     if scales.len() != shape.len() {
         return Err("scales must give every axis".into());
     }
-    Ok(shape.iter().zip(scales.iter()).map(|(&d, &s)| (d as f32 * s).floor() as usize).collect())
+    Ok(shape
+        .iter()
+        .zip(scales.iter())
+        .map(|(&d, &s)| (d as f32 * s).floor() as usize)
+        .collect())
 }
 
 /// The axes a reduction runs over, sorted.
-pub fn reduce_axes(attr: &Option<Vec<i64>>, inputs: &[Option<InputInfo>], rank: usize, noop_if_empty: bool) -> InferResult<Vec<usize>> {
+pub fn reduce_axes(
+    attr: &Option<Vec<i64>>,
+    inputs: &[Option<InputInfo>],
+    rank: usize,
+    noop_if_empty: bool,
+) -> InferResult<Vec<usize>> {
     let axes = axes_from(attr, inputs, 1)?.unwrap_or_default();
     if axes.is_empty() {
-        return Ok(if noop_if_empty { vec![] } else { (0..rank).collect() });
+        return Ok(if noop_if_empty {
+            vec![]
+        } else {
+            (0..rank).collect()
+        });
     }
-    let mut axes = axes.iter().map(|&a| normalize_axis(a, rank)).collect::<InferResult<Vec<_>>>()?;
+    let mut axes = axes
+        .iter()
+        .map(|&a| normalize_axis(a, rank))
+        .collect::<InferResult<Vec<_>>>()?;
     axes.sort_unstable();
     axes.dedup();
     Ok(axes)

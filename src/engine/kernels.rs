@@ -133,13 +133,17 @@ impl Pipelines {
                     source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
                 })
             });
-            let constants: Vec<(&str, f64)> = key.op.map(|op| ("OP", op as f64)).into_iter().collect();
+            let constants: Vec<(&str, f64)> =
+                key.op.map(|op| ("OP", op as f64)).into_iter().collect();
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("{key:?}")),
                 layout: None,
                 module,
                 entry_point: Some("main"),
-                compilation_options: wgpu::PipelineCompilationOptions { constants: &constants, ..Default::default() },
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    constants: &constants,
+                    ..Default::default()
+                },
                 cache: None,
             });
             self.pipelines.insert(key, pipeline);

@@ -19,17 +19,28 @@ pub type ExternalDataSource<'a> = dyn FnMut(&str) -> std::result::Result<Bytes, 
 
 /// Decodes a model. `external` is asked once per distinct external-data file.
 pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Result<Graph> {
-    let model = onnx::ModelProto::decode(model_bytes)
-        .map_err(|e| Error::parse(format!("protobuf decoding failed ({e}); is this an .onnx file?")))?;
+    let model = onnx::ModelProto::decode(model_bytes).map_err(|e| {
+        Error::parse(format!(
+            "protobuf decoding failed ({e}); is this an .onnx file?"
+        ))
+    })?;
     let opset = model
         .opset_import
         .iter()
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map(|o| o.version)
         .ok_or_else(|| Error::parse("the model imports no ONNX opset"))?;
-    let graph = model.graph.ok_or_else(|| Error::parse("the model has no graph"))?;
-    let mut builder = Builder { values: Vec::new(), by_name: HashMap::new() };
-    let mut files = ExternalFiles { source: external, cache: HashMap::new() };
+    let graph = model
+        .graph
+        .ok_or_else(|| Error::parse("the model has no graph"))?;
+    let mut builder = Builder {
+        values: Vec::new(),
+        by_name: HashMap::new(),
+    };
+    let mut files = ExternalFiles {
+        source: external,
+        cache: HashMap::new(),
+    };
 
     for init in &graph.initializer {
         let tensor = tensor_from_proto(init, Some(&mut files))?;
@@ -59,7 +70,10 @@ pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Resu
         }
         if proto.op_type == "Constant" {
             let tensor = constant_node_value(proto)?;
-            let output = proto.output.first().ok_or_else(|| Error::parse("Constant without output"))?;
+            let output = proto
+                .output
+                .first()
+                .ok_or_else(|| Error::parse("Constant without output"))?;
             let id = builder.define(output, tensor.dtype());
             builder.values[id].constant = Some(Arc::new(tensor));
             continue;
@@ -74,8 +88,17 @@ pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Resu
             })
             .collect::<Result<Vec<_>>>()?;
         // Dtypes of outputs are settled by shape inference; F32 is a placeholder.
-        let outputs = proto.output.iter().map(|name| builder.define(name, DType::F32)).collect();
-        nodes.push(Node { name: proto.name.clone(), op, inputs, outputs });
+        let outputs = proto
+            .output
+            .iter()
+            .map(|name| builder.define(name, DType::F32))
+            .collect();
+        nodes.push(Node {
+            name: proto.name.clone(),
+            op,
+            inputs,
+            outputs,
+        });
     }
 
     let mut outputs = Vec::new();
@@ -86,7 +109,13 @@ pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Resu
         }
         outputs.push(id);
     }
-    Ok(Graph { values: builder.values, nodes, inputs, outputs, opset })
+    Ok(Graph {
+        values: builder.values,
+        nodes,
+        inputs,
+        outputs,
+        opset,
+    })
 }
 
 struct Builder {
@@ -97,7 +126,13 @@ struct Builder {
 impl Builder {
     fn define(&mut self, name: &str, dtype: DType) -> ValueId {
         let id = self.values.len();
-        self.values.push(Value { name: name.to_string(), dtype, dims: None, shape: Vec::new(), constant: None });
+        self.values.push(Value {
+            name: name.to_string(),
+            dtype,
+            dims: None,
+            shape: Vec::new(),
+            constant: None,
+        });
         // A later definition of the same name shadows the earlier one (SSA violations are
         // rejected by onnx.checker, so this only matters for malformed files).
         self.by_name.insert(name.to_string(), id);
@@ -118,10 +153,20 @@ pub(crate) struct ExternalFiles<'s, 'a> {
 }
 
 impl ExternalFiles<'_, '_> {
-    fn slice(&mut self, tensor: &str, location: &str, offset: usize, length: Option<usize>) -> Result<Bytes> {
-        let err = |reason: String| Error::ExternalData { tensor: tensor.to_string(), reason };
+    fn slice(
+        &mut self,
+        tensor: &str,
+        location: &str,
+        offset: usize,
+        length: Option<usize>,
+    ) -> Result<Bytes> {
+        let err = |reason: String| Error::ExternalData {
+            tensor: tensor.to_string(),
+            reason,
+        };
         if !self.cache.contains_key(location) {
-            let bytes = (self.source)(location).map_err(|e| err(format!("cannot read `{location}`: {e}")))?;
+            let bytes = (self.source)(location)
+                .map_err(|e| err(format!("cannot read `{location}`: {e}")))?;
             self.cache.insert(location.to_string(), bytes);
         }
         let file = &self.cache[location];
@@ -146,8 +191,12 @@ fn value_type(info: &onnx::ValueInfoProto) -> Result<(DType, Vec<Dim>)> {
         .as_ref()
         .and_then(|t| t.tensor_type.as_ref())
         .ok_or_else(|| Error::parse(format!("`{}` is not a tensor", info.name)))?;
-    let storage = Storage::from_onnx(tensor.elem_type)
-        .ok_or_else(|| Error::parse(format!("`{}` has unsupported element type {}", info.name, tensor.elem_type)))?;
+    let storage = Storage::from_onnx(tensor.elem_type).ok_or_else(|| {
+        Error::parse(format!(
+            "`{}` has unsupported element type {}",
+            info.name, tensor.elem_type
+        ))
+    })?;
     let dims = tensor
         .shape
         .as_ref()
@@ -177,7 +226,11 @@ fn constant_node_value(node: &onnx::NodeProto) -> Result<HostTensor> {
     if let Some(v) = a.ints("value_ints") {
         return Ok(HostTensor::i64(vec![v.len()], v));
     }
-    let attr = node.attribute.first().map(|a| a.name.as_str()).unwrap_or("");
+    let attr = node
+        .attribute
+        .first()
+        .map(|a| a.name.as_str())
+        .unwrap_or("");
     match attr {
         "value_float" => Ok(HostTensor::f32(vec![], vec![a.float("value_float", 0.0)])),
         "value_int" => Ok(HostTensor::i64(vec![], vec![a.int("value_int", 0)])),
@@ -192,9 +245,13 @@ fn constant_node_value(node: &onnx::NodeProto) -> Result<HostTensor> {
 
 /// Converts a `TensorProto` to a host tensor. `files` resolves external data; without it,
 /// externally stored tensors are an error.
-pub(crate) fn tensor_from_proto(t: &onnx::TensorProto, files: Option<&mut ExternalFiles>) -> Result<HostTensor> {
+pub(crate) fn tensor_from_proto(
+    t: &onnx::TensorProto,
+    files: Option<&mut ExternalFiles>,
+) -> Result<HostTensor> {
     let bad = |reason: String| Error::parse(format!("tensor `{}`: {reason}", t.name));
-    let storage = Storage::from_onnx(t.data_type).ok_or_else(|| bad(format!("unsupported data type {}", t.data_type)))?;
+    let storage = Storage::from_onnx(t.data_type)
+        .ok_or_else(|| bad(format!("unsupported data type {}", t.data_type)))?;
     let shape = t
         .dims
         .iter()
@@ -204,11 +261,20 @@ pub(crate) fn tensor_from_proto(t: &onnx::TensorProto, files: Option<&mut Extern
 
     if t.data_location == DATA_LOCATION_EXTERNAL {
         let files = files.ok_or_else(|| bad("external data is not allowed here".into()))?;
-        let entry = |key: &str| t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str());
-        let location = entry("location").ok_or_else(|| bad("external data without a location".into()))?;
+        let entry = |key: &str| {
+            t.external_data
+                .iter()
+                .find(|e| e.key == key)
+                .map(|e| e.value.as_str())
+        };
+        let location =
+            entry("location").ok_or_else(|| bad("external data without a location".into()))?;
         let number = |key: &str| -> Result<Option<usize>> {
             entry(key)
-                .map(|v| v.parse::<usize>().map_err(|_| bad(format!("external data {key} `{v}`"))))
+                .map(|v| {
+                    v.parse::<usize>()
+                        .map_err(|_| bad(format!("external data {key} `{v}`")))
+                })
                 .transpose()
         };
         let offset = number("offset")?.unwrap_or(0);
@@ -220,7 +286,11 @@ pub(crate) fn tensor_from_proto(t: &onnx::TensorProto, files: Option<&mut Extern
         return HostTensor::raw(shape, storage, t.raw_data.clone());
     }
     let typed = |len: usize| -> Result<()> {
-        if len == n { Ok(()) } else { Err(bad(format!("{len} values for shape {shape:?}"))) }
+        if len == n {
+            Ok(())
+        } else {
+            Err(bad(format!("{len} values for shape {shape:?}")))
+        }
     };
     let data = match storage {
         Storage::F32 => {

@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use super::graph::{Graph, Node, ValueId};
 use super::infer::{self, InputInfo};
-use super::kernels::{grid, KernelKey, Launch, Operand, Params, Shader, LINEAR_WORKGROUP};
-use super::ops::{broadcast_strides, contiguous_strides, normalize_axis, Op, ReduceOp, UnaryOp, WHERE_CODE};
-use super::tensor::{numel, DType, HostTensor};
+use super::kernels::{KernelKey, LINEAR_WORKGROUP, Launch, Operand, Params, Shader, grid};
+use super::ops::{
+    Op, ReduceOp, UnaryOp, WHERE_CODE, broadcast_strides, contiguous_strides, normalize_axis,
+};
+use super::tensor::{DType, HostTensor, numel};
 
 /// Highest rank the strided kernels (elementwise, copy, reduce) index.
 const MAX_RANK: usize = 6;
@@ -51,7 +53,11 @@ impl<'g> Lowering<'g> {
     }
 
     fn input(node: &Node, i: usize) -> LowerResult<ValueId> {
-        node.inputs.get(i).copied().flatten().ok_or_else(|| format!("input {i} is required"))
+        node.inputs
+            .get(i)
+            .copied()
+            .flatten()
+            .ok_or_else(|| format!("input {i} is required"))
     }
 
     fn infos(&self, node: &Node) -> Vec<Option<InputInfo<'g>>> {
@@ -60,7 +66,11 @@ impl<'g> Lowering<'g> {
             .map(|i| {
                 i.map(|i| {
                     let v = &self.graph.values[i];
-                    InputInfo { dtype: v.dtype, shape: &v.shape, constant: v.constant.as_deref() }
+                    InputInfo {
+                        dtype: v.dtype,
+                        shape: &v.shape,
+                        constant: v.constant.as_deref(),
+                    }
                 })
             })
             .collect()
@@ -71,30 +81,67 @@ impl<'g> Lowering<'g> {
         let x = || Self::input(node, 0);
         let launches = |l: Vec<Launch>| Ok(Lowered::Launches(l));
         match &node.op {
-            Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze { .. } | Op::Unsqueeze { .. } | Op::Unary(UnaryOp::Identity) => {
-                Ok(Lowered::Alias(x()?))
-            }
+            Op::Reshape { .. }
+            | Op::Flatten { .. }
+            | Op::Squeeze { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Unary(UnaryOp::Identity) => Ok(Lowered::Alias(x()?)),
             Op::Cast(to) if *to == self.dtype(x()?) => Ok(Lowered::Alias(x()?)),
             Op::Cast(_) => launches(vec![self.elementwise(0, out, &[x()?])?]),
             Op::Unary(u) => launches(vec![self.elementwise(*u as u32, out, &[x()?])?]),
-            Op::Binary(b) => launches(vec![self.elementwise(*b as u32, out, &[x()?, Self::input(node, 1)?])?]),
-            Op::Where => launches(vec![self.elementwise(WHERE_CODE, out, &[x()?, Self::input(node, 1)?, Self::input(node, 2)?])?]),
+            Op::Binary(b) => launches(vec![self.elementwise(
+                *b as u32,
+                out,
+                &[x()?, Self::input(node, 1)?],
+            )?]),
+            Op::Where => launches(vec![self.elementwise(
+                WHERE_CODE,
+                out,
+                &[x()?, Self::input(node, 1)?, Self::input(node, 2)?],
+            )?]),
             Op::Transpose { perm } => {
                 let shape = self.shape(x()?);
                 let perm = infer::transpose_perm(perm.as_deref(), shape.len())?;
                 let src = contiguous_strides(shape);
                 let strides = perm.iter().map(|&p| src[p] as isize).collect();
-                launches(vec![self.copy(out, x()?, self.shape(out), strides, 0, 0)?])
+                launches(vec![self.copy(
+                    out,
+                    x()?,
+                    self.shape(out),
+                    strides,
+                    0,
+                    0,
+                )?])
             }
             Op::Expand => {
-                let strides = broadcast_strides(self.shape(x()?), self.shape(out)).iter().map(|&s| s as isize).collect();
-                launches(vec![self.copy(out, x()?, self.shape(out), strides, 0, 0)?])
+                let strides = broadcast_strides(self.shape(x()?), self.shape(out))
+                    .iter()
+                    .map(|&s| s as isize)
+                    .collect();
+                launches(vec![self.copy(
+                    out,
+                    x()?,
+                    self.shape(out),
+                    strides,
+                    0,
+                    0,
+                )?])
             }
             Op::Slice => {
                 let plan = infer::slice_plan(&self.infos(node))?;
                 let src = contiguous_strides(self.shape(x()?));
-                let base = plan.starts.iter().zip(&src).map(|(&s, &st)| (s * st) as isize).sum();
-                let strides = plan.steps.iter().zip(&src).map(|(&step, &st)| step as isize * st as isize).collect();
+                let base = plan
+                    .starts
+                    .iter()
+                    .zip(&src)
+                    .map(|(&s, &st)| (s * st) as isize)
+                    .sum();
+                let strides = plan
+                    .steps
+                    .iter()
+                    .zip(&src)
+                    .map(|(&step, &st)| step as isize * st as isize)
+                    .collect();
                 launches(vec![self.copy(out, x()?, &plan.shape, strides, base, 0)?])
             }
             Op::Concat { axis } => {
@@ -106,8 +153,18 @@ impl<'g> Lowering<'g> {
                 for &input in node.inputs.iter().flatten() {
                     let shape = self.shape(input);
                     if numel(shape) > 0 {
-                        let strides = contiguous_strides(shape).iter().map(|&s| s as isize).collect();
-                        list.push(self.copy(out, input, shape, strides, 0, offset * out_strides[axis])?);
+                        let strides = contiguous_strides(shape)
+                            .iter()
+                            .map(|&s| s as isize)
+                            .collect();
+                        list.push(self.copy(
+                            out,
+                            input,
+                            shape,
+                            strides,
+                            0,
+                            offset * out_strides[axis],
+                        )?);
                     }
                     offset += shape[axis];
                 }
@@ -122,7 +179,14 @@ impl<'g> Lowering<'g> {
                 let mut list = Vec::new();
                 for &o in &node.outputs {
                     let shape = self.shape(o);
-                    list.push(self.copy(o, x()?, shape, strides.clone(), (offset * src[axis]) as isize, 0)?);
+                    list.push(self.copy(
+                        o,
+                        x()?,
+                        shape,
+                        strides.clone(),
+                        (offset * src[axis]) as isize,
+                        0,
+                    )?);
                     offset += shape[axis];
                 }
                 launches(list)
@@ -138,12 +202,23 @@ impl<'g> Lowering<'g> {
                     .u(numel(&shape[axis + 1..]))
                     .u(numel(self.shape(idx)))
                     .u(shape[axis]);
-                launches(vec![self.launch(Shader::Gather.into(), params, out, vec![Operand::Value(data), Operand::Value(idx)], self.linear(n))])
+                launches(vec![self.launch(
+                    Shader::Gather.into(),
+                    params,
+                    out,
+                    vec![Operand::Value(data), Operand::Value(idx)],
+                    self.linear(n),
+                )])
             }
             Op::MatMul => launches(vec![self.matmul(node, None)?]),
-            Op::Gemm { alpha, beta, trans_a, trans_b } => {
-                launches(vec![self.matmul(node, Some((*alpha, *beta, *trans_a, *trans_b)))?])
-            }
+            Op::Gemm {
+                alpha,
+                beta,
+                trans_a,
+                trans_b,
+            } => launches(vec![
+                self.matmul(node, Some((*alpha, *beta, *trans_a, *trans_b)))?,
+            ]),
             Op::Conv(attrs) => {
                 let (image, weight) = (x()?, Self::input(node, 1)?);
                 let g = infer::conv_geometry(attrs, self.shape(image), self.shape(weight))?;
@@ -170,15 +245,29 @@ impl<'g> Lowering<'g> {
                     (g.out_channels / g.group).div_ceil(64) as u32,
                     (g.batch * g.group) as u32,
                 ];
-                let inputs = vec![Operand::Value(image), Operand::Value(weight), Operand::Value(bias.unwrap_or(weight))];
-                launches(vec![self.launch(Shader::Conv.into(), params, out, inputs, groups)])
+                let inputs = vec![
+                    Operand::Value(image),
+                    Operand::Value(weight),
+                    Operand::Value(bias.unwrap_or(weight)),
+                ];
+                launches(vec![self.launch(
+                    Shader::Conv.into(),
+                    params,
+                    out,
+                    inputs,
+                    groups,
+                )])
             }
             Op::InstanceNorm { epsilon } => {
                 let shape = self.shape(x()?);
                 let (rows, len) = (shape[0] * shape[1], numel(&shape[2..]));
                 self.norm(node, rows, len, [shape[1], 1, len], *epsilon)
             }
-            Op::GroupNorm { epsilon, groups, per_channel_affine } => {
+            Op::GroupNorm {
+                epsilon,
+                groups,
+                per_channel_affine,
+            } => {
                 let shape = self.shape(x()?);
                 let (rows, len) = (shape[0] * groups, numel(&shape[1..]) / groups);
                 let layout = if *per_channel_affine {
@@ -191,7 +280,13 @@ impl<'g> Lowering<'g> {
             Op::LayerNorm { axis, epsilon } => {
                 let shape = self.shape(x()?);
                 let axis = normalize_axis(*axis, shape.len())?;
-                self.norm(node, numel(&shape[..axis]), numel(&shape[axis..]), [1, 0, 1], *epsilon)
+                self.norm(
+                    node,
+                    numel(&shape[..axis]),
+                    numel(&shape[axis..]),
+                    [1, 0, 1],
+                    *epsilon,
+                )
             }
             Op::Softmax { axis, legacy } => {
                 let shape = self.shape(x()?);
@@ -199,18 +294,46 @@ impl<'g> Lowering<'g> {
                 let (outer, len, inner) = if *legacy {
                     (numel(&shape[..axis]), numel(&shape[axis..]), 1)
                 } else {
-                    (numel(&shape[..axis]), shape[axis], numel(&shape[axis + 1..]))
+                    (
+                        numel(&shape[..axis]),
+                        shape[axis],
+                        numel(&shape[axis + 1..]),
+                    )
                 };
                 let params = Params::default().u(outer * inner).u(len).u(inner);
-                launches(vec![self.launch(Shader::Softmax.into(), params, out, vec![Operand::Value(x()?)], grid(outer * inner, self.max_groups))])
+                launches(vec![self.launch(
+                    Shader::Softmax.into(),
+                    params,
+                    out,
+                    vec![Operand::Value(x()?)],
+                    grid(outer * inner, self.max_groups),
+                )])
             }
-            Op::Reduce { op, axes, noop_with_empty_axes, .. } => {
-                let axes = infer::reduce_axes(axes, &self.infos(node), self.shape(x()?).len(), *noop_with_empty_axes)?;
+            Op::Reduce {
+                op,
+                axes,
+                noop_with_empty_axes,
+                ..
+            } => {
+                let axes = infer::reduce_axes(
+                    axes,
+                    &self.infos(node),
+                    self.shape(x()?).len(),
+                    *noop_with_empty_axes,
+                )?;
                 launches(vec![self.reduce(*op as u32, out, x()?, &axes, false)?])
             }
-            Op::ArgMax { axis, select_last, .. } => {
+            Op::ArgMax {
+                axis, select_last, ..
+            } => {
                 let axis = normalize_axis(*axis, self.shape(x()?).len())?;
-                launches(vec![self.reduce(ReduceOp::ArgMax as u32, out, x()?, &[axis], *select_last)?])
+                launches(vec![self.reduce(
+                    ReduceOp::ArgMax as u32,
+                    out,
+                    x()?,
+                    &[axis],
+                    *select_last,
+                )?])
             }
             Op::Resize { mode, coordinates } => self.resize(node, *mode, *coordinates),
             Op::Attention { scale } => self.attention(node, *scale),
@@ -220,8 +343,21 @@ impl<'g> Lowering<'g> {
         }
     }
 
-    fn launch(&self, kernel: KernelKey, params: Params, output: ValueId, inputs: Vec<Operand>, workgroups: [u32; 3]) -> Launch {
-        Launch { kernel, params: params.0, output, inputs, workgroups }
+    fn launch(
+        &self,
+        kernel: KernelKey,
+        params: Params,
+        output: ValueId,
+        inputs: Vec<Operand>,
+        workgroups: [u32; 3],
+    ) -> Launch {
+        Launch {
+            kernel,
+            params: params.0,
+            output,
+            inputs,
+            workgroups,
+        }
     }
 
     fn elementwise(&self, op: u32, out: ValueId, inputs: &[ValueId]) -> LowerResult<Launch> {
@@ -232,7 +368,11 @@ impl<'g> Lowering<'g> {
         let n = numel(shape);
         // Unused operand slots repeat the first input (read-only bindings may alias).
         let operand = |i: usize| inputs.get(i).copied().unwrap_or(inputs[0]);
-        let strides = |i: usize| broadcast_strides(self.shape(operand(i)), shape).into_iter().map(|s| s as isize);
+        let strides = |i: usize| {
+            broadcast_strides(self.shape(operand(i)), shape)
+                .into_iter()
+                .map(|s| s as isize)
+        };
         let broadcast = inputs.iter().any(|&i| self.shape(i) != shape);
         let params = Params::default()
             .u(n)
@@ -247,18 +387,33 @@ impl<'g> Lowering<'g> {
             .array(strides(0), MAX_RANK)
             .array(strides(1), MAX_RANK)
             .array(strides(2), MAX_RANK);
-        let key = KernelKey { shader: Shader::Elementwise, op: Some(op) };
+        let key = KernelKey {
+            shader: Shader::Elementwise,
+            op: Some(op),
+        };
         let operands = (0..3).map(|i| Operand::Value(operand(i))).collect();
         Ok(self.launch(key, params, out, operands, self.linear(n)))
     }
 
-    fn copy(&self, out: ValueId, src: ValueId, shape: &[usize], src_strides: Vec<isize>, src_base: isize, out_base: usize) -> LowerResult<Launch> {
+    fn copy(
+        &self,
+        out: ValueId,
+        src: ValueId,
+        shape: &[usize],
+        src_strides: Vec<isize>,
+        src_base: isize,
+        out_base: usize,
+    ) -> LowerResult<Launch> {
         if shape.len() > MAX_RANK {
             return Err(format!("rank {} exceeds {MAX_RANK}", shape.len()));
         }
         // Offsets into the output follow its own layout; for Concat the copy is a window of it.
         let out_shape = self.shape(out);
-        let out_strides = if out_shape.len() == shape.len() { contiguous_strides(out_shape) } else { contiguous_strides(shape) };
+        let out_strides = if out_shape.len() == shape.len() {
+            contiguous_strides(out_shape)
+        } else {
+            contiguous_strides(shape)
+        };
         let n = numel(shape);
         let params = Params::default()
             .u(n)
@@ -268,7 +423,13 @@ impl<'g> Lowering<'g> {
             .array(shape.iter().map(|&d| d as isize), MAX_RANK)
             .array(src_strides, MAX_RANK)
             .array(out_strides.iter().map(|&s| s as isize), MAX_RANK);
-        Ok(self.launch(Shader::Copy.into(), params, out, vec![Operand::Value(src)], self.linear(n)))
+        Ok(self.launch(
+            Shader::Copy.into(),
+            params,
+            out,
+            vec![Operand::Value(src)],
+            self.linear(n),
+        ))
     }
 
     fn pad(&self, node: &Node) -> LowerResult<Lowered> {
@@ -282,16 +443,33 @@ impl<'g> Lowering<'g> {
             .map(|v| v.cast(self.dtype(out)).to_gpu_words()[0])
             .unwrap_or(0);
         let n = numel(self.shape(out));
-        let fill = self.launch(Shader::Fill.into(), Params::default().u(n).u(value as usize), out, vec![], self.linear(n));
+        let fill = self.launch(
+            Shader::Fill.into(),
+            Params::default().u(n).u(value as usize),
+            out,
+            vec![],
+            self.linear(n),
+        );
         let out_strides = contiguous_strides(self.shape(out));
-        let base = begin.iter().zip(&out_strides).map(|(&b, &s)| b as usize * s).sum();
-        let src = contiguous_strides(self.shape(x)).iter().map(|&s| s as isize).collect();
+        let base = begin
+            .iter()
+            .zip(&out_strides)
+            .map(|(&b, &s)| b as usize * s)
+            .sum();
+        let src = contiguous_strides(self.shape(x))
+            .iter()
+            .map(|&s| s as isize)
+            .collect();
         let copy = self.copy(out, x, self.shape(x), src, 0, base)?;
         Ok(Lowered::Launches(vec![fill, copy]))
     }
 
     fn matmul(&self, node: &Node, gemm: Option<(f32, f32, bool, bool)>) -> LowerResult<Launch> {
-        let (a, b, out) = (Self::input(node, 0)?, Self::input(node, 1)?, node.outputs[0]);
+        let (a, b, out) = (
+            Self::input(node, 0)?,
+            Self::input(node, 1)?,
+            node.outputs[0],
+        );
         let (alpha, beta, trans_a, trans_b) = gemm.unwrap_or((1.0, 0.0, false, false));
         // 1-D operands act as a row (A) or a column (B) vector.
         let a_shape: Vec<usize> = match self.shape(a) {
@@ -305,9 +483,19 @@ impl<'g> Lowering<'g> {
         let (ar, br) = (a_shape.len(), b_shape.len());
         let (a_strides, b_strides) = (contiguous_strides(&a_shape), contiguous_strides(&b_shape));
         let (m, k, a_m, a_k) = if trans_a {
-            (a_shape[ar - 1], a_shape[ar - 2], a_strides[ar - 1], a_strides[ar - 2])
+            (
+                a_shape[ar - 1],
+                a_shape[ar - 2],
+                a_strides[ar - 1],
+                a_strides[ar - 2],
+            )
         } else {
-            (a_shape[ar - 2], a_shape[ar - 1], a_strides[ar - 2], a_strides[ar - 1])
+            (
+                a_shape[ar - 2],
+                a_shape[ar - 1],
+                a_strides[ar - 2],
+                a_strides[ar - 1],
+            )
         };
         let (n, b_k, b_n) = if trans_b {
             (b_shape[br - 2], b_strides[br - 1], b_strides[br - 2])
@@ -321,7 +509,10 @@ impl<'g> Lowering<'g> {
         // Batch strides in matrices, scaled to elements; 0 on broadcast axes.
         let batch_strides = |shape: &[usize]| -> Vec<isize> {
             let matrix = shape[shape.len() - 2] * shape[shape.len() - 1];
-            broadcast_strides(&shape[..shape.len() - 2], &batch_shape).iter().map(|&s| (s * matrix) as isize).collect()
+            broadcast_strides(&shape[..shape.len() - 2], &batch_shape)
+                .iter()
+                .map(|&s| (s * matrix) as isize)
+                .collect()
         };
         let bias = gemm.and_then(|_| node.inputs.get(2).copied().flatten());
         let (bias_m, bias_n) = match bias {
@@ -333,7 +524,10 @@ impl<'g> Lowering<'g> {
         };
         let batch: usize = batch_shape.iter().product();
         if batch > self.max_groups as usize {
-            return Err(format!("MatMul batch {batch} exceeds {} workgroups", self.max_groups));
+            return Err(format!(
+                "MatMul batch {batch} exceeds {} workgroups",
+                self.max_groups
+            ));
         }
         let params = Params::default()
             .u(m)
@@ -356,13 +550,28 @@ impl<'g> Lowering<'g> {
             .array(batch_strides(&a_shape), 4)
             .array(batch_strides(&b_shape), 4);
         let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32];
-        let inputs = vec![Operand::Value(a), Operand::Value(b), Operand::Value(bias.unwrap_or(a))];
+        let inputs = vec![
+            Operand::Value(a),
+            Operand::Value(b),
+            Operand::Value(bias.unwrap_or(a)),
+        ];
         Ok(self.launch(Shader::MatMul.into(), params, out, inputs, groups))
     }
 
     /// `layout` = [row_mod, row_mul, col_div] (see norm.wgsl).
-    fn norm(&self, node: &Node, rows: usize, len: usize, layout: [usize; 3], epsilon: f32) -> LowerResult<Lowered> {
-        let (x, scale, out) = (Self::input(node, 0)?, Self::input(node, 1)?, node.outputs[0]);
+    fn norm(
+        &self,
+        node: &Node,
+        rows: usize,
+        len: usize,
+        layout: [usize; 3],
+        epsilon: f32,
+    ) -> LowerResult<Lowered> {
+        let (x, scale, out) = (
+            Self::input(node, 0)?,
+            Self::input(node, 1)?,
+            node.outputs[0],
+        );
         let bias = match node.inputs.get(2).copied().flatten() {
             Some(b) => Operand::Value(b),
             None => Operand::Constant(Arc::new(HostTensor::f32(vec![len], vec![0.0; len]))),
@@ -377,17 +586,31 @@ impl<'g> Lowering<'g> {
             .u(0) // activation: none
             .u(0);
         let inputs = vec![Operand::Value(x), Operand::Value(scale), bias];
-        Ok(Lowered::Launches(vec![self.launch(Shader::Norm.into(), params, out, inputs, grid(rows, self.max_groups))]))
+        Ok(Lowered::Launches(vec![self.launch(
+            Shader::Norm.into(),
+            params,
+            out,
+            inputs,
+            grid(rows, self.max_groups),
+        )]))
     }
 
-    fn reduce(&self, op: u32, out: ValueId, x: ValueId, axes: &[usize], select_last: bool) -> LowerResult<Launch> {
+    fn reduce(
+        &self,
+        op: u32,
+        out: ValueId,
+        x: ValueId,
+        axes: &[usize],
+        select_last: bool,
+    ) -> LowerResult<Launch> {
         let shape = self.shape(x);
         if shape.len() > MAX_RANK {
             return Err(format!("rank {} exceeds {MAX_RANK}", shape.len()));
         }
         let strides = contiguous_strides(shape);
         let kept: Vec<usize> = (0..shape.len()).filter(|i| !axes.contains(i)).collect();
-        let pick = |list: &[usize], of: &[usize]| list.iter().map(|&i| of[i] as isize).collect::<Vec<_>>();
+        let pick =
+            |list: &[usize], of: &[usize]| list.iter().map(|&i| of[i] as isize).collect::<Vec<_>>();
         let n = numel(self.shape(out));
         let params = Params::default()
             .u(n)
@@ -402,20 +625,36 @@ impl<'g> Lowering<'g> {
             .array(pick(&kept, &strides), MAX_RANK)
             .array(pick(axes, shape), MAX_RANK)
             .array(pick(axes, &strides), MAX_RANK);
-        let key = KernelKey { shader: Shader::Reduce, op: Some(op) };
+        let key = KernelKey {
+            shader: Shader::Reduce,
+            op: Some(op),
+        };
         Ok(self.launch(key, params, out, vec![Operand::Value(x)], self.linear(n)))
     }
 
-    fn resize(&self, node: &Node, mode: super::ops::ResizeMode, coordinates: super::ops::CoordinateMode) -> LowerResult<Lowered> {
+    fn resize(
+        &self,
+        node: &Node,
+        mode: super::ops::ResizeMode,
+        coordinates: super::ops::CoordinateMode,
+    ) -> LowerResult<Lowered> {
         use super::ops::{CoordinateMode as C, NearestMode as N, ResizeMode as R};
         let (x, out) = (Self::input(node, 0)?, node.outputs[0]);
         let (ins, outs) = (self.shape(x), self.shape(out));
         if ins.len() != 4 || ins[0] != outs[0] || ins[1] != outs[1] {
-            return Err(format!("only resizing the last two axes of a 4-D tensor is supported ({ins:?} -> {outs:?})"));
+            return Err(format!(
+                "only resizing the last two axes of a 4-D tensor is supported ({ins:?} -> {outs:?})"
+            ));
         }
         let infos = self.infos(node);
-        let scales = infer::const_input(&infos, 2, "scales")?.filter(|t| !t.is_empty()).map(|t| t.to_f32().into_owned());
-        let scale = |axis: usize| scales.as_ref().map_or(outs[axis] as f32 / ins[axis] as f32, |s| s[axis]);
+        let scales = infer::const_input(&infos, 2, "scales")?
+            .filter(|t| !t.is_empty())
+            .map(|t| t.to_f32().into_owned());
+        let scale = |axis: usize| {
+            scales
+                .as_ref()
+                .map_or(outs[axis] as f32 / ins[axis] as f32, |s| s[axis])
+        };
         let (linear, rounding) = match mode {
             R::Linear => (1, 0),
             R::Nearest(N::RoundPreferFloor) => (0, 0),
@@ -442,11 +681,22 @@ impl<'g> Lowering<'g> {
             .u(rounding)
             .f(scale(2))
             .f(scale(3));
-        Ok(Lowered::Launches(vec![self.launch(Shader::Resize.into(), params, out, vec![Operand::Value(x)], self.linear(n))]))
+        Ok(Lowered::Launches(vec![self.launch(
+            Shader::Resize.into(),
+            params,
+            out,
+            vec![Operand::Value(x)],
+            self.linear(n),
+        )]))
     }
 
     fn attention(&self, node: &Node, scale: f32) -> LowerResult<Lowered> {
-        let (q, kt, v, out) = (Self::input(node, 0)?, Self::input(node, 1)?, Self::input(node, 2)?, node.outputs[0]);
+        let (q, kt, v, out) = (
+            Self::input(node, 0)?,
+            Self::input(node, 1)?,
+            Self::input(node, 2)?,
+            node.outputs[0],
+        );
         let (qs, ks, vs) = (self.shape(q), self.shape(kt), self.shape(v));
         let r = qs.len();
         let (n, d, m, e) = (qs[r - 2], qs[r - 1], ks[r - 1], vs[r - 1]);
@@ -468,6 +718,12 @@ impl<'g> Lowering<'g> {
             .u(1);
         let groups = [n.div_ceil(64) as u32, 1, batch as u32];
         let inputs = vec![Operand::Value(q), Operand::Value(kt), Operand::Value(v)];
-        Ok(Lowered::Launches(vec![self.launch(Shader::Attention.into(), params, out, inputs, groups)]))
+        Ok(Lowered::Launches(vec![self.launch(
+            Shader::Attention.into(),
+            params,
+            out,
+            inputs,
+            groups,
+        )]))
     }
 }

@@ -114,35 +114,90 @@ pub enum Op {
     Where,
     Cast(DType),
     MatMul,
-    Gemm { alpha: f32, beta: f32, trans_a: bool, trans_b: bool },
+    Gemm {
+        alpha: f32,
+        beta: f32,
+        trans_a: bool,
+        trans_b: bool,
+    },
     Conv(ConvAttrs),
-    InstanceNorm { epsilon: f32 },
-    LayerNorm { axis: i64, epsilon: f32 },
+    InstanceNorm {
+        epsilon: f32,
+    },
+    LayerNorm {
+        axis: i64,
+        epsilon: f32,
+    },
     /// `per_channel_affine`: opset 21 semantics (scale/bias per channel, not per group).
-    GroupNorm { epsilon: f32, groups: usize, per_channel_affine: bool },
+    GroupNorm {
+        epsilon: f32,
+        groups: usize,
+        per_channel_affine: bool,
+    },
     /// `legacy` (opset < 13): normalise over every axis from `axis` on.
-    Softmax { axis: i64, legacy: bool },
-    Transpose { perm: Option<Vec<i64>> },
-    Reshape { allow_zero: bool },
-    Flatten { axis: i64 },
-    Squeeze { axes: Option<Vec<i64>> },
-    Unsqueeze { axes: Option<Vec<i64>> },
-    Concat { axis: i64 },
+    Softmax {
+        axis: i64,
+        legacy: bool,
+    },
+    Transpose {
+        perm: Option<Vec<i64>>,
+    },
+    Reshape {
+        allow_zero: bool,
+    },
+    Flatten {
+        axis: i64,
+    },
+    Squeeze {
+        axes: Option<Vec<i64>>,
+    },
+    Unsqueeze {
+        axes: Option<Vec<i64>>,
+    },
+    Concat {
+        axis: i64,
+    },
     Slice,
-    Split { axis: i64, split: Option<Vec<i64>> },
-    Gather { axis: i64 },
+    Split {
+        axis: i64,
+        split: Option<Vec<i64>>,
+    },
+    Gather {
+        axis: i64,
+    },
     Expand,
     Pad,
-    Resize { mode: ResizeMode, coordinates: CoordinateMode },
-    Reduce { op: ReduceOp, axes: Option<Vec<i64>>, keep_dims: bool, noop_with_empty_axes: bool },
-    ArgMax { axis: i64, keep_dims: bool, select_last: bool },
-    Shape { start: i64, end: Option<i64> },
-    ConstantOfShape { value: HostTensor },
+    Resize {
+        mode: ResizeMode,
+        coordinates: CoordinateMode,
+    },
+    Reduce {
+        op: ReduceOp,
+        axes: Option<Vec<i64>>,
+        keep_dims: bool,
+        noop_with_empty_axes: bool,
+    },
+    ArgMax {
+        axis: i64,
+        keep_dims: bool,
+        select_last: bool,
+    },
+    Shape {
+        start: i64,
+        end: Option<i64>,
+    },
+    ConstantOfShape {
+        value: HostTensor,
+    },
     Range,
-    Trilu { upper: bool },
+    Trilu {
+        upper: bool,
+    },
     /// softmax(scale * Q @ Kt) @ V over a batch of heads: the fused form of the
     /// MatMul -> Mul -> Softmax -> MatMul chain (inputs Q [B,N,D], Kt [B,D,M], V [B,M,E]).
-    Attention { scale: f32 },
+    Attention {
+        scale: f32,
+    },
 }
 
 /// A node's attributes, by name.
@@ -152,11 +207,20 @@ pub struct Attributes<'a> {
 
 impl<'a> Attributes<'a> {
     pub fn new(node: &'a onnx::NodeProto) -> Self {
-        Attributes { by_name: node.attribute.iter().map(|a| (a.name.as_str(), a)).collect() }
+        Attributes {
+            by_name: node
+                .attribute
+                .iter()
+                .map(|a| (a.name.as_str(), a))
+                .collect(),
+        }
     }
 
     fn get(&self, name: &str, kind: i32) -> Option<&'a onnx::AttributeProto> {
-        self.by_name.get(name).copied().filter(|a| a.r#type == kind || a.r#type == 0)
+        self.by_name
+            .get(name)
+            .copied()
+            .filter(|a| a.r#type == kind || a.r#type == 0)
     }
 
     pub fn int(&self, name: &str, default: i64) -> i64 {
@@ -164,7 +228,8 @@ impl<'a> Attributes<'a> {
     }
 
     pub fn float(&self, name: &str, default: f32) -> f32 {
-        self.get(name, attribute_type::FLOAT).map_or(default, |a| a.f)
+        self.get(name, attribute_type::FLOAT)
+            .map_or(default, |a| a.f)
     }
 
     pub fn ints(&self, name: &str) -> Option<Vec<i64>> {
@@ -172,16 +237,20 @@ impl<'a> Attributes<'a> {
     }
 
     pub fn floats(&self, name: &str) -> Option<Vec<f32>> {
-        self.get(name, attribute_type::FLOATS).map(|a| a.floats.clone())
+        self.get(name, attribute_type::FLOATS)
+            .map(|a| a.floats.clone())
     }
 
     pub fn string(&self, name: &str, default: &str) -> String {
         self.get(name, attribute_type::STRING)
-            .map_or(default.to_string(), |a| String::from_utf8_lossy(&a.s).into_owned())
+            .map_or(default.to_string(), |a| {
+                String::from_utf8_lossy(&a.s).into_owned()
+            })
     }
 
     pub fn tensor(&self, name: &str) -> Option<&'a onnx::TensorProto> {
-        self.get(name, attribute_type::TENSOR).and_then(|a| a.t.as_ref())
+        self.get(name, attribute_type::TENSOR)
+            .and_then(|a| a.t.as_ref())
     }
 }
 
@@ -251,7 +320,9 @@ impl Op {
                 trans_b: a.int("transB", 0) != 0,
             }),
             "Conv" => parse_conv(a),
-            "InstanceNormalization" => Ok(Op::InstanceNorm { epsilon: a.float("epsilon", 1e-5) }),
+            "InstanceNormalization" => Ok(Op::InstanceNorm {
+                epsilon: a.float("epsilon", 1e-5),
+            }),
             "LayerNormalization" => Ok(Op::LayerNorm {
                 axis: a.int("axis", -1),
                 epsilon: a.float("epsilon", 1e-5),
@@ -265,15 +336,32 @@ impl Op {
                 axis: a.int("axis", if opset >= 13 { -1 } else { 1 }),
                 legacy: opset < 13,
             }),
-            "Transpose" => Ok(Op::Transpose { perm: a.ints("perm") }),
-            "Reshape" => Ok(Op::Reshape { allow_zero: a.int("allowzero", 0) != 0 }),
-            "Flatten" => Ok(Op::Flatten { axis: a.int("axis", 1) }),
-            "Squeeze" => Ok(Op::Squeeze { axes: a.ints("axes") }),
-            "Unsqueeze" => Ok(Op::Unsqueeze { axes: a.ints("axes") }),
-            "Concat" => Ok(Op::Concat { axis: a.int("axis", 0) }),
+            "Transpose" => Ok(Op::Transpose {
+                perm: a.ints("perm"),
+            }),
+            "Reshape" => Ok(Op::Reshape {
+                allow_zero: a.int("allowzero", 0) != 0,
+            }),
+            "Flatten" => Ok(Op::Flatten {
+                axis: a.int("axis", 1),
+            }),
+            "Squeeze" => Ok(Op::Squeeze {
+                axes: a.ints("axes"),
+            }),
+            "Unsqueeze" => Ok(Op::Unsqueeze {
+                axes: a.ints("axes"),
+            }),
+            "Concat" => Ok(Op::Concat {
+                axis: a.int("axis", 0),
+            }),
             "Slice" if opset >= 10 => Ok(Op::Slice),
-            "Split" => Ok(Op::Split { axis: a.int("axis", 0), split: a.ints("split") }),
-            "Gather" => Ok(Op::Gather { axis: a.int("axis", 0) }),
+            "Split" => Ok(Op::Split {
+                axis: a.int("axis", 0),
+                split: a.ints("split"),
+            }),
+            "Gather" => Ok(Op::Gather {
+                axis: a.int("axis", 0),
+            }),
             "Expand" => Ok(Op::Expand),
             "Pad" if opset >= 11 => match a.string("mode", "constant").as_str() {
                 "constant" => Ok(Op::Pad),
@@ -303,7 +391,9 @@ impl Op {
                 Ok(Op::ConstantOfShape { value })
             }
             "Range" => Ok(Op::Range),
-            "Trilu" => Ok(Op::Trilu { upper: a.int("upper", 1) != 0 }),
+            "Trilu" => Ok(Op::Trilu {
+                upper: a.int("upper", 1) != 0,
+            }),
             _ => Err("no kernel for this operator".to_string()),
         }
     }
@@ -316,14 +406,22 @@ impl Op {
             Op::Reduce { op, .. } => format!("Reduce{op:?}"),
             other => {
                 let debug = format!("{other:?}");
-                debug.split([' ', '(', '{']).next().unwrap_or_default().to_string()
+                debug
+                    .split([' ', '(', '{'])
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
             }
         }
     }
 }
 
 fn positive(value: i64, what: &str) -> ParseResult<usize> {
-    if value > 0 { Ok(value as usize) } else { Err(format!("{what} must be positive")) }
+    if value > 0 {
+        Ok(value as usize)
+    } else {
+        Err(format!("{what} must be positive"))
+    }
 }
 
 fn parse_conv(a: &Attributes) -> ParseResult<Op> {
@@ -339,17 +437,22 @@ fn parse_conv(a: &Attributes) -> ParseResult<Op> {
 
 fn parse_resize(a: &Attributes) -> ParseResult<Op> {
     let mode = match a.string("mode", "nearest").as_str() {
-        "nearest" => ResizeMode::Nearest(match a.string("nearest_mode", "round_prefer_floor").as_str() {
-            "round_prefer_floor" => NearestMode::RoundPreferFloor,
-            "round_prefer_ceil" => NearestMode::RoundPreferCeil,
-            "floor" => NearestMode::Floor,
-            "ceil" => NearestMode::Ceil,
-            other => return Err(format!("nearest_mode `{other}`")),
-        }),
+        "nearest" => ResizeMode::Nearest(
+            match a.string("nearest_mode", "round_prefer_floor").as_str() {
+                "round_prefer_floor" => NearestMode::RoundPreferFloor,
+                "round_prefer_ceil" => NearestMode::RoundPreferCeil,
+                "floor" => NearestMode::Floor,
+                "ceil" => NearestMode::Ceil,
+                other => return Err(format!("nearest_mode `{other}`")),
+            },
+        ),
         "linear" => ResizeMode::Linear,
         other => return Err(format!("resize mode `{other}`")),
     };
-    let coordinates = match a.string("coordinate_transformation_mode", "half_pixel").as_str() {
+    let coordinates = match a
+        .string("coordinate_transformation_mode", "half_pixel")
+        .as_str()
+    {
         "half_pixel" => CoordinateMode::HalfPixel,
         "pytorch_half_pixel" => CoordinateMode::PytorchHalfPixel,
         "align_corners" => CoordinateMode::AlignCorners,
@@ -378,7 +481,11 @@ pub fn normalize_axis(axis: i64, rank: usize) -> std::result::Result<usize, Stri
     if axis < -r || axis >= r.max(1) {
         return Err(format!("axis {axis} out of range for rank {rank}"));
     }
-    Ok(if axis < 0 { (axis + r) as usize } else { axis as usize })
+    Ok(if axis < 0 {
+        (axis + r) as usize
+    } else {
+        axis as usize
+    })
 }
 
 /// Numpy-style broadcast of several shapes.
@@ -413,6 +520,12 @@ pub fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
     let own = contiguous_strides(shape);
     let offset = out.len() - shape.len();
     (0..out.len())
-        .map(|i| if i < offset || shape[i - offset] == 1 { 0 } else { own[i - offset] })
+        .map(|i| {
+            if i < offset || shape[i - offset] == 1 {
+                0
+            } else {
+                own[i - offset]
+            }
+        })
         .collect()
 }

@@ -28,7 +28,10 @@ fn bind_inputs(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
             .iter()
             .map(|d| match d {
                 Dim::Fixed(n) => Ok(*n),
-                Dim::Named(name) => dims.get(name).copied().ok_or_else(|| Error::UnboundDimension(name.clone())),
+                Dim::Named(name) => dims
+                    .get(name)
+                    .copied()
+                    .ok_or_else(|| Error::UnboundDimension(name.clone())),
             })
             .collect::<Result<_>>()?;
     }
@@ -44,20 +47,29 @@ fn infer_and_fold(graph: &mut Graph) -> Result<()> {
     }
     let mut kept = Vec::with_capacity(graph.nodes.len());
     for node in std::mem::take(&mut graph.nodes) {
-        let node_error = |reason: String| Error::Node { node: node.name.clone(), op_type: node.op.name(), reason };
+        let node_error = |reason: String| Error::Node {
+            node: node.name.clone(),
+            op_type: node.op.name(),
+            reason,
+        };
         let infos: Vec<Option<InputInfo>> = node
             .inputs
             .iter()
             .map(|i| {
                 i.map(|i| {
                     let v = &graph.values[i];
-                    InputInfo { dtype: v.dtype, shape: &v.shape, constant: v.constant.as_deref() }
+                    InputInfo {
+                        dtype: v.dtype,
+                        shape: &v.shape,
+                        constant: v.constant.as_deref(),
+                    }
                 })
             })
             .collect();
         let outputs = infer::infer(&node.op, &infos, node.outputs.len()).map_err(node_error)?;
         let all_constant = infos.iter().flatten().all(|i| i.constant.is_some());
-        let foldable = (all_constant && fold::can_fold(&node.op)) || matches!(node.op, Op::Shape { .. });
+        let foldable =
+            (all_constant && fold::can_fold(&node.op)) || matches!(node.op, Op::Shape { .. });
         let folded = if foldable {
             Some(fold::fold(&node.op, &infos, &outputs).map_err(node_error)?)
         } else {
@@ -109,24 +121,37 @@ fn sole_consumer(graph: &Graph, uses: &[usize], value: ValueId) -> Option<usize>
     if uses[value] != 1 || graph.outputs.contains(&value) {
         return None;
     }
-    graph.nodes.iter().position(|n| n.inputs.contains(&Some(value)))
+    graph
+        .nodes
+        .iter()
+        .position(|n| n.inputs.contains(&Some(value)))
 }
 
 /// Sigmoid(x) -> Mul(x, s) becomes one Silu(x).
 fn fuse_silu(graph: &mut Graph) {
     let uses = use_counts(graph);
+    let pairs: Vec<(usize, usize)> = (0..graph.nodes.len())
+        .filter_map(|s| {
+            let sigmoid = &graph.nodes[s];
+            if !matches!(sigmoid.op, Op::Unary(UnaryOp::Sigmoid)) {
+                return None;
+            }
+            let (x, sig) = (sigmoid.inputs[0], sigmoid.outputs[0]);
+            let m = sole_consumer(graph, &uses, sig)?;
+            let mul = &graph.nodes[m];
+            let other = if mul.inputs[0] == Some(sig) {
+                mul.inputs[1]
+            } else {
+                mul.inputs[0]
+            };
+            let same_shape = graph.values[sig].shape == graph.values[mul.outputs[0]].shape;
+            (matches!(mul.op, Op::Binary(BinaryOp::Mul)) && other == x && same_shape)
+                .then_some((s, m))
+        })
+        .collect();
     let mut dead = vec![false; graph.nodes.len()];
-    for s in 0..graph.nodes.len() {
-        if !matches!(graph.nodes[s].op, Op::Unary(UnaryOp::Sigmoid)) {
-            continue;
-        }
-        let (x, sig) = (graph.nodes[s].inputs[0], graph.nodes[s].outputs[0]);
-        let Some(m) = sole_consumer(graph, &uses, sig) else { continue };
-        let mul = &graph.nodes[m];
-        let other = if mul.inputs[0] == Some(sig) { mul.inputs[1] } else { mul.inputs[0] };
-        if !matches!(mul.op, Op::Binary(BinaryOp::Mul)) || other != x || graph.values[sig].shape != graph.values[mul.outputs[0]].shape {
-            continue;
-        }
+    for (s, m) in pairs {
+        let x = graph.nodes[s].inputs[0];
         let mul = &mut graph.nodes[m];
         mul.op = Op::Unary(UnaryOp::Silu);
         mul.inputs = vec![x];
@@ -142,7 +167,10 @@ fn fuse_attention(graph: &mut Graph) {
     let produced_by = producers(graph);
     let mut dead = vec![false; graph.nodes.len()];
     for last in 0..graph.nodes.len() {
-        let Some((chain, q, kt, v, scale)) = match_attention(graph, &uses, &produced_by, last) else { continue };
+        let Some((chain, q, kt, v, scale)) = match_attention(graph, &uses, &produced_by, last)
+        else {
+            continue;
+        };
         if chain.iter().any(|&n| dead[n]) {
             continue;
         }
@@ -159,7 +187,12 @@ fn fuse_attention(graph: &mut Graph) {
 
 type AttentionMatch = (Vec<usize>, ValueId, ValueId, ValueId, f32);
 
-fn match_attention(graph: &Graph, uses: &[usize], produced_by: &HashMap<ValueId, usize>, last: usize) -> Option<AttentionMatch> {
+fn match_attention(
+    graph: &Graph,
+    uses: &[usize],
+    produced_by: &HashMap<ValueId, usize>,
+    last: usize,
+) -> Option<AttentionMatch> {
     let out_mm = &graph.nodes[last];
     if !matches!(out_mm.op, Op::MatMul) {
         return None;
@@ -168,7 +201,10 @@ fn match_attention(graph: &Graph, uses: &[usize], produced_by: &HashMap<ValueId,
     let softmax_node = *produced_by.get(&probs)?;
     let rank = graph.values[probs].shape.len();
     match graph.nodes[softmax_node].op {
-        Op::Softmax { axis, legacy: false } if axis == -1 || axis == rank as i64 - 1 => {}
+        Op::Softmax {
+            axis,
+            legacy: false,
+        } if axis == -1 || axis == rank as i64 - 1 => {}
         _ => return None,
     }
     if uses[probs] != 1 {
@@ -180,7 +216,10 @@ fn match_attention(graph: &Graph, uses: &[usize], produced_by: &HashMap<ValueId,
     if let Some(&scale_node) = produced_by.get(&scores) {
         let node = &graph.nodes[scale_node];
         if let Op::Binary(op @ (BinaryOp::Mul | BinaryOp::Div)) = node.op {
-            let c = graph.values[node.inputs[1]?].constant.as_ref().filter(|c| c.len() == 1)?;
+            let c = graph.values[node.inputs[1]?]
+                .constant
+                .as_ref()
+                .filter(|c| c.len() == 1)?;
             let c = c.to_f32()[0];
             scale = if op == BinaryOp::Mul { c } else { 1.0 / c };
             if uses[scores] != 1 {
@@ -199,10 +238,16 @@ fn match_attention(graph: &Graph, uses: &[usize], produced_by: &HashMap<ValueId,
     let shapes = [q, kt, v].map(|i| &graph.values[i].shape);
     // Same rank, same batch dims, no broadcasting: the kernel walks one flat batch.
     let batch = &shapes[0][..shapes[0].len().checked_sub(2)?];
-    if shapes.iter().any(|s| s.len() != batch.len() + 2 || &s[..batch.len()] != batch) || batch.is_empty() {
+    if shapes
+        .iter()
+        .any(|s| s.len() != batch.len() + 2 || &s[..batch.len()] != batch)
+        || batch.is_empty()
+    {
         return None;
     }
-    if shapes[0][batch.len() + 1] > super::kernels::ATTENTION_MAX_HEAD_DIM || shapes[2][batch.len() + 1] > super::kernels::ATTENTION_MAX_HEAD_DIM {
+    if shapes[0][batch.len() + 1] > super::kernels::ATTENTION_MAX_HEAD_DIM
+        || shapes[2][batch.len() + 1] > super::kernels::ATTENTION_MAX_HEAD_DIM
+    {
         return None;
     }
     Some((chain, q, kt, v, scale))

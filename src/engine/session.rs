@@ -2,18 +2,17 @@
 //! groups, all built once. `run` only records dispatches.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use bytes::Bytes;
 
 use super::error::{Error, Result};
 use super::gpu::{Gpu, GpuTensor};
 use super::graph::{Graph, ValueId};
-use super::kernels::{Launch, Operand, Pipelines};
-use super::loader::{load_graph, ExternalDataSource};
+use super::kernels::{KernelKey, Launch, Operand, Pipelines};
+use super::loader::{ExternalDataSource, load_graph};
 use super::lower::{Lowered, Lowering};
 use super::passes;
-use super::tensor::{numel, DType, HostTensor};
+use super::tensor::{DType, HostTensor, numel};
 
 /// A parsed model, not yet bound to dimensions or a device.
 pub struct Model {
@@ -23,12 +22,16 @@ pub struct Model {
 impl Model {
     /// Parses ONNX bytes; `external` supplies external-data files by their `location`.
     pub fn from_bytes(bytes: impl Into<Bytes>, external: &mut ExternalDataSource) -> Result<Model> {
-        Ok(Model { graph: load_graph(bytes.into(), external)? })
+        Ok(Model {
+            graph: load_graph(bytes.into(), external)?,
+        })
     }
 
     /// Parses a model that has no external data.
     pub fn from_bytes_only(bytes: impl Into<Bytes>) -> Result<Model> {
-        Model::from_bytes(bytes, &mut |location| Err(format!("no external data was supplied (`{location}`)")))
+        Model::from_bytes(bytes, &mut |location| {
+            Err(format!("no external data was supplied (`{location}`)"))
+        })
     }
 
     pub fn input_names(&self) -> Vec<&str> {
@@ -47,6 +50,7 @@ impl Model {
 /// Where a launch finds each of its buffers.
 struct BoundLaunch {
     pipeline: usize,
+    kernel: KernelKey,
     bind_group: wgpu::BindGroup,
     workgroups: [u32; 3],
 }
@@ -56,7 +60,7 @@ struct Port {
     name: String,
     dtype: DType,
     shape: Vec<usize>,
-    buffer: Arc<wgpu::Buffer>,
+    buffer: wgpu::Buffer,
 }
 
 pub struct Session {
@@ -99,36 +103,76 @@ impl Session {
         self.outputs.iter().map(|p| p.name.as_str()).collect()
     }
 
+    /// How many launches of each kernel family one run makes, most frequent first.
+    pub fn kernel_counts(&self) -> Vec<(String, usize)> {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for launch in &self.launches {
+            *counts
+                .entry(format!("{:?}", launch.kernel.shader))
+                .or_default() += 1;
+        }
+        let mut list: Vec<_> = counts.into_iter().collect();
+        list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        list
+    }
+
     /// The bound shape of an input.
     pub fn input_shape(&self, name: &str) -> Option<&[usize]> {
-        self.inputs.iter().find(|p| p.name == name).map(|p| p.shape.as_slice())
+        self.inputs
+            .iter()
+            .find(|p| p.name == name)
+            .map(|p| p.shape.as_slice())
     }
 
     /// Runs the graph on GPU-resident inputs and returns GPU-resident outputs, by name.
     /// Nothing is read back; see [`GpuTensor::to_host`].
     pub async fn run(&self, inputs: &[(&str, &GpuTensor)]) -> Result<HashMap<String, GpuTensor>> {
         let by_name: HashMap<&str, &GpuTensor> = inputs.iter().copied().collect();
-        let missing: Vec<String> = self.inputs.iter().filter(|p| !by_name.contains_key(p.name.as_str())).map(|p| p.name.clone()).collect();
+        let missing: Vec<String> = self
+            .inputs
+            .iter()
+            .filter(|p| !by_name.contains_key(p.name.as_str()))
+            .map(|p| p.name.clone())
+            .collect();
         if !missing.is_empty() {
             return Err(Error::MissingInputs(missing));
         }
-        if let Some((name, _)) = inputs.iter().find(|(n, _)| !self.inputs.iter().any(|p| p.name == *n)) {
-            return Err(Error::Input { name: name.to_string(), reason: format!("the model has no such input (it has {})", self.input_names().join(", ")) });
+        if let Some((name, _)) = inputs
+            .iter()
+            .find(|(n, _)| !self.inputs.iter().any(|p| p.name == *n))
+        {
+            return Err(Error::Input {
+                name: name.to_string(),
+                reason: format!(
+                    "the model has no such input (it has {})",
+                    self.input_names().join(", ")
+                ),
+            });
         }
         for port in &self.inputs {
             let t = by_name[port.name.as_str()];
             if t.shape != port.shape {
-                return Err(Error::Input { name: port.name.clone(), reason: format!("shape {:?}, the session was built for {:?}", t.shape, port.shape) });
+                return Err(Error::Input {
+                    name: port.name.clone(),
+                    reason: format!(
+                        "shape {:?}, the session was built for {:?}",
+                        t.shape, port.shape
+                    ),
+                });
             }
             if t.dtype != port.dtype {
-                return Err(Error::Input { name: port.name.clone(), reason: format!("type {:?}, the model expects {:?}", t.dtype, port.dtype) });
+                return Err(Error::Input {
+                    name: port.name.clone(),
+                    reason: format!("type {:?}, the model expects {:?}", t.dtype, port.dtype),
+                });
             }
         }
 
         let device = &self.gpu.device;
         let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") });
+        let mut encoder =
+            device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("run") });
         for port in &self.inputs {
             let t = by_name[port.name.as_str()];
             if t.byte_len() > 0 {
@@ -136,7 +180,10 @@ impl Session {
             }
         }
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some("graph"), timestamp_writes: None });
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("graph"),
+                timestamp_writes: None,
+            });
             for launch in &self.launches {
                 pass.set_pipeline(&self.pipelines[launch.pipeline]);
                 pass.set_bind_group(0, &launch.bind_group, &[]);
@@ -151,7 +198,14 @@ impl Session {
             if bytes > 0 {
                 encoder.copy_buffer_to_buffer(&port.buffer, 0, &buffer, 0, bytes);
             }
-            results.insert(port.name.clone(), GpuTensor { buffer: Arc::new(buffer), dtype: port.dtype, shape: port.shape.clone() });
+            results.insert(
+                port.name.clone(),
+                GpuTensor {
+                    buffer,
+                    dtype: port.dtype,
+                    shape: port.shape.clone(),
+                },
+            );
         }
         self.gpu.queue.submit([encoder.finish()]);
         let validation = validation_scope.pop().await;
@@ -166,8 +220,14 @@ impl Session {
 
     /// Uploads host inputs, runs, and reads every output back: the convenience path for
     /// tools and tests.
-    pub async fn run_host(&self, inputs: &[(&str, &HostTensor)]) -> Result<HashMap<String, HostTensor>> {
-        let uploaded: Vec<(&str, GpuTensor)> = inputs.iter().map(|(n, t)| (*n, GpuTensor::from_host(&self.gpu, t))).collect();
+    pub async fn run_host(
+        &self,
+        inputs: &[(&str, &HostTensor)],
+    ) -> Result<HashMap<String, HostTensor>> {
+        let uploaded: Vec<(&str, GpuTensor)> = inputs
+            .iter()
+            .map(|(n, t)| (*n, GpuTensor::from_host(&self.gpu, t)))
+            .collect();
         let refs: Vec<(&str, &GpuTensor)> = uploaded.iter().map(|(n, t)| (*n, t)).collect();
         let outputs = self.run(&refs).await?;
         let mut host = HashMap::new();
@@ -184,13 +244,19 @@ struct Builder<'g> {
     graph: &'g Graph,
     /// Storage of each value after following aliases (Reshape and friends).
     root: Vec<ValueId>,
-    buffers: HashMap<ValueId, Arc<wgpu::Buffer>>,
+    buffers: HashMap<ValueId, wgpu::Buffer>,
     memory_bytes: u64,
 }
 
 impl<'g> Builder<'g> {
     fn new(gpu: &'g Gpu, graph: &'g Graph) -> Self {
-        Builder { gpu, graph, root: (0..graph.values.len()).collect(), buffers: HashMap::new(), memory_bytes: 0 }
+        Builder {
+            gpu,
+            graph,
+            root: (0..graph.values.len()).collect(),
+            buffers: HashMap::new(),
+            memory_bytes: 0,
+        }
     }
 
     fn bytes_of(&self, v: ValueId) -> u64 {
@@ -198,18 +264,32 @@ impl<'g> Builder<'g> {
     }
 
     fn check_binding(&self, v: ValueId) -> Result<()> {
-        let (bytes, limit) = (self.bytes_of(v), self.gpu.limits.max_storage_buffer_binding_size as u64);
+        let (bytes, limit) = (
+            self.bytes_of(v),
+            self.gpu.limits.max_storage_buffer_binding_size,
+        );
         if bytes > limit {
-            return Err(Error::TooLarge { name: self.graph.values[v].name.clone(), bytes, limit });
+            return Err(Error::TooLarge {
+                name: self.graph.values[v].name.clone(),
+                bytes,
+                limit,
+            });
         }
         Ok(())
     }
 
     fn build(mut self) -> Result<Session> {
-        let lowering = Lowering::new(self.graph, self.gpu.limits.max_compute_workgroups_per_dimension);
+        let lowering = Lowering::new(
+            self.graph,
+            self.gpu.limits.max_compute_workgroups_per_dimension,
+        );
         let mut per_node = Vec::with_capacity(self.graph.nodes.len());
         for node in &self.graph.nodes {
-            let lowered = lowering.lower(node).map_err(|reason| Error::Node { node: node.name.clone(), op_type: node.op.name(), reason })?;
+            let lowered = lowering.lower(node).map_err(|reason| Error::Node {
+                node: node.name.clone(),
+                op_type: node.op.name(),
+                reason,
+            })?;
             if let Lowered::Alias(src) = &lowered {
                 self.root[node.outputs[0]] = self.root[*src];
             }
@@ -218,7 +298,7 @@ impl<'g> Builder<'g> {
         self.allocate(&per_node)?;
 
         let mut pipelines = Pipelines::default();
-        let mut pipeline_index: HashMap<super::kernels::KernelKey, usize> = HashMap::new();
+        let mut pipeline_index: HashMap<KernelKey, usize> = HashMap::new();
         let mut pipeline_list = Vec::new();
         let mut launches = Vec::new();
         for launch in per_node.iter().flat_map(|l| match l {
@@ -230,7 +310,12 @@ impl<'g> Builder<'g> {
                 pipeline_list.len() - 1
             });
             let bind_group = self.bind(launch, &pipeline_list[index]);
-            launches.push(BoundLaunch { pipeline: index, bind_group, workgroups: launch.workgroups });
+            launches.push(BoundLaunch {
+                pipeline: index,
+                kernel: launch.kernel,
+                bind_group,
+                workgroups: launch.workgroups,
+            });
         }
         let port = |v: ValueId, this: &Self| Port {
             name: this.graph.values[v].name.clone(),
@@ -263,7 +348,7 @@ impl<'g> Builder<'g> {
                     self.check_binding(v)?;
                     let buffer = self.gpu.storage_buffer_with(&value.name, &c.to_gpu_words());
                     self.memory_bytes += buffer.size();
-                    self.buffers.insert(v, Arc::new(buffer));
+                    self.buffers.insert(v, buffer);
                 }
                 pinned[v] = true;
             }
@@ -272,9 +357,11 @@ impl<'g> Builder<'g> {
             let r = self.root[v];
             if !self.buffers.contains_key(&r) {
                 self.check_binding(r)?;
-                let buffer = self.gpu.storage_buffer(&graph.values[r].name, self.bytes_of(r));
+                let buffer = self
+                    .gpu
+                    .storage_buffer(&graph.values[r].name, self.bytes_of(r));
                 self.memory_bytes += buffer.size();
-                self.buffers.insert(r, Arc::new(buffer));
+                self.buffers.insert(r, buffer);
             }
         }
 
@@ -291,9 +378,11 @@ impl<'g> Builder<'g> {
                 }
             }
         }
-        let mut free: Vec<Arc<wgpu::Buffer>> = Vec::new();
+        let mut free: Vec<wgpu::Buffer> = Vec::new();
         for (n, lowered) in per_node.iter().enumerate() {
-            let Lowered::Launches(list) = lowered else { continue };
+            let Lowered::Launches(list) = lowered else {
+                continue;
+            };
             for &out in &graph.nodes[n].outputs {
                 let r = self.root[out];
                 if self.buffers.contains_key(&r) {
@@ -311,7 +400,7 @@ impl<'g> Builder<'g> {
                 let buffer = match best {
                     Some(i) => free.swap_remove(i),
                     None => {
-                        let b = Arc::new(self.gpu.storage_buffer(&graph.values[r].name, need));
+                        let b = self.gpu.storage_buffer(&graph.values[r].name, need);
                         self.memory_bytes += b.size();
                         b
                     }
@@ -343,29 +432,40 @@ impl<'g> Builder<'g> {
     fn is_used(&self, v: ValueId, per_node: &[Lowered]) -> bool {
         self.graph.outputs.iter().any(|&o| self.root[o] == v)
             || per_node.iter().any(|l| match l {
-                Lowered::Launches(list) => list.iter().any(|launch| launch.inputs.iter().any(|op| matches!(op, Operand::Value(x) if self.root[*x] == v))),
+                Lowered::Launches(list) => list.iter().any(|launch| {
+                    launch
+                        .inputs
+                        .iter()
+                        .any(|op| matches!(op, Operand::Value(x) if self.root[*x] == v))
+                }),
                 Lowered::Alias(_) => false,
             })
     }
 
     fn bind(&mut self, launch: &Launch, pipeline: &wgpu::ComputePipeline) -> wgpu::BindGroup {
         let params = self.gpu.storage_buffer_with("params", &launch.params);
-        let mut buffers: Vec<Arc<wgpu::Buffer>> = vec![Arc::new(params), self.buffers[&self.root[launch.output]].clone()];
+        let mut buffers: Vec<wgpu::Buffer> =
+            vec![params, self.buffers[&self.root[launch.output]].clone()];
         for op in &launch.inputs {
             buffers.push(match op {
                 Operand::Value(v) => self.buffers[&self.root[*v]].clone(),
-                Operand::Constant(c) => Arc::new(self.gpu.storage_buffer_with("constant", &c.to_gpu_words())),
+                Operand::Constant(c) => self.gpu.storage_buffer_with("constant", &c.to_gpu_words()),
             });
         }
         let entries: Vec<wgpu::BindGroupEntry> = buffers
             .iter()
             .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry { binding: i as u32, resource: b.as_entire_binding() })
+            .map(|(i, b)| wgpu::BindGroupEntry {
+                binding: i as u32,
+                resource: b.as_entire_binding(),
+            })
             .collect();
-        self.gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        })
+        self.gpu
+            .device
+            .create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
     }
 }

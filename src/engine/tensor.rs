@@ -97,17 +97,26 @@ pub fn numel(shape: &[usize]) -> usize {
 impl HostTensor {
     pub fn f32(shape: Vec<usize>, values: Vec<f32>) -> Self {
         debug_assert_eq!(numel(&shape), values.len());
-        HostTensor { shape, data: HostData::F32(values) }
+        HostTensor {
+            shape,
+            data: HostData::F32(values),
+        }
     }
 
     pub fn i64(shape: Vec<usize>, values: Vec<i64>) -> Self {
         debug_assert_eq!(numel(&shape), values.len());
-        HostTensor { shape, data: HostData::I64(values) }
+        HostTensor {
+            shape,
+            data: HostData::I64(values),
+        }
     }
 
     pub fn bool(shape: Vec<usize>, values: Vec<bool>) -> Self {
         debug_assert_eq!(numel(&shape), values.len());
-        HostTensor { shape, data: HostData::Bool(values) }
+        HostTensor {
+            shape,
+            data: HostData::Bool(values),
+        }
     }
 
     /// Wraps little-endian bytes, checking that their length matches the shape.
@@ -122,7 +131,10 @@ impl HostTensor {
                 expected
             )));
         }
-        Ok(HostTensor { shape, data: HostData::Raw { storage, bytes } })
+        Ok(HostTensor {
+            shape,
+            data: HostData::Raw { storage, bytes },
+        })
     }
 
     /// A tensor of the given logical type whose values are all converted from `value`.
@@ -201,7 +213,9 @@ impl HostTensor {
     /// Rebuilds a host tensor from the GPU's 32-bit words.
     pub fn from_gpu_words(dtype: DType, shape: Vec<usize>, words: &[u32]) -> HostTensor {
         match dtype {
-            DType::F32 => HostTensor::f32(shape, words.iter().map(|&w| f32::from_bits(w)).collect()),
+            DType::F32 => {
+                HostTensor::f32(shape, words.iter().map(|&w| f32::from_bits(w)).collect())
+            }
             DType::I64 => HostTensor::i64(shape, words.iter().map(|&w| w as i32 as i64).collect()),
             DType::Bool => HostTensor::bool(shape, words.iter().map(|&w| w != 0).collect()),
         }

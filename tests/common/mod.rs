@@ -12,14 +12,19 @@ pub fn fixtures() -> PathBuf {
 }
 
 pub fn gpu() -> Gpu {
-    pollster::block_on(Gpu::new()).expect("a WebGPU adapter (install mesa-vulkan-drivers for lavapipe)")
+    pollster::block_on(Gpu::new())
+        .expect("a WebGPU adapter (install mesa-vulkan-drivers for lavapipe)")
 }
 
 pub fn load_model(path: &Path) -> Model {
     let bytes = std::fs::read(path).unwrap();
     let folder = path.parent().unwrap().to_path_buf();
-    Model::from_bytes(bytes, &mut |location| std::fs::read(folder.join(location)).map(Into::into).map_err(|e| e.to_string()))
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    Model::from_bytes(bytes, &mut |location| {
+        std::fs::read(folder.join(location))
+            .map(Into::into)
+            .map_err(|e| e.to_string())
+    })
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The `<prefix><name>.npy` files of a case folder, by name.
@@ -28,15 +33,26 @@ pub fn tensors(dir: &Path, prefix: &str) -> HashMap<String, HostTensor> {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         let file = path.file_name().unwrap().to_string_lossy().to_string();
-        if let Some(name) = file.strip_prefix(prefix).and_then(|f| f.strip_suffix(".npy")) {
-            out.insert(name.to_string(), npy::read(&std::fs::read(&path).unwrap()).unwrap());
+        if let Some(name) = file
+            .strip_prefix(prefix)
+            .and_then(|f| f.strip_suffix(".npy"))
+        {
+            out.insert(
+                name.to_string(),
+                npy::read(&std::fs::read(&path).unwrap()).unwrap(),
+            );
         }
     }
     out
 }
 
 /// Runs `model` on the case's inputs, binding dims from the inputs' shapes where given.
-pub fn run_case(gpu: &Gpu, model: &Model, dims: &HashMap<String, usize>, dir: &Path) -> Result<HashMap<String, HostTensor>, String> {
+pub fn run_case(
+    gpu: &Gpu,
+    model: &Model,
+    dims: &HashMap<String, usize>,
+    dir: &Path,
+) -> Result<HashMap<String, HostTensor>, String> {
     let inputs = tensors(dir, "in_");
     let session = pollster::block_on(Session::new(gpu, model, dims)).map_err(|e| e.to_string())?;
     let feeds: Vec<(&str, &HostTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -45,9 +61,17 @@ pub fn run_case(gpu: &Gpu, model: &Model, dims: &HashMap<String, usize>, dir: &P
 
 /// Largest |actual - expected| beyond `tolerance * max(1, |expected|)`, or an error naming
 /// the first mismatch.
-pub fn compare(name: &str, actual: &HostTensor, expected: &HostTensor, tolerance: f32) -> Result<f32, String> {
+pub fn compare(
+    name: &str,
+    actual: &HostTensor,
+    expected: &HostTensor,
+    tolerance: f32,
+) -> Result<f32, String> {
     if actual.shape != expected.shape {
-        return Err(format!("{name}: shape {:?}, expected {:?}", actual.shape, expected.shape));
+        return Err(format!(
+            "{name}: shape {:?}, expected {:?}",
+            actual.shape, expected.shape
+        ));
     }
     let (a, e) = (actual.to_f32(), expected.to_f32());
     let mut worst = 0.0f32;

@@ -58,7 +58,8 @@ fn power(x: f32, y: f32) -> f32 {
     if y == 0.5 { return sqrt(x); }
     let r = pow(abs(x), y);
     if x < 0.0 && fract(y) == 0.0 && (i32(y) & 1) == 1 { return -r; }
-    if x < 0.0 && fract(y) != 0.0 { return bitcast<f32>(0x7fc00000u); }
+    // NaN must be built at run time: WGSL rejects NaN constant expressions (p._pad is 0).
+    if x < 0.0 && fract(y) != 0.0 { return bitcast<f32>(0x7fc00000u | p._pad); }
     return r;
 }
 

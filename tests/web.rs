@@ -1,0 +1,72 @@
+//! The engine in a real browser: headless Chromium's WebGPU (SwiftShader) runs the tiny
+//! UNet at batch 2 and matches onnxruntime, as the native run does.
+//! Run with `cargo test --target wasm32-unknown-unknown --test web` (see README).
+#![cfg(target_arch = "wasm32")]
+
+use std::collections::HashMap;
+
+use wasm_bindgen_test::*;
+use websd::engine::{Gpu, HostTensor, Model, Session};
+use websd::npy;
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+macro_rules! fixture {
+    ($path:literal) => {
+        include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/",
+            $path
+        ))
+    };
+}
+
+fn tensor(bytes: &[u8]) -> HostTensor {
+    npy::read(bytes).unwrap()
+}
+
+#[wasm_bindgen_test]
+async fn tiny_unet_matches_onnxruntime_in_the_browser() {
+    let gpu = Gpu::new()
+        .await
+        .expect("WebGPU adapter (Chromium needs --enable-unsafe-webgpu)");
+    let model = Model::from_bytes_only(&fixture!("tiny-sd/unet/model.onnx")[..]).unwrap();
+    let dims: HashMap<String, usize> = [
+        ("batch_size", 2),
+        ("height", 8),
+        ("width", 8),
+        ("sequence_length", 77),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .into();
+    let session = Session::new(&gpu, &model, &dims).await.unwrap();
+    let sample = tensor(fixture!("tiny-sd-io/unet/in_sample.npy"));
+    let timestep = tensor(fixture!("tiny-sd-io/unet/in_timestep.npy"));
+    let context = tensor(fixture!("tiny-sd-io/unet/in_encoder_hidden_states.npy"));
+    let outputs = session
+        .run_host(&[
+            ("sample", &sample),
+            ("timestep", &timestep),
+            ("encoder_hidden_states", &context),
+        ])
+        .await
+        .unwrap();
+    let expected = tensor(fixture!("tiny-sd-io/unet/out_out_sample.npy"));
+    let got = &outputs["out_sample"];
+    assert_eq!(got.shape, expected.shape);
+    let worst = got
+        .to_f32()
+        .iter()
+        .zip(expected.to_f32().iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst <= 1e-4, "max abs diff {worst}");
+}
+
+#[wasm_bindgen_test]
+async fn bad_model_bytes_are_an_error_not_a_panic() {
+    let err = Model::from_bytes_only(&b"definitely not protobuf"[..])
+        .err()
+        .expect("an error");
+    assert!(err.to_string().contains("ONNX"), "{err}");
+}

@@ -7,6 +7,7 @@ TINY_ONNX_DIR is the `onnx` folder written by make_tiny_sd.py. Writes:
   tests/fixtures/tiny-sd-io/     inputs and onnxruntime outputs per graph, as .npy
   tests/fixtures/ops/<case>/     single-operator models on awkward cases, with
                                  inputs (in_*.npy) and outputs (out_*.npy)
+  tests/fixtures/graphs/<case>/  small multi-node graphs (the attention patterns)
 """
 import os
 import shutil
@@ -178,16 +179,71 @@ def op_cases():
     op_case("argmax_int", "ArgMax", [("x", i64([[5, 9, 9, 1], [0, -1, 2, 2]]))], {"axis": 1, "select_last_index": 1})
 
 
-def symbolic_add():
-    """y = a + b with a of symbolic length `n`, for tests that pick a size at run time."""
+def symbolic_models():
+    """Models with symbolic dimensions, for tests that pick sizes at run time."""
+    # y = a + b with a of length `n`.
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"])
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])
     graph = helper.make_graph([helper.make_node("Add", ["a", "b"], ["y"])], "add", [a, b], [y])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), os.path.join(ROOT, "add_symbolic.onnx"))
+    # Self-attention over [batch, n, d] as SD's UNet writes it.
+    dims = ["batch", "n", "d"]
+    io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, dims) for x in ["q", "k", "v", "y"]]
+    mk = helper.make_node
+    nodes = [mk("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), mk("MatMul", ["q", "kt"], ["s"]),
+             mk("Mul", ["s", "scale"], ["ss"]), mk("Softmax", ["ss"], ["p"], axis=-1), mk("MatMul", ["p", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "attention", io[:3], io[3:], [numpy_helper.from_array(np.array(0.35, np.float32), "scale")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), os.path.join(ROOT, "attention_symbolic.onnx"))
+
+
+def graph_case(name, nodes, inputs, initializers=(), opset=18):
+    """A multi-node case; the last node's first output is the graph output `y`."""
+    graph_inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(a.dtype), a.shape) for n, a in inputs]
+    inits = [numpy_helper.from_array(a, n) for n, a in initializers]
+    graph = helper.make_graph(nodes, name, graph_inputs, [], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(model, strict_mode=True).graph.value_info}
+    model.graph.output.extend([inferred["y"]])
+    folder = os.path.join(ROOT, "graphs", name)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.onnx")
+    onnx.save(model, path)
+    feeds = dict(inputs)
+    save_case(folder, feeds, run_ort(path, feeds))
+
+
+def attention_cases():
+    """Attention as exporters write it, which websd fuses into one kernel."""
+    shutil.rmtree(os.path.join(ROOT, "graphs"), ignore_errors=True)
+    mk = helper.make_node
+    # Self-attention, heads folded into the batch, K transposed by a node, scale by Mul.
+    graph_case("attention_self", [
+        mk("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        mk("MatMul", ["q", "kt"], ["s"]),
+        mk("Mul", ["s", "scale"], ["ss"]),
+        mk("Softmax", ["ss"], ["p"], axis=-1),
+        mk("MatMul", ["p", "v"], ["y"]),
+    ], [("q", f32(4, 300, 40)), ("k", f32(4, 300, 40)), ("v", f32(4, 300, 40))],
+        [("scale", np.array(40 ** -0.5, np.float32))])
+    # Cross-attention over 77 tokens, 4-D heads, scale by Div, different value width.
+    graph_case("attention_cross", [
+        mk("MatMul", ["q", "kt"], ["s"]),
+        mk("Div", ["s", "d"], ["ss"]),
+        mk("Softmax", ["ss"], ["p"], axis=3),
+        mk("MatMul", ["p", "v"], ["y"]),
+    ], [("q", f32(2, 2, 65, 64)), ("kt", f32(2, 2, 64, 77)), ("v", f32(2, 2, 77, 24))],
+        [("d", np.array(8.0, np.float32))])
+    # Heads wider than the fused kernel holds: runs unfused, same result.
+    graph_case("attention_wide_heads", [
+        mk("MatMul", ["q", "kt"], ["s"]),
+        mk("Softmax", ["s"], ["p"], axis=-1),
+        mk("MatMul", ["p", "v"], ["y"]),
+    ], [("q", f32(1, 9, 200, low=-0.2, high=0.2)), ("kt", f32(1, 200, 11)), ("v", f32(1, 11, 200))])
 
 
 if __name__ == "__main__":
     tiny_sd(sys.argv[1])
     op_cases()
-    symbolic_add()
+    attention_cases()
+    symbolic_models()

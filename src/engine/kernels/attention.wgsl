@@ -63,27 +63,37 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         }
         workgroupBarrier();
         if live {
+            // Channel-outer loops with a fixed 16-key inner loop: the inner loop unrolls,
+            // scores stay in registers, and each lane reads the same workgroup word
+            // (a broadcast). It also keeps the dynamic trip count per tile at D + E, under
+            // the loop-iteration guard of software rasterisers such as llvmpipe.
             var scores: array<f32, KEYS>;
-            var tile_max = running_max;
-            for (var j = 0u; j < count; j++) {
-                var s = 0.0;
-                for (var c = 0u; c < p.d; c++) {
-                    s += query[c] * keys[j * MAX_DIM + c];
+            for (var c = 0u; c < p.d; c++) {
+                let qc = query[c];
+                for (var j = 0u; j < KEYS; j++) {
+                    scores[j] += qc * keys[j * MAX_DIM + c];
                 }
-                scores[j] = s;
-                tile_max = max(tile_max, s);
+            }
+            var tile_max = running_max;
+            for (var j = 0u; j < KEYS; j++) {
+                if j < count {
+                    tile_max = max(tile_max, scores[j]);
+                }
             }
             let correction = exp(running_max - tile_max);
-            running_sum *= correction;
-            for (var c = 0u; c < p.e; c++) {
-                acc[c] *= correction;
+            var weights: array<f32, KEYS>;
+            var tile_sum = 0.0;
+            for (var j = 0u; j < KEYS; j++) {
+                weights[j] = select(0.0, exp(scores[j] - tile_max), j < count);
+                tile_sum += weights[j];
             }
-            for (var j = 0u; j < count; j++) {
-                let w = exp(scores[j] - tile_max);
-                running_sum += w;
-                for (var c = 0u; c < p.e; c++) {
-                    acc[c] += w * values[j * MAX_DIM + c];
+            running_sum = running_sum * correction + tile_sum;
+            for (var c = 0u; c < p.e; c++) {
+                var a = acc[c] * correction;
+                for (var j = 0u; j < KEYS; j++) {
+                    a += weights[j] * values[j * MAX_DIM + c];
                 }
+                acc[c] = a;
             }
             running_max = tile_max;
         }

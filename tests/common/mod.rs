@@ -1,5 +1,7 @@
 //! Shared helpers of the native integration tests: fixture cases written by
 //! `scripts/make_fixtures.py` (model.onnx, in_<name>.npy, out_<name>.npy) and comparison.
+// Each test crate includes this module and uses a subset of it.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

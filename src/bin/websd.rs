@@ -52,6 +52,9 @@ mod cli {
             /// Runs N more times after the first and prints each run's time.
             #[arg(long, default_value_t = 0)]
             bench: usize,
+            /// Prints the time spent in each kernel family (launches timed one by one).
+            #[arg(long)]
+            profile: bool,
         },
     }
 
@@ -78,13 +81,12 @@ mod cli {
                 inputs,
                 output_dir,
                 bench,
-            } => pollster::block_on(run(
-                &model,
-                dims.into_iter().collect(),
-                &inputs,
-                &output_dir,
-                bench,
-            )),
+                profile,
+            } => {
+                let options = RunOptions { bench, profile };
+                let dims = dims.into_iter().collect();
+                pollster::block_on(run(&model, dims, &inputs, &output_dir, options))
+            }
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -125,12 +127,17 @@ mod cli {
         .map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    struct RunOptions {
+        bench: usize,
+        profile: bool,
+    }
+
     async fn run(
         model_path: &Path,
         dims: HashMap<String, usize>,
         inputs: &[(String, PathBuf)],
         out: &Path,
-        bench: usize,
+        options: RunOptions,
     ) -> Result<(), String> {
         let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
         eprintln!("adapter: {}", gpu.describe());
@@ -163,10 +170,21 @@ mod cli {
         let feeds: Vec<(&str, &HostTensor)> =
             tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let outputs = session.run_host(&feeds).await.map_err(|e| e.to_string())?;
-        for i in 0..bench {
+        for i in 0..options.bench {
             let started = Instant::now();
             session.run_host(&feeds).await.map_err(|e| e.to_string())?;
             eprintln!("run {}: {:.2?}", i + 1, started.elapsed());
+        }
+        if options.profile {
+            let times = session.profile();
+            let total: f64 = times.iter().map(|(_, t)| t.as_secs_f64()).sum();
+            for (kernel, time) in times {
+                eprintln!(
+                    "  {kernel:<12} {:>9.2?} {:>5.1}%",
+                    time,
+                    100.0 * time.as_secs_f64() / total
+                );
+            }
         }
         std::fs::create_dir_all(out)
             .map_err(|e| format!("cannot create {}: {e}", out.display()))?;

@@ -218,6 +218,33 @@ impl Session {
         Ok(results)
     }
 
+    /// Times each kernel family: every launch is submitted alone and waited for, so the
+    /// sum exceeds a normal run; the shares show where the time goes. Native only (the
+    /// browser has no blocking wait). Inputs must have been fed by a previous run.
+    #[cfg(not(target_arch = "wasm32"))]
+    pub fn profile(&self) -> Vec<(String, std::time::Duration)> {
+        let mut totals: HashMap<String, std::time::Duration> = HashMap::new();
+        for launch in &self.launches {
+            let mut encoder = self.gpu.device.create_command_encoder(&Default::default());
+            {
+                let mut pass = encoder.begin_compute_pass(&Default::default());
+                pass.set_pipeline(&self.pipelines[launch.pipeline]);
+                pass.set_bind_group(0, &launch.bind_group, &[]);
+                let [x, y, z] = launch.workgroups;
+                pass.dispatch_workgroups(x, y, z);
+            }
+            let started = std::time::Instant::now();
+            self.gpu.queue.submit([encoder.finish()]);
+            self.gpu.wait();
+            *totals
+                .entry(format!("{:?}", launch.kernel.shader))
+                .or_default() += started.elapsed();
+        }
+        let mut list: Vec<_> = totals.into_iter().collect();
+        list.sort_by(|a, b| b.1.cmp(&a.1));
+        list
+    }
+
     /// Uploads host inputs, runs, and reads every output back: the convenience path for
     /// tools and tests.
     pub async fn run_host(

@@ -241,7 +241,7 @@ impl Session {
                 .or_default() += started.elapsed();
         }
         let mut list: Vec<_> = totals.into_iter().collect();
-        list.sort_by(|a, b| b.1.cmp(&a.1));
+        list.sort_by_key(|entry| std::cmp::Reverse(entry.1));
         list
     }
 

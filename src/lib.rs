@@ -1,4 +1,12 @@
 //! websd: Stable Diffusion on WebGPU, from ONNX files, natively and in the browser.
+//!
+//! [`engine`] runs ONNX graphs on wgpu and knows nothing of diffusion; [`scheduler`],
+//! [`rng`] and the pipeline modules know nothing of WebGPU.
 
 pub mod engine;
+pub mod error;
 pub mod npy;
+pub mod rng;
+pub mod scheduler;
+
+pub use error::{Error, Result};

@@ -1,19 +1,33 @@
 //! The shared GPU: one `wgpu::Device` used by every session, and GPU-resident tensors.
 
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
 
 use super::error::{Error, Result};
+use super::kernels::Pipelines;
 use super::tensor::{DType, HostTensor, numel};
 
-/// The device every session runs on. Cheap to clone.
+/// The device every session runs on. Cheap to clone: clones share one device.
 #[derive(Clone)]
-pub struct Gpu {
+pub struct Gpu(Arc<SharedGpu>);
+
+pub struct SharedGpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Pipelines of the tensor arithmetic outside graphs (`arith.rs`), compiled once.
+    pub(crate) arithmetic: Mutex<Pipelines>,
+}
+
+impl Deref for Gpu {
+    type Target = SharedGpu;
+
+    fn deref(&self) -> &SharedGpu {
+        &self.0
+    }
 }
 
 impl Gpu {
@@ -46,12 +60,13 @@ impl Gpu {
         device.set_device_lost_callback(|reason, message| {
             log::error!("GPU device lost ({reason:?}): {message}")
         });
-        Ok(Gpu {
+        Ok(Gpu(Arc::new(SharedGpu {
             device,
             queue,
             adapter_info: adapter.get_info(),
             limits,
-        })
+            arithmetic: Mutex::default(),
+        })))
     }
 
     /// "name (backend, device type)", for logs and the UI.
@@ -99,8 +114,9 @@ pub(crate) fn words_as_bytes(words: &[u32]) -> &[u8] {
 }
 
 /// A tensor in GPU memory: 32-bit words (f32 bits, i32, or 0/1 for booleans), row-major.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct GpuTensor {
+    pub(crate) gpu: Gpu,
     pub(crate) buffer: wgpu::Buffer,
     pub dtype: DType,
     pub shape: Vec<usize>,
@@ -111,6 +127,7 @@ impl GpuTensor {
     pub fn from_host(gpu: &Gpu, tensor: &HostTensor) -> GpuTensor {
         let buffer = gpu.storage_buffer_with("tensor", &tensor.to_gpu_words());
         GpuTensor {
+            gpu: gpu.clone(),
             buffer,
             dtype: tensor.dtype(),
             shape: tensor.shape.clone(),
@@ -130,7 +147,8 @@ impl GpuTensor {
     }
 
     /// Copies the tensor back to the host. This is the only way data leaves the GPU.
-    pub async fn to_host(&self, gpu: &Gpu) -> Result<HostTensor> {
+    pub async fn to_host(&self) -> Result<HostTensor> {
+        let gpu = &self.gpu;
         let bytes = self.byte_len().max(4);
         let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("readback"),

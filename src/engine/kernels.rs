@@ -27,6 +27,7 @@ pub enum Shader {
     Reduce,
     Resize,
     Attention,
+    Combine,
 }
 
 impl Shader {
@@ -44,6 +45,7 @@ impl Shader {
             Shader::Reduce => include_str!("kernels/reduce.wgsl").into(),
             Shader::Resize => include_str!("kernels/resize.wgsl").into(),
             Shader::Attention => include_str!("kernels/attention.wgsl").into(),
+            Shader::Combine => include_str!("kernels/combine.wgsl").into(),
         }
     }
 }

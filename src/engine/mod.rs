@@ -5,6 +5,7 @@
 //! constants, fuse) -> [`lower`] (nodes -> kernel launches) -> [`session`] (buffers, bind
 //! groups, dispatch).
 
+mod arith;
 mod error;
 mod fold;
 mod gpu;
@@ -20,7 +21,7 @@ mod session;
 mod tensor;
 
 pub use error::{Error, Result};
-pub use gpu::{Gpu, GpuTensor};
+pub use gpu::{Gpu, GpuTensor, SharedGpu};
 pub use loader::ExternalDataSource;
 pub use session::{Model, Session};
 pub use tensor::{DType, HostTensor, Storage};

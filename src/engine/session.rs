@@ -201,6 +201,7 @@ impl Session {
             results.insert(
                 port.name.clone(),
                 GpuTensor {
+                    gpu: self.gpu.clone(),
                     buffer,
                     dtype: port.dtype,
                     shape: port.shape.clone(),
@@ -259,7 +260,7 @@ impl Session {
         let outputs = self.run(&refs).await?;
         let mut host = HashMap::new();
         for (name, tensor) in outputs {
-            host.insert(name, tensor.to_host(&self.gpu).await?);
+            host.insert(name, tensor.to_host().await?);
         }
         Ok(host)
     }

@@ -1,0 +1,130 @@
+//! Euler (Karras et al. 2022, Algorithm 2 without churn) over k-diffusion sigmas.
+
+use super::schedule::{NoiseSchedule, check_steps, interp, k_prediction_x0, linspace};
+use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
+use crate::error::{Result, invalid};
+
+/// Timesteps and sigmas of the k-diffusion schedulers (Euler, Euler ancestral).
+pub struct KSchedule {
+    pub timesteps: Vec<f64>,
+    /// One per timestep plus the final 0.
+    pub sigmas: Vec<f64>,
+    pub init_noise_sigma: f64,
+}
+
+impl KSchedule {
+    /// diffusers' float timesteps for each spacing (cast to f32) and interpolated sigmas.
+    pub fn new(
+        config: &SchedulerConfig,
+        schedule: &NoiseSchedule,
+        steps: usize,
+    ) -> Result<KSchedule> {
+        check_steps(steps, schedule.train_steps)?;
+        let train = schedule.train_steps;
+        let spacing = config.string("timestep_spacing", "linspace");
+        let timesteps: Vec<f64> = match spacing.as_str() {
+            "linspace" => linspace(0.0, (train - 1) as f64, steps)
+                .iter()
+                .rev()
+                .map(|&t| t as f32 as f64)
+                .collect(),
+            "leading" => {
+                let offset = config.usize("steps_offset", 0)? as f64;
+                (0..steps)
+                    .rev()
+                    .map(|i| (i * (train / steps)) as f64 + offset)
+                    .collect()
+            }
+            "trailing" => {
+                let ratio = train as f64 / steps as f64;
+                let count = (train as f64 / ratio).ceil() as usize;
+                (0..count)
+                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
+                    .collect()
+            }
+            other => return invalid(format!("timestep_spacing `{other}` is not supported")),
+        };
+        if config.string("interpolation_type", "linear") != "linear" {
+            return invalid("only interpolation_type `linear` is supported");
+        }
+        let all = schedule.sigmas();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| interp(t, &all)).collect();
+        sigmas.push(0.0);
+        let sigmas: Vec<f64> = sigmas.iter().map(|&s| s as f32 as f64).collect();
+        let max = sigmas.iter().cloned().fold(0.0, f64::max);
+        let init_noise_sigma = if spacing == "leading" {
+            (max * max + 1.0).sqrt()
+        } else {
+            max
+        };
+        Ok(KSchedule {
+            timesteps,
+            sigmas,
+            init_noise_sigma,
+        })
+    }
+}
+
+pub struct Euler {
+    config: SchedulerConfig,
+    schedule: NoiseSchedule,
+    prediction: Prediction,
+    k: KSchedule,
+}
+
+impl Euler {
+    pub fn new(config: &SchedulerConfig) -> Result<Self> {
+        if config.bool("use_karras_sigmas", false)? {
+            return invalid("Euler with Karras sigmas is not supported (use dpm++2m-karras)");
+        }
+        Ok(Euler {
+            config: config.clone(),
+            schedule: NoiseSchedule::from_config(config, 0.0001, 0.02, "linear")?,
+            prediction: Prediction::from_config(config)?,
+            k: KSchedule {
+                timesteps: Vec::new(),
+                sigmas: Vec::new(),
+                init_noise_sigma: 1.0,
+            },
+        })
+    }
+}
+
+impl<T: SampleTensor> Scheduler<T> for Euler {
+    fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+        self.k = KSchedule::new(&self.config, &self.schedule, steps)?;
+        Ok(())
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        &self.k.timesteps
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        self.k.init_noise_sigma
+    }
+
+    fn scale_model_input(&self, sample: &T, index: usize) -> Result<T> {
+        let sigma = self.k.sigmas[index];
+        T::combine(&[(1.0 / (sigma * sigma + 1.0).sqrt(), sample)])
+    }
+
+    fn step(
+        &mut self,
+        model_output: &T,
+        index: usize,
+        sample: &T,
+        _noise: &mut NoiseSource<T>,
+    ) -> Result<T> {
+        let (sigma, next) = (self.k.sigmas[index], self.k.sigmas[index + 1]);
+        let x0 = k_prediction_x0(self.prediction, sigma);
+        // sample + (sample - x0) / sigma * (next - sigma), expanded in (sample, model output).
+        let dt = (next - sigma) / sigma;
+        let sample_coeff = 1.0 + dt - dt * x0.sample;
+        T::combine(&[(sample_coeff, sample), (-dt * x0.model, model_output)])
+    }
+
+    fn add_noise(&self, original: &T, noise: &T, index: usize) -> Result<T> {
+        T::combine(&[(1.0, original), (self.k.sigmas[index], noise)])
+    }
+}

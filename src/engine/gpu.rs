@@ -60,6 +60,8 @@ impl Gpu {
         device.set_device_lost_callback(|reason, message| {
             log::error!("GPU device lost ({reason:?}): {message}")
         });
+        // On wasm32 WebGPU handles are single-threaded (not Send/Sync); natively they are both.
+        #[allow(clippy::arc_with_non_send_sync)]
         Ok(Gpu(Arc::new(SharedGpu {
             device,
             queue,

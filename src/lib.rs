@@ -8,5 +8,6 @@ pub mod error;
 pub mod npy;
 pub mod rng;
 pub mod scheduler;
+pub mod tokenizer;
 
 pub use error::{Error, Result};

@@ -3,9 +3,13 @@
 //! [`engine`] runs ONNX graphs on wgpu and knows nothing of diffusion; [`scheduler`],
 //! [`rng`] and the pipeline modules know nothing of WebGPU.
 
+pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod image;
+pub mod model;
 pub mod npy;
+pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;

@@ -86,6 +86,18 @@ impl Gpu {
         });
     }
 
+    /// Resolves when all work submitted so far has finished on the GPU (for timing stages).
+    pub async fn finish(&self) -> Result<()> {
+        let (sender, receiver) = futures_channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = sender.send(());
+        });
+        self.wait();
+        receiver
+            .await
+            .map_err(|_| Error::Device("the device was lost".into()))
+    }
+
     pub(crate) fn storage_buffer(&self, label: &str, bytes: u64) -> wgpu::Buffer {
         self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some(label),

@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::error::{Error, Result};
 use super::gpu::{Gpu, GpuTensor};
-use super::graph::{Graph, ValueId};
+use super::graph::{Dim, Graph, ValueId};
 use super::kernels::{KernelKey, Launch, Operand, Pipelines};
 use super::loader::{ExternalDataSource, load_graph};
 use super::lower::{Lowered, Lowering};
@@ -44,6 +44,83 @@ impl Model {
 
     pub fn opset(&self) -> i64 {
         self.graph.opset
+    }
+
+    /// The declared rank of a graph input.
+    pub fn input_rank(&self, name: &str) -> Option<usize> {
+        self.graph
+            .inputs
+            .iter()
+            .map(|&v| &self.graph.values[v])
+            .find(|v| v.name == name)
+            .and_then(|v| v.dims.as_ref())
+            .map(Vec::len)
+    }
+
+    /// The element type of a graph input.
+    pub fn input_dtype(&self, name: &str) -> Option<DType> {
+        self.graph
+            .inputs
+            .iter()
+            .map(|&v| &self.graph.values[v])
+            .find(|v| v.name == name)
+            .map(|v| v.dtype)
+    }
+
+    /// Values for the symbolic dimensions, read off concrete input shapes (as onnxruntime
+    /// does when given tensors): `[("sample", [2, 4, 64, 64])]` binds `batch_size`, `height`
+    /// and `width` of an optimum UNet. Inputs not listed bind nothing.
+    pub fn dims_for_shapes(&self, shapes: &[(&str, &[usize])]) -> Result<HashMap<String, usize>> {
+        let mut dims = HashMap::new();
+        for (name, shape) in shapes {
+            let value = self
+                .graph
+                .inputs
+                .iter()
+                .map(|&v| &self.graph.values[v])
+                .find(|v| v.name == *name);
+            let declared = value
+                .and_then(|v| v.dims.as_ref())
+                .ok_or_else(|| Error::Input {
+                    name: name.to_string(),
+                    reason: format!(
+                        "the model has no such input (it has {})",
+                        self.input_names().join(", ")
+                    ),
+                })?;
+            if declared.len() != shape.len() {
+                return Err(Error::Input {
+                    name: name.to_string(),
+                    reason: format!(
+                        "rank {} given, the model declares {}",
+                        shape.len(),
+                        declared.len()
+                    ),
+                });
+            }
+            for (dim, &size) in declared.iter().zip(shape.iter()) {
+                match dim {
+                    Dim::Fixed(n) if *n != size => {
+                        return Err(Error::Input {
+                            name: name.to_string(),
+                            reason: format!("shape {shape:?} does not fit {declared:?}"),
+                        });
+                    }
+                    Dim::Named(symbol) => {
+                        if let Some(previous) =
+                            dims.insert(symbol.clone(), size).filter(|&p| p != size)
+                        {
+                            return Err(Error::Input {
+                                name: name.to_string(),
+                                reason: format!("`{symbol}` is {previous} elsewhere, {size} here"),
+                            });
+                        }
+                    }
+                    Dim::Fixed(_) => {}
+                }
+            }
+        }
+        Ok(dims)
     }
 }
 
@@ -114,6 +191,11 @@ impl Session {
         let mut list: Vec<_> = counts.into_iter().collect();
         list.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         list
+    }
+
+    /// The element type of an input.
+    pub fn input_dtype(&self, name: &str) -> Option<DType> {
+        self.inputs.iter().find(|p| p.name == name).map(|p| p.dtype)
     }
 
     /// The bound shape of an input.

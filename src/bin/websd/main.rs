@@ -1,0 +1,128 @@
+//! The native command-line shell over the websd core (in the browser, `web.rs` is the shell).
+//!
+//! - `websd run MODEL.onnx [--dim NAME=N]... [--input NAME=FILE.npy]... --output-dir DIR [--bench N]`
+//! - `websd generate --model DIR --prompt P [...] --out OUT.png`
+//! - `websd tokenize --model DIR TEXT`
+
+#[cfg(target_arch = "wasm32")]
+fn main() {}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod generate;
+#[cfg(not(target_arch = "wasm32"))]
+mod run;
+
+#[cfg(not(target_arch = "wasm32"))]
+fn main() -> std::process::ExitCode {
+    cli::main()
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+mod cli {
+    use std::path::PathBuf;
+    use std::process::ExitCode;
+
+    use clap::{Parser, Subcommand};
+
+    use crate::generate::GenerateArgs;
+    use crate::run::RunOptions;
+
+    #[derive(Parser)]
+    #[command(
+        name = "websd",
+        version,
+        about = "Stable Diffusion on WebGPU, from ONNX files"
+    )]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Subcommand)]
+    enum Command {
+        /// Runs one ONNX graph on the GPU and writes every output as DIR/<name>.npy.
+        Run {
+            /// The .onnx file; external data is read from the files it names, next to it.
+            model: PathBuf,
+            /// Binds a symbolic dimension, e.g. --dim batch_size=2.
+            #[arg(long = "dim", value_parser = parse_pair::<usize>)]
+            dims: Vec<(String, usize)>,
+            /// Feeds an input from a .npy file, e.g. --input sample=latents.npy.
+            #[arg(long = "input", value_parser = parse_pair::<PathBuf>)]
+            inputs: Vec<(String, PathBuf)>,
+            #[arg(long)]
+            output_dir: PathBuf,
+            /// Runs N more times after the first and prints each run's time.
+            #[arg(long, default_value_t = 0)]
+            bench: usize,
+            /// Prints the time spent in each kernel family (launches timed one by one).
+            #[arg(long)]
+            profile: bool,
+        },
+        /// Generates an image from a prompt with a Stable Diffusion model folder.
+        Generate(GenerateArgs),
+        /// Prints the token ids of TEXT as the model's tokenizer makes them (a JSON array).
+        Tokenize {
+            #[arg(long)]
+            model: PathBuf,
+            text: String,
+        },
+    }
+
+    fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String> {
+        let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
+        let value = value
+            .parse()
+            .map_err(|_| format!("`{value}` is not a valid value for `{name}`"))?;
+        Ok((name.to_string(), value))
+    }
+
+    pub fn main() -> ExitCode {
+        stderr_logger();
+        let result = match Cli::parse().command {
+            Command::Run {
+                model,
+                dims,
+                inputs,
+                output_dir,
+                bench,
+                profile,
+            } => {
+                let options = RunOptions { bench, profile };
+                pollster::block_on(crate::run::run(
+                    &model,
+                    dims.into_iter().collect(),
+                    &inputs,
+                    &output_dir,
+                    options,
+                ))
+            }
+            Command::Generate(args) => pollster::block_on(crate::generate::generate(args)),
+            Command::Tokenize { model, text } => crate::generate::tokenize(&model, &text),
+        };
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+
+    /// Logs websd's warnings and errors to stderr without a logging framework.
+    fn stderr_logger() {
+        struct Stderr;
+        impl log::Log for Stderr {
+            fn enabled(&self, m: &log::Metadata) -> bool {
+                m.level() <= log::Level::Warn && m.target().starts_with("websd")
+            }
+            fn log(&self, r: &log::Record) {
+                if self.enabled(r.metadata()) {
+                    eprintln!("{}: {}", r.level(), r.args());
+                }
+            }
+            fn flush(&self) {}
+        }
+        let _ = log::set_logger(&Stderr).map(|()| log::set_max_level(log::LevelFilter::Warn));
+    }
+}

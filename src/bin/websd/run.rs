@@ -1,0 +1,88 @@
+//! `websd run`: one ONNX graph on the GPU, inputs and outputs as .npy files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use websd::engine::{Gpu, HostTensor, Model, Session};
+use websd::npy;
+
+/// Reads an .onnx file and, on demand, the external-data files it names.
+fn load_model(path: &Path) -> Result<Model, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    Model::from_bytes(bytes, &mut |location| {
+        std::fs::read(folder.join(location))
+            .map(Into::into)
+            .map_err(|e| e.to_string())
+    })
+    .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub struct RunOptions {
+    pub bench: usize,
+    pub profile: bool,
+}
+
+pub async fn run(
+    model_path: &Path,
+    dims: HashMap<String, usize>,
+    inputs: &[(String, PathBuf)],
+    out: &Path,
+    options: RunOptions,
+) -> Result<(), String> {
+    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    eprintln!("adapter: {}", gpu.describe());
+    let model = load_model(model_path)?;
+    let started = Instant::now();
+    let session = Session::new(&gpu, &model, &dims)
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "session: {} kernel launches, {:.1} MiB of GPU memory, built in {:.2?}",
+        session.launch_count,
+        session.memory_bytes as f64 / (1 << 20) as f64,
+        started.elapsed()
+    );
+    let counts: Vec<String> = session
+        .kernel_counts()
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    eprintln!("kernels: {}", counts.join(", "));
+    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
+    for (name, path) in inputs {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        tensors.push((
+            name.clone(),
+            npy::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?,
+        ));
+    }
+    let feeds: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let outputs = session.run_host(&feeds).await.map_err(|e| e.to_string())?;
+    for i in 0..options.bench {
+        let started = Instant::now();
+        session.run_host(&feeds).await.map_err(|e| e.to_string())?;
+        eprintln!("run {}: {:.2?}", i + 1, started.elapsed());
+    }
+    if options.profile {
+        let times = session.profile();
+        let total: f64 = times.iter().map(|(_, t)| t.as_secs_f64()).sum();
+        for (kernel, time) in times {
+            eprintln!(
+                "  {kernel:<12} {:>9.2?} {:>5.1}%",
+                time,
+                100.0 * time.as_secs_f64() / total
+            );
+        }
+    }
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    for (name, tensor) in &outputs {
+        let path = out.join(format!("{name}.npy"));
+        std::fs::write(&path, npy::write(tensor))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {} {:?}", path.display(), tensor.shape);
+    }
+    Ok(())
+}

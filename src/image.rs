@@ -1,0 +1,166 @@
+//! Pictures in and out of the pipeline: decoded VAE output to RGBA, PNG with the generation
+//! parameters in text chunks, the grid of intermediate images, and a cheap latent preview.
+
+use crate::engine::HostTensor;
+use crate::error::{Error, Result, invalid};
+
+/// An 8-bit RGBA image, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RgbaImage {
+    pub width: usize,
+    pub height: usize,
+    pub pixels: Vec<u8>,
+}
+
+impl RgbaImage {
+    /// A VAE output `[1, 3, H, W]` in [-1, 1] as diffusers post-processes it:
+    /// `(x / 2 + 0.5).clamp(0, 1)`, then `round(x * 255)`.
+    pub fn from_vae_output(tensor: &HostTensor) -> Result<RgbaImage> {
+        let [1, 3, height, width] = tensor.shape[..] else {
+            return invalid(format!(
+                "expected a [1, 3, H, W] image, got {:?}",
+                tensor.shape
+            ));
+        };
+        let values = tensor.to_f32();
+        let plane = height * width;
+        let mut pixels = vec![255u8; plane * 4];
+        for c in 0..3 {
+            for i in 0..plane {
+                let v = (values[c * plane + i] / 2.0 + 0.5).clamp(0.0, 1.0);
+                pixels[i * 4 + c] = (v * 255.0).round_ties_even() as u8;
+            }
+        }
+        Ok(RgbaImage {
+            width,
+            height,
+            pixels,
+        })
+    }
+
+    /// The image as the VAE encoder's input `[1, 3, H, W]` in [-1, 1].
+    pub fn to_vae_input(&self) -> HostTensor {
+        let plane = self.width * self.height;
+        let mut values = vec![0.0f32; 3 * plane];
+        for c in 0..3 {
+            for i in 0..plane {
+                values[c * plane + i] = self.pixels[i * 4 + c] as f32 / 255.0 * 2.0 - 1.0;
+            }
+        }
+        HostTensor::f32(vec![1, 3, self.height, self.width], values)
+    }
+
+    /// Decodes PNG or JPEG bytes.
+    pub fn decode(bytes: &[u8]) -> Result<RgbaImage> {
+        let image = image::load_from_memory(bytes)
+            .map_err(|e| Error::Invalid(format!("cannot read the image: {e}")))?;
+        let rgba = image.to_rgba8();
+        Ok(RgbaImage {
+            width: rgba.width() as usize,
+            height: rgba.height() as usize,
+            pixels: rgba.into_raw(),
+        })
+    }
+
+    /// Resized (bicubic, like PIL's default for diffusers' preprocessing) to `width` x `height`.
+    pub fn resized(&self, width: usize, height: usize) -> RgbaImage {
+        if (width, height) == (self.width, self.height) {
+            return self.clone();
+        }
+        let buffer =
+            image::RgbaImage::from_raw(self.width as u32, self.height as u32, self.pixels.clone())
+                .expect("pixel count matches the size");
+        let resized = image::imageops::resize(
+            &buffer,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::CatmullRom,
+        );
+        RgbaImage {
+            width,
+            height,
+            pixels: resized.into_raw(),
+        }
+    }
+
+    /// PNG bytes, with `text` as tEXt chunks (key, value): the generation parameters.
+    pub fn to_png(&self, text: &[(&str, String)]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut encoder = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
+            encoder.set_color(png::ColorType::Rgba);
+            encoder.set_depth(png::BitDepth::Eight);
+            for (key, value) in text {
+                encoder
+                    .add_text_chunk(key.to_string(), value.clone())
+                    .map_err(|e| Error::Invalid(format!("PNG text chunk `{key}`: {e}")))?;
+            }
+            let mut writer = encoder
+                .write_header()
+                .map_err(|e| Error::Invalid(format!("PNG: {e}")))?;
+            writer
+                .write_image_data(&self.pixels)
+                .map_err(|e| Error::Invalid(format!("PNG: {e}")))?;
+        }
+        Ok(out)
+    }
+
+    /// Images side by side, left to right (the seed notes' `image_grid` with one row).
+    pub fn row(images: &[RgbaImage]) -> Result<RgbaImage> {
+        let Some(first) = images.first() else {
+            return invalid("a grid of no images");
+        };
+        if images
+            .iter()
+            .any(|i| i.height != first.height || i.width != first.width)
+        {
+            return invalid("grid images differ in size");
+        }
+        let (width, height) = (first.width * images.len(), first.height);
+        let mut pixels = vec![0u8; width * height * 4];
+        for (k, image) in images.iter().enumerate() {
+            for y in 0..height {
+                let src = &image.pixels[y * first.width * 4..(y + 1) * first.width * 4];
+                let at = (y * width + k * first.width) * 4;
+                pixels[at..at + first.width * 4].copy_from_slice(src);
+            }
+        }
+        Ok(RgbaImage {
+            width,
+            height,
+            pixels,
+        })
+    }
+}
+
+/// A cheap look at SD 1.x/2.x latents without the VAE: each latent pixel's RGB is a fixed
+/// linear map of its four channels (a least-squares fit published by the community for the
+/// SD VAE). One pixel per latent: 1/8 of the image's size.
+pub fn latent_preview(latents: &HostTensor) -> Result<RgbaImage> {
+    const FACTORS: [[f32; 3]; 4] = [
+        [0.298, 0.207, 0.208],
+        [0.187, 0.286, 0.173],
+        [-0.158, 0.189, 0.264],
+        [-0.184, -0.271, -0.473],
+    ];
+    let [_, 4, height, width] = latents.shape[..] else {
+        return invalid(format!(
+            "latent preview needs [N, 4, H, W] latents, got {:?}",
+            latents.shape
+        ));
+    };
+    let values = latents.to_f32();
+    let plane = height * width;
+    let mut pixels = vec![255u8; plane * 4];
+    for i in 0..plane {
+        for c in 0..3 {
+            let v: f32 = (0..4).map(|k| FACTORS[k][c] * values[k * plane + i]).sum();
+            pixels[i * 4 + c] = ((v + 1.0) / 2.0 * 255.0).clamp(0.0, 255.0) as u8;
+        }
+    }
+    Ok(RgbaImage {
+        width,
+        height,
+        pixels,
+    })
+}

@@ -1,0 +1,179 @@
+//! A Stable Diffusion model folder in the layout `optimum-cli export onnx --task
+//! text-to-image` writes, read through [`ModelFiles`] so that the same code serves a
+//! directory on disk and files fetched by the browser.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::scheduler::{SchedulerConfig, SchedulerKind};
+use crate::tokenizer::{ClipTokenizer, TokenizerFiles};
+
+/// Access to the files of a model folder by relative path (`unet/model.onnx`).
+pub trait ModelFiles {
+    fn read(&mut self, path: &str) -> std::result::Result<Bytes, String>;
+    fn exists(&self, path: &str) -> bool;
+}
+
+/// Files already in memory (fetched by the browser, or for tests).
+impl ModelFiles for HashMap<String, Bytes> {
+    fn read(&mut self, path: &str) -> std::result::Result<Bytes, String> {
+        self.get(path)
+            .cloned()
+            .ok_or_else(|| format!("`{path}` was not supplied"))
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.contains_key(path)
+    }
+}
+
+/// A folder on the local file system.
+#[cfg(not(target_arch = "wasm32"))]
+pub struct Directory(pub std::path::PathBuf);
+
+#[cfg(not(target_arch = "wasm32"))]
+impl ModelFiles for Directory {
+    fn read(&mut self, path: &str) -> std::result::Result<Bytes, String> {
+        std::fs::read(self.0.join(path))
+            .map(Bytes::from)
+            .map_err(|e| e.to_string())
+    }
+
+    fn exists(&self, path: &str) -> bool {
+        self.0.join(path).is_file()
+    }
+}
+
+/// The files every text-to-image folder needs; `vae_encoder/model.onnx` is needed for img2img only.
+pub const REQUIRED_FILES: [&str; 9] = [
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "tokenizer/vocab.json",
+    "tokenizer/merges.txt",
+    "text_encoder/model.onnx",
+    "unet/model.onnx",
+    "unet/config.json",
+    "vae_decoder/model.onnx",
+    "vae_decoder/config.json",
+];
+
+/// What the folder's configs say, with diffusers' defaults where they are silent.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub scheduler: SchedulerConfig,
+    pub default_scheduler: SchedulerKind,
+    /// VAE latent scaling (`scaling_factor`, 0.18215 for SD 1.x).
+    pub scaling_factor: f64,
+    pub latent_channels: usize,
+    /// Pixels per latent along each axis (2^(VAE blocks - 1), 8 for SD).
+    pub vae_scale_factor: usize,
+    /// The UNet's native latent size (`sample_size`).
+    pub sample_size: usize,
+    /// `time_cond_proj_dim`: set for guidance-distilled UNets that take the guidance scale.
+    pub time_cond_proj_dim: Option<usize>,
+}
+
+fn json(files: &mut dyn ModelFiles, path: &str) -> Result<Value> {
+    let bytes = files.read(path).map_err(|reason| Error::BadFile {
+        file: path.into(),
+        reason,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
+        file: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn text(files: &mut dyn ModelFiles, path: &str) -> Result<String> {
+    let bytes = files.read(path).map_err(|reason| Error::BadFile {
+        file: path.into(),
+        reason,
+    })?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| Error::BadFile {
+        file: path.into(),
+        reason: "not UTF-8".into(),
+    })
+}
+
+/// Fails with the list of required files the folder lacks.
+pub fn check_files(files: &dyn ModelFiles, folder: &str) -> Result<()> {
+    let missing: Vec<String> = REQUIRED_FILES
+        .iter()
+        .filter(|f| !files.exists(f))
+        .map(|f| f.to_string())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::MissingFiles {
+            folder: folder.into(),
+            missing,
+        })
+    }
+}
+
+impl ModelConfig {
+    pub fn read(files: &mut dyn ModelFiles) -> Result<ModelConfig> {
+        let scheduler =
+            SchedulerConfig::from_json(&text(files, "scheduler/scheduler_config.json")?)?;
+        let class = scheduler
+            .class_name()
+            .unwrap_or("PNDMScheduler")
+            .to_string();
+        let default_scheduler = SchedulerKind::from_class_name(&class).ok_or_else(|| {
+            Error::Invalid(format!("the folder's scheduler {class} is not supported"))
+        })?;
+        let vae = json(files, "vae_decoder/config.json")?;
+        let unet = json(files, "unet/config.json")?;
+        let blocks = vae["block_out_channels"].as_array().map_or(4, |b| b.len());
+        Ok(ModelConfig {
+            scheduler,
+            default_scheduler,
+            scaling_factor: vae["scaling_factor"].as_f64().unwrap_or(0.18215),
+            latent_channels: vae["latent_channels"].as_u64().unwrap_or(4) as usize,
+            vae_scale_factor: 1 << blocks.saturating_sub(1),
+            sample_size: unet["sample_size"].as_u64().unwrap_or(64) as usize,
+            time_cond_proj_dim: unet["time_cond_proj_dim"].as_u64().map(|d| d as usize),
+        })
+    }
+
+    /// The image size the model was trained at.
+    pub fn default_image_size(&self) -> usize {
+        self.sample_size * self.vae_scale_factor
+    }
+}
+
+pub fn read_tokenizer(files: &mut dyn ModelFiles) -> Result<ClipTokenizer> {
+    let vocab = text(files, "tokenizer/vocab.json")?;
+    let merges = text(files, "tokenizer/merges.txt")?;
+    let config = if files.exists("tokenizer/tokenizer_config.json") {
+        Some(text(files, "tokenizer/tokenizer_config.json")?)
+    } else {
+        None
+    };
+    ClipTokenizer::new(&TokenizerFiles {
+        vocab_json: &vocab,
+        merges_txt: &merges,
+        config_json: config.as_deref(),
+    })
+}
+
+/// Parses `<part>/model.onnx`, reading external data next to it.
+pub fn read_graph(files: &mut dyn ModelFiles, part: &str) -> Result<crate::engine::Model> {
+    let path = format!("{part}/model.onnx");
+    let bytes = files.read(&path).map_err(|reason| Error::BadFile {
+        file: path.clone(),
+        reason,
+    })?;
+    let model = crate::engine::Model::from_bytes(bytes, &mut |location| {
+        files.read(&format!("{part}/{location}"))
+    })
+    .map_err(|e| Error::BadFile {
+        file: path,
+        reason: e.to_string(),
+    })?;
+    Ok(model)
+}

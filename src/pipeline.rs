@@ -1,0 +1,513 @@
+//! Text-to-image and image-to-image generation, as diffusers' StableDiffusionPipeline and
+//! StableDiffusionImg2ImgPipeline run it: prompt -> CLIP ids -> text embeddings (prompt and
+//! negative prompt) -> seeded noise -> UNet + classifier-free guidance + scheduler step,
+//! repeated -> VAE decode. Tensors stay on the GPU between steps.
+
+use crate::clock::now_ms;
+use crate::engine::{DType, Gpu, GpuTensor, HostTensor, Model, Session};
+use crate::error::{Error, Result, invalid};
+use crate::image::RgbaImage;
+use crate::model::{self, ModelConfig, ModelFiles};
+use crate::rng::TorchRng;
+use crate::scheduler::SchedulerKind;
+use crate::tokenizer::ClipTokenizer;
+
+/// What to generate. `Default` gives diffusers' defaults (50 steps, guidance 7.5).
+#[derive(Clone, Debug)]
+pub struct Request {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub seed: u64,
+    /// `None`: the scheduler the model folder names.
+    pub scheduler: Option<SchedulerKind>,
+    /// `None`: the model's native size.
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// img2img: the picture to start from, and how much of the schedule to run over it.
+    pub init_image: Option<RgbaImage>,
+    pub strength: f64,
+    /// Starting latents instead of seeded noise (diffusers' `latents=`).
+    pub init_latents: Option<HostTensor>,
+    /// Decode the latents through the VAE every this many steps (0: never).
+    pub preview_every: usize,
+}
+
+impl Default for Request {
+    fn default() -> Self {
+        Request {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 50,
+            guidance_scale: 7.5,
+            seed: 0,
+            scheduler: None,
+            width: None,
+            height: None,
+            init_image: None,
+            strength: 0.8,
+            init_latents: None,
+            preview_every: 0,
+        }
+    }
+}
+
+/// Reported after every denoising step.
+pub struct StepEvent<'a> {
+    /// Steps done so far (1-based) and in all.
+    pub step: usize,
+    pub total: usize,
+    pub timestep: f64,
+    pub latents: &'a GpuTensor,
+    /// The decoded image, on preview steps.
+    pub preview: Option<&'a RgbaImage>,
+    pub step_ms: f64,
+}
+
+/// The callback's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Cancel,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Timings {
+    pub text_encoder_ms: f64,
+    pub vae_encoder_ms: f64,
+    pub unet_step_ms: Vec<f64>,
+    pub vae_decoder_ms: f64,
+    pub total_ms: f64,
+}
+
+pub struct Generated {
+    pub image: RgbaImage,
+    pub latents: GpuTensor,
+    pub timings: Timings,
+}
+
+/// A session built for one set of input shapes, rebuilt when they change.
+#[derive(Default)]
+struct Cached {
+    dims: std::collections::HashMap<String, usize>,
+    session: Option<Session>,
+}
+
+impl Cached {
+    async fn get(
+        &mut self,
+        gpu: &Gpu,
+        model: &Model,
+        shapes: &[(&str, &[usize])],
+    ) -> Result<&Session> {
+        let dims = model.dims_for_shapes(shapes)?;
+        if self.session.is_none() || dims != self.dims {
+            self.session = None; // free the old buffers before building new ones
+            self.session = Some(Session::new(gpu, model, &dims).await?);
+            self.dims = dims;
+        }
+        Ok(self.session.as_ref().expect("just built"))
+    }
+}
+
+/// A loaded Stable Diffusion model folder on the GPU.
+pub struct StableDiffusion {
+    gpu: Gpu,
+    pub config: ModelConfig,
+    tokenizer: ClipTokenizer,
+    text_encoder: Model,
+    unet: Model,
+    vae_decoder: Model,
+    vae_encoder: Option<Model>,
+    text_session: Cached,
+    unet_session: Cached,
+    decoder_session: Cached,
+    encoder_session: Cached,
+}
+
+impl StableDiffusion {
+    /// Reads a model folder. Sessions are built on first use, for the sizes requested.
+    pub fn load(gpu: &Gpu, files: &mut dyn ModelFiles, folder: &str) -> Result<StableDiffusion> {
+        model::check_files(files, folder)?;
+        let vae_encoder = if files.exists("vae_encoder/model.onnx") {
+            Some(model::read_graph(files, "vae_encoder")?)
+        } else {
+            None
+        };
+        Ok(StableDiffusion {
+            gpu: gpu.clone(),
+            config: ModelConfig::read(files)?,
+            tokenizer: model::read_tokenizer(files)?,
+            text_encoder: model::read_graph(files, "text_encoder")?,
+            unet: model::read_graph(files, "unet")?,
+            vae_decoder: model::read_graph(files, "vae_decoder")?,
+            vae_encoder,
+            text_session: Cached::default(),
+            unet_session: Cached::default(),
+            decoder_session: Cached::default(),
+            encoder_session: Cached::default(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
+    /// Checks a request before any GPU work.
+    fn validate(&self, request: &Request) -> Result<(usize, usize)> {
+        let size = self.config.default_image_size();
+        let (width, height) = match &request.init_image {
+            Some(image) if request.width.is_none() && request.height.is_none() => {
+                (image.width, image.height)
+            }
+            _ => (
+                request.width.unwrap_or(size),
+                request.height.unwrap_or(size),
+            ),
+        };
+        let factor = self.config.vae_scale_factor;
+        if width == 0 || height == 0 || width % factor != 0 || height % factor != 0 {
+            return invalid(format!(
+                "width and height must be positive multiples of {factor} (got {width}x{height})"
+            ));
+        }
+        if request.steps == 0 {
+            return invalid("steps must be at least 1");
+        }
+        if !request.guidance_scale.is_finite() || request.guidance_scale < 0.0 {
+            return invalid(format!(
+                "guidance scale must be a non-negative number (got {})",
+                request.guidance_scale
+            ));
+        }
+        if request.init_image.is_some() {
+            if !(0.0..=1.0).contains(&request.strength) {
+                return invalid(format!(
+                    "strength must be within [0, 1] (got {})",
+                    request.strength
+                ));
+            }
+            if self.vae_encoder.is_none() {
+                return Err(Error::MissingFiles {
+                    folder: "model".into(),
+                    missing: vec!["vae_encoder/model.onnx (needed for img2img)".into()],
+                });
+            }
+        }
+        Ok((width, height))
+    }
+
+    /// Runs the text encoder on one prompt: `[1, 77, hidden]`.
+    async fn encode_text(&mut self, text: &str) -> Result<GpuTensor> {
+        let ids = self.tokenizer.encode(text)?;
+        let shape = [1, ids.len()];
+        let input = self.text_encoder.input_names()[0].to_string();
+        let session = self
+            .text_session
+            .get(&self.gpu, &self.text_encoder, &[(&input, &shape)])
+            .await?;
+        let ids = GpuTensor::from_host(&self.gpu, &HostTensor::i64(shape.to_vec(), ids));
+        let mut outputs = session.run(&[(&input, &ids)]).await?;
+        let name = if outputs.contains_key("last_hidden_state") {
+            "last_hidden_state".to_string()
+        } else {
+            session.output_names()[0].to_string()
+        };
+        outputs
+            .remove(&name)
+            .ok_or_else(|| Error::Invalid("the text encoder has no outputs".into()))
+    }
+
+    /// Latents -> RGBA through the VAE decoder (`vae.decode(latents / scaling_factor)`).
+    pub async fn decode(&mut self, latents: &GpuTensor) -> Result<RgbaImage> {
+        decode_latents(
+            &self.gpu,
+            &self.config,
+            &self.vae_decoder,
+            &mut self.decoder_session,
+            latents,
+        )
+        .await
+    }
+
+    /// Image -> scaled latents through the VAE encoder, sampling the posterior with `rng`
+    /// (`latent_dist.sample(generator) * scaling_factor`).
+    async fn encode_image(&mut self, image: &RgbaImage, rng: &mut TorchRng) -> Result<HostTensor> {
+        let encoder = self
+            .vae_encoder
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no VAE encoder".into()))?;
+        let pixels = GpuTensor::from_host(&self.gpu, &image.to_vae_input());
+        let input = encoder.input_names()[0].to_string();
+        let session = self
+            .encoder_session
+            .get(&self.gpu, encoder, &[(&input, &pixels.shape)])
+            .await?;
+        let outputs = session.run(&[(&input, &pixels)]).await?;
+        let parameters = outputs
+            .into_values()
+            .next()
+            .ok_or_else(|| Error::Invalid("the VAE encoder has no outputs".into()))?;
+        let parameters = parameters.to_host().await?;
+        let [1, channels, h, w] = parameters.shape[..] else {
+            return invalid(format!(
+                "unexpected VAE encoder output {:?}",
+                parameters.shape
+            ));
+        };
+        let half = channels / 2 * h * w;
+        let values = parameters.to_f32();
+        let shape = vec![1, channels / 2, h, w];
+        let noise = rng.randn(&shape).to_f32().into_owned();
+        let scale = self.config.scaling_factor as f32;
+        let latents = (0..half)
+            .map(|i| {
+                let (mean, log_var) = (values[i], values[half + i].clamp(-30.0, 20.0));
+                (mean + (0.5 * log_var).exp() * noise[i]) * scale
+            })
+            .collect();
+        Ok(HostTensor::f32(shape, latents))
+    }
+
+    /// Generates one image. `on_step` sees every step and may cancel.
+    pub async fn generate(
+        &mut self,
+        request: &Request,
+        on_step: &mut dyn FnMut(StepEvent) -> Control,
+    ) -> Result<Generated> {
+        let started = now_ms();
+        let (width, height) = self.validate(request)?;
+        let kind = request.scheduler.unwrap_or(self.config.default_scheduler);
+        let mut scheduler = kind.build::<GpuTensor>(&self.config.scheduler)?;
+        scheduler.set_timesteps(request.steps)?;
+        let mut timings = Timings::default();
+
+        // Guidance-distilled UNets take the scale as an input and need one pass per step.
+        let guidance_embedding = self
+            .config
+            .time_cond_proj_dim
+            .map(|dim| guidance_embedding(request.guidance_scale - 1.0, dim));
+        let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
+
+        let t0 = now_ms();
+        let cond = self.encode_text(&request.prompt).await?;
+        let context = if guided {
+            let uncond = self.encode_text(&request.negative_prompt).await?;
+            GpuTensor::concat(&[&uncond, &cond])?
+        } else {
+            cond
+        };
+        self.gpu.finish().await?;
+        timings.text_encoder_ms = now_ms() - t0;
+
+        let mut rng = TorchRng::new(request.seed);
+        let factor = self.config.vae_scale_factor;
+        let shape = vec![
+            1,
+            self.config.latent_channels,
+            height / factor,
+            width / factor,
+        ];
+        let timesteps = scheduler.timesteps().to_vec();
+        let (first, mut latents) = match &request.init_image {
+            None => {
+                let noise = match &request.init_latents {
+                    Some(given) if given.shape == shape => given.clone(),
+                    Some(given) => {
+                        return invalid(format!(
+                            "init latents have shape {:?}, this size needs {shape:?}",
+                            given.shape
+                        ));
+                    }
+                    None => rng.randn(&shape),
+                };
+                let noise = GpuTensor::from_host(&self.gpu, &noise);
+                (0, noise.scale(scheduler.init_noise_sigma() as f32)?)
+            }
+            Some(image) => {
+                let t0 = now_ms();
+                let image = image.resized(width, height);
+                let clean = self.encode_image(&image, &mut rng).await?;
+                timings.vae_encoder_ms = now_ms() - t0;
+                let init_steps =
+                    ((request.steps as f64 * request.strength) as usize).min(request.steps);
+                let start = (request.steps - init_steps) * scheduler.order();
+                if start >= timesteps.len() {
+                    return invalid(format!(
+                        "strength {} leaves no steps out of {}",
+                        request.strength, request.steps
+                    ));
+                }
+                let noise = GpuTensor::from_host(&self.gpu, &rng.randn(&shape));
+                let clean = GpuTensor::from_host(&self.gpu, &clean);
+                (start, scheduler.add_noise(&clean, &noise, start)?)
+            }
+        };
+
+        let batch = if guided { 2 } else { 1 };
+        let unet_shape = [batch, shape[1], shape[2], shape[3]];
+        let mut shapes: Vec<(&str, &[usize])> = vec![
+            ("sample", &unet_shape),
+            ("encoder_hidden_states", &context.shape),
+        ];
+        let cond_shape = guidance_embedding.as_ref().map(|e| [batch, e.len()]);
+        if let Some(s) = &cond_shape {
+            shapes.push(("timestep_cond", s));
+        }
+        let unet = self
+            .unet_session
+            .get(&self.gpu, &self.unet, &shapes)
+            .await?;
+        let timestep_input = TimestepInput::of(unet, batch)?;
+        let timestep_cond = guidance_embedding.map(|e| {
+            let values: Vec<f32> = (0..batch).flat_map(|_| e.iter().copied()).collect();
+            GpuTensor::from_host(&self.gpu, &HostTensor::f32(vec![batch, e.len()], values))
+        });
+
+        let total = timesteps.len() - first;
+        for (done, index) in (first..timesteps.len()).enumerate() {
+            let t0 = now_ms();
+            let model_input = if guided {
+                GpuTensor::concat(&[&latents, &latents])?
+            } else {
+                latents.clone()
+            };
+            let model_input = scheduler.scale_model_input(&model_input, index)?;
+            let t = timestep_input.tensor(&self.gpu, timesteps[index]);
+            let mut feeds: Vec<(&str, &GpuTensor)> = vec![
+                ("sample", &model_input),
+                ("timestep", &t),
+                ("encoder_hidden_states", &context),
+            ];
+            if let Some(c) = &timestep_cond {
+                feeds.push(("timestep_cond", c));
+            }
+            let mut outputs = unet.run(&feeds).await?;
+            let prediction = outputs
+                .remove("out_sample")
+                .or_else(|| outputs.into_values().next())
+                .ok_or_else(|| Error::Invalid("the UNet has no outputs".into()))?;
+            let noise_pred = if guided {
+                let halves = prediction.split(2)?;
+                let g = request.guidance_scale as f32;
+                GpuTensor::combine(&[(1.0 - g, &halves[0]), (g, &halves[1])])?
+            } else {
+                prediction
+            };
+            let noise_shape = shape.clone();
+            let gpu = self.gpu.clone();
+            latents = scheduler.step(&noise_pred, index, &latents, &mut || {
+                Ok(GpuTensor::from_host(&gpu, &rng.randn(&noise_shape)))
+            })?;
+            self.gpu.finish().await?;
+            let step_ms = now_ms() - t0;
+            timings.unet_step_ms.push(step_ms);
+            // Like diffusers' `callback_steps`: after steps 0, K, 2K... (0-based).
+            let preview = if request.preview_every > 0 && done % request.preview_every == 0 {
+                Some(
+                    decode_latents(
+                        &self.gpu,
+                        &self.config,
+                        &self.vae_decoder,
+                        &mut self.decoder_session,
+                        &latents,
+                    )
+                    .await?,
+                )
+            } else {
+                None
+            };
+            let event = StepEvent {
+                step: done + 1,
+                total,
+                timestep: timesteps[index],
+                latents: &latents,
+                preview: preview.as_ref(),
+                step_ms,
+            };
+            let control = on_step(event);
+            if control == Control::Cancel {
+                return Err(Error::Cancelled);
+            }
+        }
+        let t0 = now_ms();
+        let image = self.decode(&latents).await?;
+        timings.vae_decoder_ms = now_ms() - t0;
+        timings.total_ms = now_ms() - started;
+        Ok(Generated {
+            image,
+            latents,
+            timings,
+        })
+    }
+}
+
+async fn decode_latents(
+    gpu: &Gpu,
+    config: &ModelConfig,
+    decoder: &Model,
+    cache: &mut Cached,
+    latents: &GpuTensor,
+) -> Result<RgbaImage> {
+    let scaled = latents.scale((1.0 / config.scaling_factor) as f32)?;
+    let input = decoder.input_names()[0].to_string();
+    let session = cache.get(gpu, decoder, &[(&input, &scaled.shape)]).await?;
+    let outputs = session.run(&[(&input, &scaled)]).await?;
+    let image = outputs
+        .into_values()
+        .next()
+        .ok_or_else(|| Error::Invalid("the VAE decoder has no outputs".into()))?;
+    RgbaImage::from_vae_output(&image.to_host().await?)
+}
+
+/// How the UNet takes its timestep: scalar or per batch item, float or integer.
+struct TimestepInput {
+    shape: Vec<usize>,
+    dtype: DType,
+}
+
+impl TimestepInput {
+    fn of(unet: &Session, batch: usize) -> Result<TimestepInput> {
+        let shape = unet
+            .input_shape("timestep")
+            .ok_or_else(|| Error::Invalid("the UNet has no `timestep` input".into()))?
+            .to_vec();
+        if shape.iter().product::<usize>() > batch {
+            return invalid(format!("unexpected UNet timestep shape {shape:?}"));
+        }
+        Ok(TimestepInput {
+            shape,
+            dtype: unet.input_dtype("timestep").unwrap_or(DType::F32),
+        })
+    }
+
+    fn tensor(&self, gpu: &Gpu, t: f64) -> GpuTensor {
+        let n = self.shape.iter().product();
+        let host = match self.dtype {
+            DType::F32 => HostTensor::f32(self.shape.clone(), vec![t as f32; n]),
+            _ => HostTensor::i64(self.shape.clone(), vec![t as i64; n]),
+        };
+        GpuTensor::from_host(gpu, &host)
+    }
+}
+
+/// The guidance-scale embedding of guidance-distilled UNets (`get_guidance_scale_embedding`
+/// in diffusers): sinusoids of `1000 * w` at `dim / 2` frequencies, computed in f32.
+pub fn guidance_embedding(w: f64, dim: usize) -> Vec<f32> {
+    let half = dim / 2;
+    let w = w as f32 * 1000.0;
+    let step = (10000.0f32).ln() / (half as f32 - 1.0);
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let mut out: Vec<f32> = args
+        .iter()
+        .map(|a| a.sin())
+        .chain(args.iter().map(|a| a.cos()))
+        .collect();
+    out.resize(dim, 0.0);
+    out
+}

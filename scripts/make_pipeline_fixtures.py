@@ -1,0 +1,95 @@
+"""Whole images from diffusers' torch pipelines (CPU generator), for websd's pipeline tests.
+
+    python scripts/make_pipeline_fixtures.py TINY_DIFFUSERS_DIR
+
+TINY_DIFFUSERS_DIR is the `diffusers` folder make_tiny_sd.py wrote (the weights the
+committed tests/fixtures/tiny-sd export came from). Writes tests/fixtures/pipeline/:
+cases.json (the parameters of each case), <case>.png (diffusers' image), init.png (the
+img2img source) and v_prediction_scheduler_config.json.
+"""
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
+                       PNDMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
+from PIL import Image
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures", "pipeline")
+CLASSES = {
+    "ddim": (DDIMScheduler, {}), "pndm": (PNDMScheduler, {}), "euler": (EulerDiscreteScheduler, {}),
+    "euler-a": (EulerAncestralDiscreteScheduler, {}), "dpm++2m": (DPMSolverMultistepScheduler, {}),
+    "dpm++2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}), "lcm": (LCMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+}
+PROMPT = "a red 7 on a blue background"
+
+
+def init_image():
+    y, x = np.mgrid[0:16, 0:16]
+    rgb = np.stack([x * 16, y * 16, (x + y) * 8], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def run(base, case):
+    config = dict(base.scheduler.config)
+    if case.get("v_prediction"):
+        config["prediction_type"] = "v_prediction"
+    cls, extra = CLASSES[case["scheduler"]]
+    scheduler = cls.from_config(config, **extra)
+    generator = torch.Generator("cpu").manual_seed(case["seed"])
+    common = dict(prompt=case["prompt"], negative_prompt=case.get("negative_prompt") or None,
+                  num_inference_steps=case["steps"], guidance_scale=case["guidance_scale"], generator=generator)
+    pipeline_class = StableDiffusionImg2ImgPipeline if "strength" in case else StableDiffusionPipeline
+    pipe = pipeline_class(**base.components)
+    # Swapped in after construction, as users do (`pipe.scheduler = X.from_config(...)`): the
+    # constructor would otherwise "fix" clip_sample to False for DDIM and DDPM.
+    pipe.scheduler = scheduler
+    if "strength" in case:
+        image = pipe(image=init_image(), strength=case["strength"], **common).images[0]
+    else:
+        image = pipe(height=case["height"], width=case["width"], **common).images[0]
+    image.save(os.path.join(ROOT, case["name"] + ".png"))
+
+
+def cases():
+    out = []
+    for kind in CLASSES:
+        out.append(dict(name=f"txt2img_{kind}", scheduler=kind, steps=4, guidance_scale=7.5, seed=9000))
+    out += [
+        dict(name="txt2img_nonsquare_euler-a", scheduler="euler-a", steps=5, guidance_scale=7.5, seed=1, width=24, height=16),
+        dict(name="txt2img_negative_dpm++2m", scheduler="dpm++2m", steps=6, guidance_scale=5.0, seed=3,
+             negative_prompt="blurry, low quality"),
+        dict(name="txt2img_no_guidance_euler", scheduler="euler", steps=4, guidance_scale=1.0, seed=4),
+        dict(name="txt2img_vpred_ddim", scheduler="ddim", steps=4, guidance_scale=7.5, seed=5, v_prediction=True),
+        dict(name="txt2img_vpred_euler-a", scheduler="euler-a", steps=4, guidance_scale=7.5, seed=6, v_prediction=True),
+        dict(name="img2img_ddim", scheduler="ddim", steps=8, guidance_scale=7.5, seed=7, strength=0.75),
+        dict(name="img2img_euler-a", scheduler="euler-a", steps=8, guidance_scale=7.5, seed=8, strength=0.5),
+        dict(name="img2img_dpm++2m", scheduler="dpm++2m", steps=8, guidance_scale=7.5, seed=9, strength=0.9),
+        dict(name="img2img_pndm", scheduler="pndm", steps=8, guidance_scale=7.5, seed=10, strength=0.6),
+    ]
+    for c in out:
+        c.setdefault("prompt", PROMPT)
+        c.setdefault("negative_prompt", "")
+        c.setdefault("width", 16)
+        c.setdefault("height", 16)
+    return out
+
+
+if __name__ == "__main__":
+    os.makedirs(ROOT, exist_ok=True)
+    base = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
+    base.set_progress_bar_config(disable=True)
+    init_image().save(os.path.join(ROOT, "init.png"))
+    config = dict(base.scheduler.config, prediction_type="v_prediction", _class_name="PNDMScheduler")
+    with open(os.path.join(ROOT, "v_prediction_scheduler_config.json"), "w") as f:
+        json.dump({k: v for k, v in config.items()}, f, indent=1)
+    all_cases = cases()
+    for case in all_cases:
+        run(base, case)
+    with open(os.path.join(ROOT, "cases.json"), "w") as f:
+        json.dump(all_cases, f, indent=1)
+    print(len(all_cases), "cases")

@@ -1,0 +1,216 @@
+//! Whole generations against diffusers' torch pipelines with the same weights, seed and
+//! parameters (scripts/make_pipeline_fixtures.py): every scheduler, non-square, negative
+//! prompt, no guidance, v-prediction, img2img. Max pixel difference <= 3/255.
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+use websd::engine::Gpu;
+use websd::image::RgbaImage;
+use websd::pipeline::{Control, Request, StableDiffusion};
+use websd::scheduler::SchedulerKind;
+
+/// The tiny-sd folder as in-memory files (the path the browser takes), optionally with
+/// another scheduler config.
+fn model_files(scheduler_config: Option<&str>) -> HashMap<String, Bytes> {
+    let root = common::fixtures().join("tiny-sd");
+    let mut files = HashMap::new();
+    for part in std::fs::read_dir(&root).unwrap() {
+        let part = part.unwrap().path();
+        let entries: Vec<_> = if part.is_dir() {
+            std::fs::read_dir(&part)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect()
+        } else {
+            vec![part]
+        };
+        for path in entries {
+            let key = path
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .replace('\\', "/");
+            files.insert(key, Bytes::from(std::fs::read(&path).unwrap()));
+        }
+    }
+    if let Some(config) = scheduler_config {
+        files.insert(
+            "scheduler/scheduler_config.json".into(),
+            Bytes::from(config.to_string()),
+        );
+    }
+    files
+}
+
+fn load(gpu: &Gpu, scheduler_config: Option<&str>) -> StableDiffusion {
+    StableDiffusion::load(gpu, &mut model_files(scheduler_config), "tiny-sd").unwrap()
+}
+
+fn request(case: &serde_json::Value) -> Request {
+    let init = case.get("strength").map(|_| {
+        RgbaImage::decode(&std::fs::read(common::fixtures().join("pipeline/init.png")).unwrap())
+            .unwrap()
+    });
+    Request {
+        prompt: case["prompt"].as_str().unwrap().into(),
+        negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+        steps: case["steps"].as_u64().unwrap() as usize,
+        guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+        seed: case["seed"].as_u64().unwrap(),
+        scheduler: Some(SchedulerKind::parse(case["scheduler"].as_str().unwrap()).unwrap()),
+        width: init
+            .is_none()
+            .then(|| case["width"].as_u64().unwrap() as usize),
+        height: init
+            .is_none()
+            .then(|| case["height"].as_u64().unwrap() as usize),
+        strength: case.get("strength").and_then(|s| s.as_f64()).unwrap_or(0.8),
+        init_image: init,
+        ..Request::default()
+    }
+}
+
+fn max_pixel_difference(a: &RgbaImage, b: &RgbaImage) -> u8 {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    a.pixels
+        .iter()
+        .zip(&b.pixels)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
+}
+
+#[test]
+fn every_case_matches_diffusers_within_3_of_255() {
+    let gpu = common::gpu();
+    let dir = common::fixtures().join("pipeline");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let v_config = std::fs::read_to_string(dir.join("v_prediction_scheduler_config.json")).unwrap();
+    let mut epsilon = load(&gpu, None);
+    let mut v_prediction = load(&gpu, Some(&v_config));
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let pipeline = if case.get("v_prediction").is_some() {
+            &mut v_prediction
+        } else {
+            &mut epsilon
+        };
+        let generated =
+            pollster::block_on(pipeline.generate(&request(case), &mut |_| Control::Continue))
+                .unwrap();
+        let expected =
+            RgbaImage::decode(&std::fs::read(dir.join(format!("{name}.png"))).unwrap()).unwrap();
+        let diff = max_pixel_difference(&generated.image, &expected);
+        report.push(format!("{name}: {diff}"));
+        if diff > 3 {
+            failures.push(format!("{name}: max pixel difference {diff}"));
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn previews_cancel_and_bad_parameters() {
+    let gpu = common::gpu();
+    let mut pipeline = load(&gpu, None);
+    let base = Request {
+        prompt: "a cat".into(),
+        steps: 4,
+        preview_every: 2,
+        ..Request::default()
+    };
+
+    let mut previews = 0;
+    let mut steps = 0;
+    pollster::block_on(pipeline.generate(&base, &mut |event| {
+        steps += 1;
+        previews += event.preview.is_some() as usize;
+        Control::Continue
+    }))
+    .unwrap();
+    assert_eq!(
+        (steps, previews),
+        (5, 3),
+        "PNDM runs 5 model evaluations for 4 steps; previews at 0, 2, 4"
+    );
+
+    let cancelled = pollster::block_on(pipeline.generate(&base, &mut |event| {
+        if event.step == 2 {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
+    }));
+    assert!(matches!(cancelled, Err(websd::Error::Cancelled)));
+
+    for (bad, words) in [
+        (
+            Request {
+                steps: 0,
+                ..base.clone()
+            },
+            "steps",
+        ),
+        (
+            Request {
+                width: Some(15),
+                ..base.clone()
+            },
+            "multiples",
+        ),
+        (
+            Request {
+                guidance_scale: f64::NAN,
+                ..base.clone()
+            },
+            "guidance",
+        ),
+        (
+            Request {
+                init_image: Some(RgbaImage {
+                    width: 16,
+                    height: 16,
+                    pixels: vec![0; 1024],
+                }),
+                strength: 1.5,
+                ..base.clone()
+            },
+            "strength",
+        ),
+    ] {
+        let message = pollster::block_on(pipeline.generate(&bad, &mut |_| Control::Continue))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(message.contains(words), "{message}");
+    }
+    // Still usable after all of that.
+    pollster::block_on(
+        pipeline.generate(&Request { steps: 1, ..base }, &mut |_| Control::Continue),
+    )
+    .unwrap();
+}
+
+#[test]
+fn missing_files_are_listed() {
+    let gpu = common::gpu();
+    let mut files = model_files(None);
+    files.remove("unet/model.onnx");
+    files.remove("tokenizer/merges.txt");
+    let message = StableDiffusion::load(&gpu, &mut files, "tiny-sd")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains("unet/model.onnx") && message.contains("tokenizer/merges.txt"),
+        "{message}"
+    );
+}

@@ -3,7 +3,7 @@
     python scripts/make_pipeline_fixtures.py TINY_DIFFUSERS_DIR
 
 TINY_DIFFUSERS_DIR is the `diffusers` folder make_tiny_sd.py wrote (the weights the
-committed tests/fixtures/tiny-sd export came from). Writes tests/fixtures/pipeline/:
+committed onnx/tiny-sd export came from). Writes tests/fixtures/pipeline/:
 cases.json (the parameters of each case), <case>.png (diffusers' image), init.png (the
 img2img source) and v_prediction_scheduler_config.json.
 """

@@ -21,7 +21,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        PNDMScheduler)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
-CONFIG = json.load(open(os.path.join(ROOT, "tiny-sd", "scheduler", "scheduler_config.json")))
+CONFIG = json.load(open(os.path.join(ROOT, "..", "..", "onnx", "tiny-sd", "scheduler", "scheduler_config.json")))
 
 KINDS = {
     "ddim": (DDIMScheduler, {}),

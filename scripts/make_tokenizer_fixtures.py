@@ -4,7 +4,7 @@ for websd's tokenizer test.
     python scripts/make_tokenizer_fixtures.py
 
 Writes tests/fixtures/tokenizer_ids.json: [{"prompt": ..., "ids": [77 ids]}, ...] for the
-tiny-sd tokenizer folder (the real CLIP vocabulary).
+onnx/tiny-sd tokenizer folder (the real CLIP vocabulary).
 """
 import json
 import os
@@ -52,7 +52,7 @@ def random_prompts(n):
 
 
 if __name__ == "__main__":
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(ROOT, "tiny-sd", "tokenizer"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(ROOT, "..", "..", "onnx", "tiny-sd", "tokenizer"))
     cases = []
     for prompt in HANDWRITTEN + random_prompts(200):
         ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids

@@ -20,7 +20,7 @@ fn error_of<T>(result: Result<T, websd::engine::Error>) -> String {
 
 #[test]
 fn truncated_and_garbage_files_are_parse_errors() {
-    let bytes = model_bytes("tiny-sd/vae_decoder/model.onnx");
+    let bytes = std::fs::read(common::tiny_sd().join("vae_decoder/model.onnx")).unwrap();
     let message = error_of(Model::from_bytes_only(bytes[..bytes.len() / 2].to_vec()));
     assert!(message.contains("not a valid ONNX model"), "{message}");
     let message = error_of(Model::from_bytes_only(vec![0xff; 100]));
@@ -65,7 +65,7 @@ fn unsupported_operator_names_op_node_and_opset() {
 #[test]
 fn unbound_dimension_is_named() {
     let gpu = common::gpu();
-    let model = common::load_model(&common::fixtures().join("tiny-sd/unet/model.onnx"));
+    let model = common::load_model(&common::tiny_sd().join("unet/model.onnx"));
     let dims = HashMap::from([("batch_size".to_string(), 1)]);
     let message = error_of(pollster::block_on(Session::new(&gpu, &model, &dims)));
     assert!(

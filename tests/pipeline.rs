@@ -16,7 +16,7 @@ use websd::scheduler::SchedulerKind;
 /// The tiny-sd folder as in-memory files (the path the browser takes), optionally with
 /// another scheduler config.
 fn model_files(scheduler_config: Option<&str>) -> HashMap<String, Bytes> {
-    let root = common::fixtures().join("tiny-sd");
+    let root = common::tiny_sd();
     let mut files = HashMap::new();
     for part in std::fs::read_dir(&root).unwrap() {
         let part = part.unwrap().path();
@@ -213,4 +213,86 @@ fn missing_files_are_listed() {
         message.contains("unet/model.onnx") && message.contains("tokenizer/merges.txt"),
         "{message}"
     );
+}
+
+/// The native CLI end to end: `websd generate` writes the same picture diffusers made, a
+/// preview grid, and a PNG that records the parameters.
+#[test]
+fn cli_generate_writes_the_image_and_grid() {
+    let dir = std::env::temp_dir().join(format!("websd-generate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (out, grid) = (dir.join("out.png"), dir.join("grid.png"));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_websd"))
+        .args([
+            "generate",
+            "--prompt",
+            "a red 7 on a blue background",
+            "--steps",
+            "4",
+            "--seed",
+            "9000",
+        ])
+        .args(["--scheduler", "euler-a", "--preview-every", "2", "--model"])
+        .arg(common::tiny_sd())
+        .arg("--out")
+        .arg(&out)
+        .arg("--grid")
+        .arg(&grid)
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let expected = RgbaImage::decode(
+        &std::fs::read(common::fixtures().join("pipeline/txt2img_euler-a.png")).unwrap(),
+    )
+    .unwrap();
+    let png = std::fs::read(&out).unwrap();
+    assert!(max_pixel_difference(&RgbaImage::decode(&png).unwrap(), &expected) <= 3);
+    let reader = png::Decoder::new(std::io::Cursor::new(&png))
+        .read_info()
+        .unwrap();
+    let text: Vec<(String, String)> = reader
+        .info()
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    for (key, value) in [
+        ("scheduler", "euler-a"),
+        ("seed", "9000"),
+        ("steps", "4"),
+        ("prompt", "a red 7 on a blue background"),
+    ] {
+        assert!(
+            text.contains(&(key.to_string(), value.to_string())),
+            "{key} missing from {text:?}"
+        );
+    }
+    let grid = RgbaImage::decode(&std::fs::read(&grid).unwrap()).unwrap();
+    assert_eq!(
+        (grid.width, grid.height),
+        (16 * 3, 16),
+        "previews after steps 1 and 3, then the final image"
+    );
+
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_websd"))
+        .args([
+            "generate",
+            "--prompt",
+            "x",
+            "--scheduler",
+            "heun",
+            "--out",
+            "x.png",
+            "--model",
+        ])
+        .arg(common::tiny_sd())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scheduler `heun`"));
+    std::fs::remove_dir_all(&dir).ok();
 }

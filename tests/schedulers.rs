@@ -30,10 +30,8 @@ fn run_case(dir: &Path) -> Result<(), String> {
     let case: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let mut config = SchedulerConfig::from_json(
-        &std::fs::read_to_string(
-            common::fixtures().join("tiny-sd/scheduler/scheduler_config.json"),
-        )
-        .unwrap(),
+        &std::fs::read_to_string(common::tiny_sd().join("scheduler/scheduler_config.json"))
+            .unwrap(),
     )
     .unwrap();
     for (key, value) in case["overrides"].as_object().unwrap() {

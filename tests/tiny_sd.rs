@@ -8,12 +8,7 @@ use std::collections::HashMap;
 
 fn check(graph: &str, case: &str, dims: &[(&str, usize)]) {
     let gpu = common::gpu();
-    let model = common::load_model(
-        &common::fixtures()
-            .join("tiny-sd")
-            .join(graph)
-            .join("model.onnx"),
-    );
+    let model = common::load_model(&common::tiny_sd().join(graph).join("model.onnx"));
     let dims: HashMap<String, usize> = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
     let dir = common::fixtures().join("tiny-sd-io").join(case);
     let outputs =

@@ -8,7 +8,7 @@ mod common;
 use websd::tokenizer::{ClipTokenizer, TokenizerFiles};
 
 fn tokenizer() -> ClipTokenizer {
-    let dir = common::fixtures().join("tiny-sd/tokenizer");
+    let dir = common::tiny_sd().join("tokenizer");
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
     let (vocab, merges, config) = (
         read("vocab.json"),

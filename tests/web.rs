@@ -30,7 +30,13 @@ async fn tiny_unet_matches_onnxruntime_in_the_browser() {
     let gpu = Gpu::new()
         .await
         .expect("WebGPU adapter (Chromium needs --enable-unsafe-webgpu)");
-    let model = Model::from_bytes_only(&fixture!("tiny-sd/unet/model.onnx")[..]).unwrap();
+    let model = Model::from_bytes_only(
+        &include_bytes!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/onnx/tiny-sd/unet/model.onnx"
+        ))[..],
+    )
+    .unwrap();
     let dims: HashMap<String, usize> = [
         ("batch_size", 2),
         ("height", 8),
@@ -69,4 +75,32 @@ async fn bad_model_bytes_are_an_error_not_a_panic() {
         .err()
         .expect("an error");
     assert!(err.to_string().contains("ONNX"), "{err}");
+}
+
+/// The fused attention kernel on the browser's WebGPU, against onnxruntime.
+#[wasm_bindgen_test]
+async fn fused_attention_matches_onnxruntime_in_the_browser() {
+    let gpu = Gpu::new().await.unwrap();
+    for (model, q, kt, v, y) in [(
+        &fixture!("graphs/attention_cross/model.onnx")[..],
+        &fixture!("graphs/attention_cross/in_q.npy")[..],
+        &fixture!("graphs/attention_cross/in_kt.npy")[..],
+        &fixture!("graphs/attention_cross/in_v.npy")[..],
+        &fixture!("graphs/attention_cross/out_y.npy")[..],
+    )] {
+        let model = Model::from_bytes_only(model).unwrap();
+        let session = Session::new(&gpu, &model, &HashMap::new()).await.unwrap();
+        let outputs = session
+            .run_host(&[("q", &tensor(q)), ("kt", &tensor(kt)), ("v", &tensor(v))])
+            .await
+            .unwrap();
+        let expected = tensor(y);
+        let worst = outputs["y"]
+            .to_f32()
+            .iter()
+            .zip(expected.to_f32().iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "max abs diff {worst}");
+    }
 }

@@ -13,6 +13,11 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The bundled tiny random-weight SD pipeline (optimum export), also the app's demo model.
+pub fn tiny_sd() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/tiny-sd")
+}
+
 pub fn gpu() -> Gpu {
     pollster::block_on(Gpu::new())
         .expect("a WebGPU adapter (install mesa-vulkan-drivers for lavapipe)")

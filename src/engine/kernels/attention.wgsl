@@ -67,7 +67,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             // scores stay in registers, and each lane reads the same workgroup word
             // (a broadcast). It also keeps the dynamic trip count per tile at D + E, under
             // the loop-iteration guard of software rasterisers such as llvmpipe.
-            var scores: array<f32, KEYS>;
+            // Explicitly zeroed: a bare `var` in a loop was not re-zeroed per iteration on
+            // Chromium (SwiftShader), which summed scores across tiles.
+            var scores = array<f32, KEYS>();
             for (var c = 0u; c < p.d; c++) {
                 let qc = query[c];
                 for (var j = 0u; j < KEYS; j++) {

@@ -13,5 +13,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
+#[cfg(target_arch = "wasm32")]
+pub mod web;
 
 pub use error::{Error, Result};

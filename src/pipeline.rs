@@ -32,6 +32,8 @@ pub struct Request {
     pub init_latents: Option<HostTensor>,
     /// Decode the latents through the VAE every this many steps (0: never).
     pub preview_every: usize,
+    /// After every step, a cheap latent-space RGB picture (1/8 size, no VAE).
+    pub live_preview: bool,
 }
 
 impl Default for Request {
@@ -49,6 +51,7 @@ impl Default for Request {
             strength: 0.8,
             init_latents: None,
             preview_every: 0,
+            live_preview: false,
         }
     }
 }
@@ -62,6 +65,8 @@ pub struct StepEvent<'a> {
     pub latents: &'a GpuTensor,
     /// The decoded image, on preview steps.
     pub preview: Option<&'a RgbaImage>,
+    /// The latent-space picture, when `live_preview` is set.
+    pub live_preview: Option<&'a RgbaImage>,
     pub step_ms: f64,
 }
 
@@ -148,6 +153,11 @@ impl StableDiffusion {
             decoder_session: Cached::default(),
             encoder_session: Cached::default(),
         })
+    }
+
+    /// Whether the folder has the VAE encoder img2img needs.
+    pub fn has_vae_encoder(&self) -> bool {
+        self.vae_encoder.is_some()
     }
 
     pub fn tokenizer(&self) -> &ClipTokenizer {
@@ -422,12 +432,18 @@ impl StableDiffusion {
             } else {
                 None
             };
+            let live = if request.live_preview {
+                Some(crate::image::latent_preview(&latents.to_host().await?)?)
+            } else {
+                None
+            };
             let event = StepEvent {
                 step: done + 1,
                 total,
                 timestep: timesteps[index],
                 latents: &latents,
                 preview: preview.as_ref(),
+                live_preview: live.as_ref(),
                 step_ms,
             };
             let control = on_step(event);

@@ -17,6 +17,29 @@ use super::tensor::{DType, HostData, HostTensor, Storage};
 /// to the model's folder). Natively this reads a file; in the browser, fetched bytes.
 pub type ExternalDataSource<'a> = dyn FnMut(&str) -> std::result::Result<Bytes, String> + 'a;
 
+/// The external-data files a model names (to fetch before loading), in first-use order.
+pub fn external_data_locations(model_bytes: Bytes) -> Result<Vec<String>> {
+    let model = onnx::ModelProto::decode(model_bytes).map_err(|e| {
+        Error::parse(format!(
+            "protobuf decoding failed ({e}); is this an .onnx file?"
+        ))
+    })?;
+    let mut locations: Vec<String> = Vec::new();
+    for tensor in model.graph.iter().flat_map(|g| &g.initializer) {
+        if tensor.data_location == DATA_LOCATION_EXTERNAL {
+            let location = tensor
+                .external_data
+                .iter()
+                .find(|e| e.key == "location")
+                .map(|e| e.value.clone());
+            if let Some(location) = location.filter(|l| !locations.contains(l)) {
+                locations.push(location);
+            }
+        }
+    }
+    Ok(locations)
+}
+
 /// Decodes a model. `external` is asked once per distinct external-data file.
 pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Result<Graph> {
     let model = onnx::ModelProto::decode(model_bytes).map_err(|e| {

@@ -22,6 +22,6 @@ mod tensor;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuTensor, SharedGpu};
-pub use loader::ExternalDataSource;
+pub use loader::{ExternalDataSource, external_data_locations};
 pub use session::{Model, Session};
 pub use tensor::{DType, HostTensor, Storage};

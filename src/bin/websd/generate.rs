@@ -95,6 +95,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         strength: args.strength,
         init_latents,
         preview_every: args.preview_every,
+        live_preview: false,
     };
 
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;

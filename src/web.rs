@@ -1,0 +1,565 @@
+//! The browser shell: a small wasm-bindgen API over the same core as the CLI. JavaScript
+//! wires the page to it and draws; fetching, caching, checking and generating happen here.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use js_sys::{Function, Object, Reflect, Uint8Array, Uint8ClampedArray};
+use serde::Deserialize;
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::{JsFuture, future_to_promise};
+
+use crate::engine::{Gpu, external_data_locations};
+use crate::image::RgbaImage;
+use crate::model::REQUIRED_FILES;
+use crate::pipeline::{Control, Request, StableDiffusion, StepEvent};
+use crate::scheduler::SchedulerKind;
+
+/// Files a folder may have besides the required ones.
+const OPTIONAL_FILES: [&str; 4] = [
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/special_tokens_map.json",
+    "vae_encoder/model.onnx",
+    "vae_encoder/config.json",
+];
+const GRAPHS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
+const CACHE_NAME: &str = "websd-models-v1";
+/// Header recording the length a cached file must have: a short or damaged entry is refetched.
+const LENGTH_HEADER: &str = "x-websd-length";
+
+const NO_WEBGPU: &str = "This browser does not offer WebGPU. Use a recent Chrome or Edge (113+) on a machine \
+with a supported GPU; in Firefox enable dom.webgpu.enabled in about:config (Nightly), in Safari enable \
+WebGPU under Develop > Feature Flags. On Linux, Chrome may need chrome://flags/#enable-unsafe-webgpu.";
+
+fn js_error(message: impl std::fmt::Display) -> JsValue {
+    JsError::new(&message.to_string()).into()
+}
+
+fn set(object: &Object, key: &str, value: impl Into<JsValue>) {
+    let _ = Reflect::set(object, &key.into(), &value.into());
+}
+
+/// A loaded model's files, kept so that a lost device can be replaced without downloading again.
+#[derive(Clone)]
+struct Source {
+    name: String,
+    files: HashMap<String, Bytes>,
+}
+
+/// What the page's promises share. The pipeline is taken out while a generation runs
+/// (`busy`), so nothing else can reach it half-way.
+#[derive(Default)]
+struct State {
+    gpu: RefCell<Option<Gpu>>,
+    pipeline: RefCell<Option<StableDiffusion>>,
+    source: RefCell<Option<Source>>,
+    busy: Cell<bool>,
+    cancel: Cell<bool>,
+    /// Set when a generation failed because the device was lost or out of memory.
+    device_failed: Cell<bool>,
+}
+
+/// The state behind the page.
+#[wasm_bindgen]
+pub struct App {
+    state: Rc<State>,
+}
+
+impl Default for App {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[wasm_bindgen]
+impl App {
+    #[wasm_bindgen(constructor)]
+    pub fn new() -> App {
+        console_error_panic_hook::set_once();
+        App {
+            state: Rc::default(),
+        }
+    }
+
+    /// Opens the GPU; resolves to a description of the adapter, or rejects with how to get WebGPU.
+    #[wasm_bindgen(js_name = initGpu)]
+    pub fn init_gpu(&self) -> js_sys::Promise {
+        let state = self.state.clone();
+        future_to_promise(async move { Ok(JsValue::from(state.gpu().await?.describe())) })
+    }
+
+    /// Fetches a model folder from `base_url` (through the cache) and loads it.
+    /// `on_progress({file, loaded, total, fileIndex, fileCount, cached})` reports downloads.
+    #[wasm_bindgen(js_name = loadUrl)]
+    pub fn load_url(&self, base_url: String, on_progress: Function) -> js_sys::Promise {
+        let state = self.state.clone();
+        future_to_promise(async move {
+            state.ensure_idle()?;
+            let base = if base_url.ends_with('/') {
+                base_url.clone()
+            } else {
+                format!("{base_url}/")
+            };
+            let files = fetch_folder(&base, &on_progress).await?;
+            state
+                .install(Source {
+                    name: base_url,
+                    files,
+                })
+                .await
+        })
+    }
+
+    /// Loads a folder the user picked: `files` maps relative paths to `Uint8Array`s.
+    #[wasm_bindgen(js_name = loadFiles)]
+    pub fn load_files(&self, name: String, files: js_sys::Map) -> js_sys::Promise {
+        let mut map = HashMap::new();
+        files.for_each(&mut |value, key| {
+            if let (Some(path), Ok(bytes)) = (key.as_string(), value.dyn_into::<Uint8Array>()) {
+                map.insert(path, Bytes::from(bytes.to_vec()));
+            }
+        });
+        let state = self.state.clone();
+        future_to_promise(async move {
+            state.ensure_idle()?;
+            state.install(Source { name, files: map }).await
+        })
+    }
+
+    /// Generates. `params`: {prompt, negativePrompt, steps, guidanceScale, seed, scheduler,
+    /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery}. `on_step` gets
+    /// {step, total, timestep, stepMs, live: {width, height, rgba}, preview: {...}}.
+    /// Resolves to {png, width, height, rgba, seed, scheduler, timings}.
+    pub fn generate(&self, params: JsValue, on_step: Function) -> js_sys::Promise {
+        let state = self.state.clone();
+        future_to_promise(async move {
+            let params: GenerateParams = serde_wasm_bindgen::from_value(params)
+                .map_err(|e| js_error(format!("bad parameters: {e}")))?;
+            state.ensure_idle()?;
+            // After a lost device, rebuild everything from the files still in memory.
+            if state.pipeline.borrow().is_none() {
+                let source = state
+                    .source
+                    .borrow()
+                    .clone()
+                    .ok_or_else(|| js_error("load a model first"))?;
+                state.install(source).await?;
+            }
+            let mut pipeline = state
+                .pipeline
+                .borrow_mut()
+                .take()
+                .ok_or_else(|| js_error("load a model first"))?;
+            state.busy.set(true);
+            state.cancel.set(false);
+            let result = run_generation(&mut pipeline, &state, &params, &on_step).await;
+            state.busy.set(false);
+            if state.device_failed.replace(false) {
+                // The next Generate starts from a fresh device and the kept files.
+                state.gpu.borrow_mut().take();
+            } else {
+                *state.pipeline.borrow_mut() = Some(pipeline);
+            }
+            result
+        })
+    }
+
+    /// Asks the running generation to stop after its current step.
+    pub fn cancel(&self) {
+        self.state.cancel.set(true);
+    }
+
+    /// {defaultSize, sizeStep, scheduler, schedulers, hasEncoder, name}, or null before a
+    /// model is loaded (and while one generates).
+    #[wasm_bindgen(js_name = modelInfo)]
+    pub fn model_info(&self) -> JsValue {
+        let pipeline = self.state.pipeline.borrow();
+        let Some(p) = pipeline.as_ref() else {
+            return JsValue::NULL;
+        };
+        let info = Object::new();
+        set(&info, "defaultSize", p.config.default_image_size() as u32);
+        set(&info, "sizeStep", p.config.vae_scale_factor as u32);
+        set(&info, "scheduler", p.config.default_scheduler.name());
+        let names = js_sys::Array::new();
+        for kind in SchedulerKind::ALL {
+            names.push(&kind.name().into());
+        }
+        set(&info, "schedulers", names);
+        set(&info, "hasEncoder", p.has_vae_encoder());
+        set(
+            &info,
+            "name",
+            self.state
+                .source
+                .borrow()
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default(),
+        );
+        info.into()
+    }
+
+    /// Deletes every cached model download.
+    #[wasm_bindgen(js_name = clearCache)]
+    pub fn clear_cache() -> js_sys::Promise {
+        future_to_promise(async move {
+            let caches = web_sys::window()
+                .ok_or_else(|| js_error("no window"))?
+                .caches()?;
+            JsFuture::from(caches.delete(CACHE_NAME)).await
+        })
+    }
+}
+
+impl State {
+    fn ensure_idle(&self) -> Result<(), JsValue> {
+        if self.busy.get() {
+            Err(js_error(
+                "a generation is running; cancel it or wait for it to finish",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The device, opened on first use (and again after a loss).
+    async fn gpu(&self) -> Result<Gpu, JsValue> {
+        if let Some(gpu) = self.gpu.borrow().as_ref() {
+            return Ok(gpu.clone());
+        }
+        let navigator = web_sys::window()
+            .ok_or_else(|| js_error("no window"))?
+            .navigator();
+        let has_gpu = Reflect::get(&navigator, &"gpu".into())
+            .is_ok_and(|g| !g.is_undefined() && !g.is_null());
+        if !has_gpu {
+            return Err(js_error(NO_WEBGPU));
+        }
+        let gpu = Gpu::new()
+            .await
+            .map_err(|e| js_error(format!("{e}. {NO_WEBGPU}")))?;
+        *self.gpu.borrow_mut() = Some(gpu.clone());
+        Ok(gpu)
+    }
+
+    /// Builds the pipeline from a model's files and keeps the files.
+    async fn install(&self, mut source: Source) -> Result<JsValue, JsValue> {
+        let gpu = self.gpu().await?;
+        self.pipeline.borrow_mut().take();
+        let pipeline =
+            StableDiffusion::load(&gpu, &mut source.files, &source.name).map_err(js_error)?;
+        *self.pipeline.borrow_mut() = Some(pipeline);
+        *self.source.borrow_mut() = Some(source);
+        Ok(JsValue::TRUE)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GenerateParams {
+    prompt: String,
+    #[serde(default)]
+    negative_prompt: String,
+    steps: usize,
+    guidance_scale: f64,
+    seed: f64,
+    scheduler: Option<String>,
+    width: Option<usize>,
+    height: Option<usize>,
+    #[serde(default)]
+    init_image: Option<serde_bytes::ByteBuf>,
+    #[serde(default = "default_strength")]
+    strength: f64,
+    #[serde(default)]
+    preview_every: usize,
+}
+
+fn default_strength() -> f64 {
+    0.8
+}
+
+async fn run_generation(
+    pipeline: &mut StableDiffusion,
+    state: &State,
+    params: &GenerateParams,
+    on_step: &Function,
+) -> Result<JsValue, JsValue> {
+    let scheduler = params
+        .scheduler
+        .as_deref()
+        .filter(|s| !s.is_empty())
+        .map(SchedulerKind::parse)
+        .transpose()
+        .map_err(js_error)?;
+    let init_image = params
+        .init_image
+        .as_ref()
+        .map(|b| RgbaImage::decode(b))
+        .transpose()
+        .map_err(js_error)?;
+    if !(params.seed >= 0.0 && params.seed <= u32::MAX as f64 && params.seed.fract() == 0.0) {
+        return Err(js_error(
+            "the seed must be a whole number from 0 to 4294967295",
+        ));
+    }
+    let request = Request {
+        prompt: params.prompt.clone(),
+        negative_prompt: params.negative_prompt.clone(),
+        steps: params.steps,
+        guidance_scale: params.guidance_scale,
+        seed: params.seed as u64,
+        scheduler,
+        width: params.width,
+        height: params.height,
+        init_image,
+        strength: params.strength,
+        init_latents: None,
+        preview_every: params.preview_every,
+        live_preview: true,
+    };
+    let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
+    let mut on_event = |event: StepEvent| {
+        let info = Object::new();
+        set(&info, "step", event.step as u32);
+        set(&info, "total", event.total as u32);
+        set(&info, "timestep", event.timestep);
+        set(&info, "stepMs", event.step_ms);
+        if let Some(image) = event.live_preview {
+            set(&info, "live", image_object(image));
+        }
+        if let Some(image) = event.preview {
+            set(&info, "preview", image_object(image));
+        }
+        let _ = on_step.call1(&JsValue::NULL, &info);
+        if state.cancel.get() {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
+    };
+    let generated = pipeline
+        .generate(&request, &mut on_event)
+        .await
+        .map_err(js_error)?;
+    let model = state
+        .source
+        .borrow()
+        .as_ref()
+        .map(|s| s.name.clone())
+        .unwrap_or_default();
+    let text = [
+        ("prompt", request.prompt.clone()),
+        ("negative_prompt", request.negative_prompt.clone()),
+        ("seed", request.seed.to_string()),
+        ("steps", request.steps.to_string()),
+        ("scheduler", kind.name().to_string()),
+        ("guidance_scale", request.guidance_scale.to_string()),
+        ("model", model),
+    ];
+    let png = generated.image.to_png(&text).map_err(js_error)?;
+    let result = image_object(&generated.image);
+    set(&result, "png", Uint8Array::from(png.as_slice()));
+    set(&result, "seed", request.seed as f64);
+    set(&result, "scheduler", kind.name());
+    let t = &generated.timings;
+    let timings = Object::new();
+    set(&timings, "textEncoderMs", t.text_encoder_ms);
+    set(&timings, "vaeEncoderMs", t.vae_encoder_ms);
+    set(&timings, "vaeDecoderMs", t.vae_decoder_ms);
+    set(&timings, "totalMs", t.total_ms);
+    let steps = js_sys::Array::new();
+    for ms in &t.unet_step_ms {
+        steps.push(&(*ms).into());
+    }
+    set(&timings, "unetStepMs", steps);
+    set(&result, "timings", timings);
+    Ok(result.into())
+}
+
+fn image_object(image: &RgbaImage) -> Object {
+    let object = Object::new();
+    set(&object, "width", image.width as u32);
+    set(&object, "height", image.height as u32);
+    set(
+        &object,
+        "rgba",
+        Uint8ClampedArray::from(image.pixels.as_slice()),
+    );
+    object
+}
+
+/// Fetches every file of a model folder, from the cache when it holds a sound copy.
+async fn fetch_folder(
+    base: &str,
+    on_progress: &Function,
+) -> Result<HashMap<String, Bytes>, JsValue> {
+    let mut files = HashMap::new();
+    let mut wanted: Vec<(String, bool)> = REQUIRED_FILES
+        .iter()
+        .map(|f| (f.to_string(), true))
+        .collect();
+    wanted.extend(OPTIONAL_FILES.iter().map(|f| (f.to_string(), false)));
+    let mut missing = Vec::new();
+    let mut index = 0;
+    while index < wanted.len() {
+        let (path, required) = wanted[index].clone();
+        let count = wanted.len();
+        match fetch_cached(&format!("{base}{path}"), &path, index, count, on_progress).await? {
+            Some(bytes) => {
+                // A graph's external data is fetched next to it.
+                if let Some(part) = GRAPHS.iter().find(|g| path == format!("{g}/model.onnx")) {
+                    let locations = external_data_locations(bytes.clone())
+                        .map_err(|e| js_error(format!("{path}: {e}")))?;
+                    wanted.extend(locations.into_iter().map(|l| (format!("{part}/{l}"), true)));
+                }
+                files.insert(path, bytes);
+            }
+            None if required => missing.push(path),
+            None => {}
+        }
+        index += 1;
+    }
+    if !missing.is_empty() {
+        return Err(js_error(format!(
+            "the model at {base} is missing {}",
+            missing.join(", ")
+        )));
+    }
+    Ok(files)
+}
+
+/// One file: the cached copy if its length checks out, else a download that is then cached.
+/// `None` when the server has no such file.
+async fn fetch_cached(
+    url: &str,
+    path: &str,
+    index: usize,
+    count: usize,
+    on_progress: &Function,
+) -> Result<Option<Bytes>, JsValue> {
+    let window = web_sys::window().ok_or_else(|| js_error("no window"))?;
+    let report = |loaded: f64, total: f64, cached: bool| {
+        let info = Object::new();
+        set(&info, "file", path);
+        set(&info, "loaded", loaded);
+        set(&info, "total", total);
+        set(&info, "fileIndex", index as u32);
+        set(&info, "fileCount", count as u32);
+        set(&info, "cached", cached);
+        let _ = on_progress.call1(&JsValue::NULL, &info);
+    };
+    let cache: Option<web_sys::Cache> = match window.caches() {
+        Ok(caches) => JsFuture::from(caches.open(CACHE_NAME))
+            .await
+            .ok()
+            .and_then(|c| c.dyn_into().ok()),
+        Err(_) => None,
+    };
+    if let Some(cache) = &cache
+        && let Ok(hit) = JsFuture::from(cache.match_with_str(url)).await
+        && let Ok(response) = hit.dyn_into::<web_sys::Response>()
+    {
+        let expected = response
+            .headers()
+            .get(LENGTH_HEADER)
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse::<usize>().ok());
+        let body = JsFuture::from(response.array_buffer()?).await?;
+        let bytes = Uint8Array::new(&body).to_vec();
+        if Some(bytes.len()) == expected {
+            report(bytes.len() as f64, bytes.len() as f64, true);
+            return Ok(Some(Bytes::from(bytes)));
+        }
+        // Short or damaged: drop it and download again.
+        let _ = JsFuture::from(cache.delete_with_str(url)).await;
+    }
+    let response: web_sys::Response = JsFuture::from(window.fetch_with_str(url))
+        .await
+        .map_err(|e| js_error(format!("cannot fetch {url}: {e:?}")))?
+        .dyn_into()?;
+    if response.status() == 404 {
+        return Ok(None);
+    }
+    if !response.ok() {
+        return Err(js_error(format!("{url}: HTTP {}", response.status())));
+    }
+    let total = response
+        .headers()
+        .get("content-length")
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let bytes = read_body(&response, |loaded| report(loaded, total, false)).await?;
+    if total > 0.0 && bytes.len() as f64 != total {
+        return Err(js_error(format!(
+            "{url}: received {} of {total} bytes",
+            bytes.len()
+        )));
+    }
+    if let Some(cache) = &cache {
+        store(cache, url, &bytes)
+            .await
+            .map_err(|e| js_error(format!("could not cache {path}: {e}")))?;
+    }
+    Ok(Some(Bytes::from(bytes)))
+}
+
+/// Reads a response body chunk by chunk, reporting the bytes received so far.
+async fn read_body(
+    response: &web_sys::Response,
+    mut progress: impl FnMut(f64),
+) -> Result<Vec<u8>, JsValue> {
+    let Some(body) = response.body() else {
+        let buffer = JsFuture::from(response.array_buffer()?).await?;
+        return Ok(Uint8Array::new(&buffer).to_vec());
+    };
+    let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().dyn_into()?;
+    let mut bytes = Vec::new();
+    loop {
+        let chunk = JsFuture::from(reader.read()).await?;
+        if Reflect::get(&chunk, &"done".into())?
+            .as_bool()
+            .unwrap_or(true)
+        {
+            break;
+        }
+        let value: Uint8Array = Reflect::get(&chunk, &"value".into())?.dyn_into()?;
+        let start = bytes.len();
+        bytes.resize(start + value.length() as usize, 0);
+        value.copy_to(&mut bytes[start..]);
+        progress(bytes.len() as f64);
+    }
+    Ok(bytes)
+}
+
+/// Puts a file into the cache with its length; a full quota becomes a readable message.
+async fn store(cache: &web_sys::Cache, url: &str, bytes: &[u8]) -> Result<(), String> {
+    let headers = web_sys::Headers::new().map_err(|e| format!("{e:?}"))?;
+    headers
+        .set(LENGTH_HEADER, &bytes.len().to_string())
+        .map_err(|e| format!("{e:?}"))?;
+    let init = web_sys::ResponseInit::new();
+    init.set_headers(&headers);
+    let body = Uint8Array::from(bytes);
+    let response = web_sys::Response::new_with_opt_buffer_source_and_init(Some(&body), &init)
+        .map_err(|e| format!("{e:?}"))?;
+    JsFuture::from(cache.put_with_str(url, &response))
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            let quota = e
+                .dyn_ref::<web_sys::DomException>()
+                .is_some_and(|d| d.name() == "QuotaExceededError");
+            if quota {
+                "the browser's storage quota is full; clear cached models or free disk space"
+                    .to_string()
+            } else {
+                format!("{e:?}")
+            }
+        })
+}

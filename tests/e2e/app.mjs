@@ -1,0 +1,102 @@
+// End-to-end test of the built site (dist/) in Debian's Chromium, driven by playwright-core:
+// served from a sub-path on 127.0.0.1, generate with the bundled model, check the step
+// previews, the download and the console; reload to use the cache; and check the message
+// shown when WebGPU is unavailable. Run by .ci/test after `trunk build --release`.
+import { chromium } from "playwright-core";
+import http from "node:http";
+import fs from "node:fs";
+import path from "node:path";
+import assert from "node:assert/strict";
+
+const root = path.resolve(process.argv[2] ?? "dist");
+const outDir = path.resolve(process.argv[3] ?? "target/e2e");
+const MIME = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css",
+  ".json": "application/json", ".png": "image/png", ".txt": "text/plain" };
+const PREFIX = "/some/sub/path/";
+
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, "http://x");
+  if (!url.pathname.startsWith(PREFIX)) { res.writeHead(404).end(); return; }
+  let file = path.join(root, decodeURIComponent(url.pathname.slice(PREFIX.length)));
+  if (!file.startsWith(root)) { res.writeHead(403).end(); return; }
+  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, "index.html");
+  if (!fs.existsSync(file)) { res.writeHead(404).end(); return; }
+  const body = fs.readFileSync(file);
+  res.writeHead(200, { "content-type": MIME[path.extname(file)] ?? "application/octet-stream", "content-length": body.length });
+  res.end(body);
+});
+await new Promise((resolve) => server.listen(0, "127.0.0.1", resolve));
+const site = `http://127.0.0.1:${server.address().port}${PREFIX}`;
+
+const baseArgs = ["--no-sandbox", "--disable-background-networking", "--disable-component-update", "--no-first-run", "--disable-sync"];
+fs.mkdirSync(outDir, { recursive: true });
+
+async function withPage(args, body) {
+  const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: [...baseArgs, ...args] });
+  try {
+    const context = await browser.newContext({ acceptDownloads: true });
+    const page = await context.newPage();
+    const problems = [];
+    page.on("console", (m) => { if (m.type() === "error") problems.push(`console: ${m.text()}`); });
+    page.on("pageerror", (e) => problems.push(`page error: ${e.message}`));
+    await body(page, problems);
+  } finally {
+    await browser.close();
+  }
+}
+
+let failed = false;
+async function step(name, fn) {
+  try { await fn(); console.log(`ok   ${name}`); }
+  catch (e) { failed = true; console.log(`FAIL ${name}\n${e.stack ?? e}`); }
+}
+
+await step("generates with the bundled model, previews, download, cache", () => withPage(["--enable-unsafe-webgpu"], async (page, problems) => {
+  await page.goto(site);
+  await page.locator("#model-status", { hasText: "Loaded" }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#adapter").innerText(), /GPU:/);
+  await page.fill("#steps", "6");
+  await page.fill("#preview-every", "2");
+  await page.keyboard.press("Tab");
+  await page.click("#generate");
+  await page.locator("#result").waitFor({ state: "visible", timeout: 180_000 });
+  const previews = await page.locator("#strip canvas").count();
+  assert.ok(previews >= 3, `expected step previews, got ${previews}`);
+  assert.match(await page.locator("#step-status").innerText(), /Done: seed 9000/);
+  assert.match(await page.locator("#timings").innerText(), /UNet steps\s+6 ×/);
+  const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+  const file = path.join(outDir, "download.png");
+  await download.saveAs(file);
+  const png = fs.readFileSync(file);
+  assert.equal(png.subarray(1, 4).toString(), "PNG");
+  for (const key of ["prompt", "seed", "steps", "scheduler", "guidance_scale", "model"]) {
+    assert.ok(png.includes(Buffer.from(key + "\0")), `PNG lacks the ${key} text chunk`);
+  }
+  await page.screenshot({ path: path.join(outDir, "app.png"), fullPage: true });
+  // A reload takes the model from the cache.
+  await page.reload();
+  await page.locator("#model-status", { hasText: "Loaded" }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#file-progress").innerText(), /from cache/);
+  // Cancel leaves the page usable.
+  await page.fill("#steps", "200");
+  await page.click("#generate");
+  await page.locator("#step-status", { hasText: "Step 2" }).waitFor({ timeout: 60_000 });
+  await page.click("#cancel");
+  await page.locator("#message", { hasText: "cancelled" }).waitFor({ timeout: 60_000 });
+  assert.equal(await page.locator("#generate").isDisabled(), false);
+  // Bad parameters are explained.
+  await page.fill("#width", "13");
+  await page.click("#generate");
+  await page.locator("#message", { hasText: "multiples" }).waitFor({ timeout: 30_000 });
+  assert.deepEqual(problems, []);
+}));
+
+await step("explains a missing WebGPU", () => withPage(["--disable-features=WebGPU"], async (page) => {
+  await page.goto(site);
+  await page.locator("#message", { hasText: "WebGPU" }).waitFor({ timeout: 60_000 });
+  assert.equal(await page.locator("#generate").isDisabled(), true);
+  await page.screenshot({ path: path.join(outDir, "no-webgpu.png") });
+}));
+
+server.close();
+process.exit(failed ? 1 : 0);

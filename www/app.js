@@ -1,0 +1,209 @@
+// The page's wiring: DOM events in, drawing out. Every decision (what to fetch, caching,
+// validation, generation) is made by the Rust `App` (src/web.rs).
+
+const $ = (id) => document.getElementById(id);
+const BUNDLED = new URL("onnx/tiny-sd/", document.baseURI).href;
+let app = null;
+let running = false;
+
+function showMessage(error) {
+  const box = $("message");
+  if (!error) { box.hidden = true; box.textContent = ""; return; }
+  box.textContent = error instanceof Error ? error.message : String(error);
+  box.hidden = false;
+}
+
+function setBusy(busy) {
+  running = busy;
+  $("generate").disabled = busy || !app?.modelInfo();
+  $("cancel").disabled = !busy;
+  $("load-model").disabled = busy;
+}
+
+function drawImage(canvas, image) {
+  canvas.width = image.width;
+  canvas.height = image.height;
+  canvas.getContext("2d").putImageData(new ImageData(image.rgba, image.width, image.height), 0, 0);
+}
+
+function showModel(info) {
+  const select = $("scheduler");
+  select.replaceChildren(...info.schedulers.map((name) => new Option(name, name, false, name === info.scheduler)));
+  for (const id of ["width", "height"]) {
+    $(id).value = info.defaultSize;
+    $(id).step = info.sizeStep;
+    $(id).min = info.sizeStep;
+  }
+  $("init-image").disabled = !info.hasEncoder;
+  $("model-status").textContent = `Loaded ${info.name} (native size ${info.defaultSize}px, scheduler ${info.scheduler}).`;
+  setBusy(false);
+}
+
+function onProgress(event) {
+  const list = $("file-progress");
+  let item = list.querySelector(`[data-file="${CSS.escape(event.file)}"]`);
+  if (!item) {
+    item = document.createElement("li");
+    item.dataset.file = event.file;
+    list.append(item);
+  }
+  const mb = (n) => (n / 1048576).toFixed(1);
+  item.textContent = event.cached ? `${event.file}: from cache (${mb(event.loaded)} MB)`
+    : `${event.file}: ${mb(event.loaded)}${event.total ? " / " + mb(event.total) : ""} MB`;
+  const bar = $("total-progress");
+  bar.hidden = false;
+  bar.max = event.fileCount;
+  bar.value = event.fileIndex + (event.total ? event.loaded / event.total : 0.5);
+}
+
+async function loadModel() {
+  showMessage(null);
+  $("file-progress").replaceChildren();
+  $("generate").disabled = true;
+  $("model-status").textContent = "Loading…";
+  const source = document.querySelector("input[name=source]:checked").value;
+  try {
+    if (source === "bundled") await app.loadUrl(BUNDLED, onProgress);
+    else if (source === "url") await app.loadUrl($("model-url").value.trim(), onProgress);
+    else return pickFolder();
+    $("total-progress").hidden = true;
+    showModel(app.modelInfo());
+  } catch (error) {
+    $("model-status").textContent = "No model loaded.";
+    showMessage(error);
+  }
+}
+
+// A folder from disk: the directory picker where the browser has one, else <input webkitdirectory>.
+async function pickFolder() {
+  if (!window.showDirectoryPicker) { $("folder-input").click(); return; }
+  try {
+    const root = await window.showDirectoryPicker();
+    const files = new Map();
+    async function walk(handle, prefix) {
+      for await (const [name, entry] of handle.entries()) {
+        if (entry.kind === "directory") await walk(entry, `${prefix}${name}/`);
+        else files.set(`${prefix}${name}`, new Uint8Array(await (await entry.getFile()).arrayBuffer()));
+      }
+    }
+    await walk(root, "");
+    await app.loadFiles(root.name, files);
+    showModel(app.modelInfo());
+  } catch (error) {
+    if (error.name !== "AbortError") showMessage(error);
+  }
+}
+
+async function loadFolderInput(event) {
+  const files = new Map();
+  let name = "folder";
+  for (const file of event.target.files) {
+    const [top, ...rest] = file.webkitRelativePath.split("/");
+    name = top;
+    files.set(rest.join("/"), new Uint8Array(await file.arrayBuffer()));
+  }
+  try {
+    await app.loadFiles(name, files);
+    showModel(app.modelInfo());
+  } catch (error) {
+    showMessage(error);
+  }
+}
+
+async function generate(event) {
+  event.preventDefault();
+  if (running) return;
+  showMessage(null);
+  setBusy(true);
+  $("strip").replaceChildren();
+  $("result").hidden = true;
+  $("timings").replaceChildren();
+  const initFile = $("init-image").files[0];
+  const params = {
+    prompt: $("prompt").value,
+    negativePrompt: $("negative-prompt").value,
+    steps: Number($("steps").value),
+    guidanceScale: Number($("guidance").value),
+    seed: Number($("seed").value),
+    scheduler: $("scheduler").value,
+    width: Number($("width").value),
+    height: Number($("height").value),
+    previewEvery: Number($("preview-every").value),
+    initImage: initFile ? new Uint8Array(await initFile.arrayBuffer()) : null,
+    strength: Number($("strength").value),
+  };
+  try {
+    const result = await app.generate(params, (step) => {
+      if (step.live) drawImage($("live"), step.live);
+      if (step.preview) {
+        const canvas = document.createElement("canvas");
+        canvas.title = `after step ${step.step}`;
+        drawImage(canvas, step.preview);
+        $("strip").append(canvas);
+        drawImage($("live"), step.preview);
+      }
+      $("step-status").textContent = `Step ${step.step} / ${step.total} (${step.stepMs.toFixed(0)} ms)`;
+    });
+    drawImage($("live"), result);
+    const url = URL.createObjectURL(new Blob([result.png], { type: "image/png" }));
+    $("result-image").src = url;
+    $("download").href = url;
+    $("download").download = `websd-${result.seed}.png`;
+    $("result").hidden = false;
+    const t = result.timings;
+    const steps = Array.from(t.unetStepMs);
+    const rows = [
+      ["Adapter", $("adapter").textContent],
+      ["Text encoder", `${t.textEncoderMs.toFixed(0)} ms`],
+      ["UNet steps", `${steps.length} × ${(steps.reduce((a, b) => a + b, 0) / Math.max(1, steps.length)).toFixed(0)} ms`],
+      ["VAE decode", `${t.vaeDecoderMs.toFixed(0)} ms`],
+      ["Total", `${t.totalMs.toFixed(0)} ms`],
+    ];
+    if (t.vaeEncoderMs > 0) rows.splice(2, 0, ["VAE encode", `${t.vaeEncoderMs.toFixed(0)} ms`]);
+    $("timings").replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement("dt"), { textContent: k }),
+      Object.assign(document.createElement("dd"), { textContent: v })]));
+    $("step-status").textContent = `Done: seed ${result.seed}, ${result.scheduler}.`;
+  } catch (error) {
+    $("step-status").textContent = "";
+    showMessage(error);
+  } finally {
+    setBusy(false);
+  }
+}
+
+function wire() {
+  for (const radio of document.querySelectorAll("input[name=source]")) {
+    radio.addEventListener("change", () => {
+      $("url-row").hidden = radio.value !== "url" || !radio.checked;
+      $("folder-row").hidden = radio.value !== "folder" || !radio.checked;
+    });
+  }
+  $("load-model").addEventListener("click", loadModel);
+  $("pick-folder").addEventListener("click", pickFolder);
+  $("folder-input").addEventListener("change", loadFolderInput);
+  $("clear-cache").addEventListener("click", async () => {
+    try { await window.wasmBindings.App.clearCache(); $("file-progress").replaceChildren(); $("model-status").textContent += " Cache cleared."; }
+    catch (error) { showMessage(error); }
+  });
+  $("controls").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", () => app.cancel());
+  $("randomise-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 4294967296); });
+  $("strength").addEventListener("input", () => { $("strength-value").value = $("strength").value; });
+}
+
+async function start() {
+  wire();
+  app = new window.wasmBindings.App();
+  try {
+    $("adapter").textContent = `GPU: ${await app.initGpu()}`;
+  } catch (error) {
+    $("adapter").textContent = "WebGPU unavailable.";
+    showMessage(error);
+    for (const el of document.querySelectorAll("button, input, select, textarea")) el.disabled = true;
+    return;
+  }
+  await loadModel();
+}
+
+if (window.wasmBindings) start();
+else addEventListener("TrunkApplicationStarted", start, { once: true });

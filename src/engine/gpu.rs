@@ -71,10 +71,23 @@ impl Gpu {
         })))
     }
 
-    /// "name (backend, device type)", for logs and the UI.
+    /// "name (backend, device type)", for logs and the UI. Browsers often hide the name;
+    /// then the vendor and architecture they do report stand in.
     pub fn describe(&self) -> String {
         let info = &self.adapter_info;
-        format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+        let name = [info.name.as_str(), info.driver_info.as_str()]
+            .into_iter()
+            .find(|s| !s.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| match info.vendor {
+                0 => "unnamed adapter".to_string(),
+                vendor => format!("vendor {vendor:#x}"),
+            });
+        let max_binding = self.limits.max_storage_buffer_binding_size >> 20;
+        format!(
+            "{name} ({:?}, {:?}, {max_binding} MiB per binding)",
+            info.backend, info.device_type
+        )
     }
 
     /// Blocks natively until submitted work has finished; a no-op in the browser, where the

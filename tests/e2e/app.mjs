@@ -55,6 +55,7 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.goto(site);
   await page.locator("#model-status", { hasText: "Loaded" }).waitFor({ timeout: 120_000 });
   assert.match(await page.locator("#adapter").innerText(), /GPU:/);
+  await page.selectOption("#scheduler", "euler");
   await page.fill("#steps", "6");
   await page.fill("#preview-every", "2");
   await page.keyboard.press("Tab");
@@ -75,8 +76,8 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.screenshot({ path: path.join(outDir, "app.png"), fullPage: true });
   // A reload takes the model from the cache.
   await page.reload();
+  await page.locator("#file-progress", { hasText: "text_encoder/model.onnx: from cache" }).waitFor({ timeout: 120_000 });
   await page.locator("#model-status", { hasText: "Loaded" }).waitFor({ timeout: 120_000 });
-  assert.match(await page.locator("#file-progress").innerText(), /from cache/);
   // Cancel leaves the page usable.
   await page.fill("#steps", "200");
   await page.click("#generate");
@@ -84,10 +85,17 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.click("#cancel");
   await page.locator("#message", { hasText: "cancelled" }).waitFor({ timeout: 60_000 });
   assert.equal(await page.locator("#generate").isDisabled(), false);
-  // Bad parameters are explained.
-  await page.fill("#width", "13");
+  // img2img: a strength that leaves no steps is explained; a usable one generates.
+  await page.fill("#steps", "4");
+  await page.selectOption("#scheduler", "euler");
+  await page.setInputFiles("#init-image", path.resolve("tests/fixtures/pipeline/init.png"));
+  await page.locator("#strength").fill("0");
   await page.click("#generate");
-  await page.locator("#message", { hasText: "multiples" }).waitFor({ timeout: 30_000 });
+  await page.locator("#message", { hasText: "leaves no steps" }).waitFor({ timeout: 60_000 });
+  await page.locator("#strength").fill("0.5");
+  await page.click("#generate");
+  await page.locator("#step-status", { hasText: "Done" }).waitFor({ timeout: 120_000 });
+  assert.equal(await page.locator("#message").isVisible(), false);
   assert.deepEqual(problems, []);
 }));
 

@@ -104,3 +104,62 @@ async fn fused_attention_matches_onnxruntime_in_the_browser() {
         assert!(worst <= 1e-4, "max abs diff {worst}");
     }
 }
+
+/// The whole pipeline in the browser on the bundled tiny model: the same picture as
+/// diffusers (and the native CLI) within 3/255.
+#[wasm_bindgen_test]
+async fn whole_pipeline_matches_diffusers_in_the_browser() {
+    use websd::image::RgbaImage;
+    use websd::pipeline::{Control, Request, StableDiffusion};
+    use websd::scheduler::SchedulerKind;
+
+    macro_rules! model_file {
+        ($path:literal) => {
+            (
+                $path.to_string(),
+                bytes::Bytes::from_static(include_bytes!(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/onnx/tiny-sd/",
+                    $path
+                ))),
+            )
+        };
+    }
+    let mut files: HashMap<String, bytes::Bytes> = [
+        model_file!("model_index.json"),
+        model_file!("scheduler/scheduler_config.json"),
+        model_file!("tokenizer/vocab.json"),
+        model_file!("tokenizer/merges.txt"),
+        model_file!("tokenizer/tokenizer_config.json"),
+        model_file!("text_encoder/model.onnx"),
+        model_file!("unet/model.onnx"),
+        model_file!("unet/config.json"),
+        model_file!("vae_decoder/model.onnx"),
+        model_file!("vae_decoder/config.json"),
+    ]
+    .into_iter()
+    .collect();
+    let gpu = Gpu::new().await.unwrap();
+    let mut pipeline = StableDiffusion::load(&gpu, &mut files, "tiny-sd").unwrap();
+    let request = Request {
+        prompt: "a red 7 on a blue background".into(),
+        steps: 4,
+        seed: 9000,
+        scheduler: Some(SchedulerKind::EulerAncestral),
+        ..Request::default()
+    };
+    let generated = pipeline
+        .generate(&request, &mut |_| Control::Continue)
+        .await
+        .unwrap();
+    let expected = RgbaImage::decode(fixture!("pipeline/txt2img_euler-a.png")).unwrap();
+    let worst = generated
+        .image
+        .pixels
+        .iter()
+        .zip(&expected.pixels)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 3, "max pixel difference {worst}");
+}

@@ -234,6 +234,11 @@ def attention_cases():
         mk("MatMul", ["p", "v"], ["y"]),
     ], [("q", f32(2, 2, 65, 64)), ("kt", f32(2, 2, 64, 77)), ("v", f32(2, 2, 77, 24))],
         [("d", np.array(8.0, np.float32))])
+    # fp16 weights (raw_data) cast up for an f32 MatMul, as mixed-precision exports store them.
+    graph_case("fp16_weights", [
+        mk("Cast", ["w16"], ["w"], to=TensorProto.FLOAT),
+        mk("MatMul", ["a", "w"], ["y"]),
+    ], [("a", f32(3, 9))], [("w16", f32(9, 5).astype(np.float16))])
     # Heads wider than the fused kernel holds: runs unfused, same result.
     graph_case("attention_wide_heads", [
         mk("MatMul", ["q", "kt"], ["s"]),

@@ -62,3 +62,15 @@ fn elementwise_past_the_workgroup_limit() {
         assert_eq!(y[i], (i % 1000) as f32 + 1.5, "element {i}");
     }
 }
+
+/// fp16 initializers (raw_data) are upcast on load; a Cast to f32 then folds away.
+#[test]
+fn fp16_weights_match_onnxruntime() {
+    let gpu = common::gpu();
+    let dir = common::fixtures().join("graphs/fp16_weights");
+    let model = common::load_model(&dir.join("model.onnx"));
+    let outputs = common::run_case(&gpu, &model, &HashMap::new(), &dir).unwrap();
+    for (name, expected) in common::tensors(&dir, "out_") {
+        common::compare(&name, &outputs[&name], &expected, 2e-5).unwrap();
+    }
+}

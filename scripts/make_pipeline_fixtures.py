@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
                        PNDMScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 from PIL import Image
@@ -79,6 +79,26 @@ def cases():
     return out
 
 
+def guidance_distilled(lcm_dir):
+    """The guidance-distilled UNet (`timestep_cond`) with LatentConsistencyModelPipeline: one
+    UNet pass per step, the guidance scale as an input. Its UNet and scheduler config are
+    copied next to the image; the text encoder and VAE are those of onnx/tiny-sd."""
+    import shutil
+    from diffusers import LatentConsistencyModelPipeline
+    folder = os.path.join(ROOT, "guidance-distilled")
+    os.makedirs(folder, exist_ok=True)
+    for name in ("model.onnx", "config.json"):
+        shutil.copy(os.path.join(lcm_dir, "lcm-onnx", "unet", name), os.path.join(folder, name))
+    shutil.copy(os.path.join(lcm_dir, "lcm-onnx", "scheduler", "scheduler_config.json"), folder)
+    pipe = LatentConsistencyModelPipeline.from_pretrained(os.path.join(lcm_dir, "lcm-diffusers"), safety_checker=None)
+    # The text encoder is identical to tiny-sd's; the VAE is swapped for tiny-sd's.
+    pipe.vae = AutoencoderKL.from_pretrained(os.path.join(lcm_dir, "diffusers", "vae"))
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(PROMPT, num_inference_steps=4, guidance_scale=8.5, height=16, width=16,
+                 generator=torch.Generator("cpu").manual_seed(21)).images[0]
+    image.save(os.path.join(folder, "lcm_4_steps_w8.5_seed21.png"))
+
+
 if __name__ == "__main__":
     os.makedirs(ROOT, exist_ok=True)
     base = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
@@ -92,4 +112,5 @@ if __name__ == "__main__":
         run(base, case)
     with open(os.path.join(ROOT, "cases.json"), "w") as f:
         json.dump(all_cases, f, indent=1)
+    guidance_distilled(os.path.dirname(os.path.abspath(sys.argv[1])))
     print(len(all_cases), "cases")

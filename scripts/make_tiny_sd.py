@@ -3,7 +3,9 @@ optimum, in the layout websd reads for real SD (`optimum-cli export onnx --task 
 
     python scripts/make_tiny_sd.py OUT_DIR
 
-Writes OUT_DIR/diffusers (the torch pipeline) and OUT_DIR/onnx (the optimum export). The
+Writes OUT_DIR/diffusers (the torch pipeline) and OUT_DIR/onnx (the optimum export), and
+OUT_DIR/lcm-diffusers + OUT_DIR/lcm-onnx: the same pipeline with a guidance-distilled UNet
+(`time_cond_proj_dim`, the guidance scale as an input) and the LCM scheduler. The
 tokenizer is the real CLIP BPE vocabulary, rebuilt from the copy in the open_clip wheel.
 Everything is seeded, so reruns give the same weights.
 """
@@ -15,7 +17,7 @@ import sys
 
 import open_clip
 import torch
-from diffusers import (AutoencoderKL, PNDMScheduler, StableDiffusionPipeline,
+from diffusers import (AutoencoderKL, LCMScheduler, PNDMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -50,7 +52,7 @@ def write_clip_tokenizer(folder):
     return tok
 
 
-def build(out, prediction_type="epsilon", sample_size=8):
+def build(out, prediction_type="epsilon", sample_size=8, time_cond_proj_dim=None, lcm=False, prefix=""):
     torch.manual_seed(0)
     tokenizer = write_clip_tokenizer(os.path.join(out, "tok_src"))
     text_encoder = CLIPTextModel(CLIPTextConfig(
@@ -60,7 +62,7 @@ def build(out, prediction_type="epsilon", sample_size=8):
     unet = UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size,
         in_channels=4, out_channels=4, norm_num_groups=8, cross_attention_dim=16,
-        attention_head_dim=4,
+        attention_head_dim=4, time_cond_proj_dim=time_cond_proj_dim,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     vae = AutoencoderKL(
@@ -72,16 +74,21 @@ def build(out, prediction_type="epsilon", sample_size=8):
         for model in (unet, vae):
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True,
-                              steps_offset=1, prediction_type=prediction_type)
+    if lcm:
+        scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                 num_train_timesteps=1000, set_alpha_to_one=True, prediction_type=prediction_type)
+    else:
+        scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True,
+                                  steps_offset=1, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    pipe.save_pretrained(os.path.join(out, "diffusers"))
+    pipe.save_pretrained(os.path.join(out, prefix + "diffusers"))
     subprocess.run(["optimum-cli", "export", "onnx", "--task", "text-to-image", "--model",
-                    os.path.join(out, "diffusers"), os.path.join(out, "onnx")], check=True)
+                    os.path.join(out, prefix + "diffusers"), os.path.join(out, prefix + "onnx")], check=True)
 
 
 if __name__ == "__main__":
     build(sys.argv[1])
+    build(sys.argv[1], time_cond_proj_dim=8, lcm=True, prefix="lcm-")

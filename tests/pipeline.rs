@@ -296,3 +296,41 @@ fn cli_generate_writes_the_image_and_grid() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scheduler `heun`"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A guidance-distilled UNet (`timestep_cond`: the guidance scale is an input) runs one pass
+/// per step and matches diffusers' LatentConsistencyModelPipeline.
+#[test]
+fn guidance_distilled_unet_matches_diffusers() {
+    let dir = common::fixtures().join("pipeline/guidance-distilled");
+    let mut files = model_files(Some(
+        &std::fs::read_to_string(dir.join("scheduler_config.json")).unwrap(),
+    ));
+    for name in ["model.onnx", "config.json"] {
+        files.insert(
+            format!("unet/{name}"),
+            Bytes::from(std::fs::read(dir.join(name)).unwrap()),
+        );
+    }
+    let gpu = common::gpu();
+    let mut pipeline = StableDiffusion::load(&gpu, &mut files, "tiny-lcm").unwrap();
+    assert_eq!(pipeline.config.time_cond_proj_dim, Some(8));
+    let request = Request {
+        prompt: "a red 7 on a blue background".into(),
+        steps: 4,
+        guidance_scale: 8.5,
+        seed: 21,
+        ..Request::default()
+    };
+    let mut steps = 0;
+    let generated = pollster::block_on(pipeline.generate(&request, &mut |_| {
+        steps += 1;
+        Control::Continue
+    }))
+    .unwrap();
+    assert_eq!(steps, 4);
+    let expected =
+        RgbaImage::decode(&std::fs::read(dir.join("lcm_4_steps_w8.5_seed21.png")).unwrap())
+            .unwrap();
+    let diff = max_pixel_difference(&generated.image, &expected);
+    assert!(diff <= 3, "max pixel difference {diff}");
+}

@@ -25,6 +25,15 @@ fn tensor(bytes: &[u8]) -> HostTensor {
     npy::read(bytes).unwrap()
 }
 
+fn max_abs_diff(got: &HostTensor, expected: &HostTensor) -> f32 {
+    assert_eq!(got.shape, expected.shape);
+    got.to_f32()
+        .iter()
+        .zip(expected.to_f32().iter())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
 #[wasm_bindgen_test]
 async fn tiny_unet_matches_onnxruntime_in_the_browser() {
     let gpu = Gpu::new()
@@ -60,12 +69,7 @@ async fn tiny_unet_matches_onnxruntime_in_the_browser() {
     let expected = tensor(fixture!("tiny-sd-io/unet/out_out_sample.npy"));
     let got = &outputs["out_sample"];
     assert_eq!(got.shape, expected.shape);
-    let worst = got
-        .to_f32()
-        .iter()
-        .zip(expected.to_f32().iter())
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let worst = max_abs_diff(got, &expected);
     assert!(worst <= 1e-4, "max abs diff {worst}");
 }
 
@@ -95,12 +99,7 @@ async fn fused_attention_matches_onnxruntime_in_the_browser() {
             .await
             .unwrap();
         let expected = tensor(y);
-        let worst = outputs["y"]
-            .to_f32()
-            .iter()
-            .zip(expected.to_f32().iter())
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let worst = max_abs_diff(&outputs["y"], &expected);
         assert!(worst <= 1e-4, "max abs diff {worst}");
     }
 }

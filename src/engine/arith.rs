@@ -4,7 +4,7 @@
 
 use super::error::{Error, Result};
 use super::gpu::GpuTensor;
-use super::kernels::{KernelKey, LINEAR_WORKGROUP, Params, Shader, grid};
+use super::kernels::{KernelKey, LINEAR_WORKGROUP, Params, Shader, bind_buffers, grid};
 use super::tensor::DType;
 
 /// Tensors the combine kernel reads per launch.
@@ -178,19 +178,7 @@ fn launch_combine(terms: &[(f32, &GpuTensor)], clamp: Option<(f32, f32)>) -> Gpu
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let pipeline = kernels.get(&gpu.device, KernelKey::from(Shader::Combine));
-    let entries: Vec<wgpu::BindGroupEntry> = buffers
-        .iter()
-        .enumerate()
-        .map(|(i, b)| wgpu::BindGroupEntry {
-            binding: i as u32,
-            resource: b.as_entire_binding(),
-        })
-        .collect();
-    let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some("combine"),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
+    let bind_group = bind_buffers(&gpu.device, pipeline, &buffers);
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
     {
         let mut pass = encoder.begin_compute_pass(&Default::default());

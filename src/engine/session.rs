@@ -8,7 +8,7 @@ use bytes::Bytes;
 use super::error::{Error, Result};
 use super::gpu::{Gpu, GpuTensor};
 use super::graph::{Dim, Graph, ValueId};
-use super::kernels::{KernelKey, Launch, Operand, Pipelines};
+use super::kernels::{KernelKey, Launch, Operand, Pipelines, bind_buffers};
 use super::loader::{ExternalDataSource, load_graph};
 use super::lower::{Lowered, Lowering};
 use super::passes;
@@ -562,20 +562,7 @@ impl<'g> Builder<'g> {
                 Operand::Constant(c) => self.gpu.storage_buffer_with("constant", &c.to_gpu_words()),
             });
         }
-        let entries: Vec<wgpu::BindGroupEntry> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: b.as_entire_binding(),
-            })
-            .collect();
-        self.gpu
-            .device
-            .create_bind_group(&wgpu::BindGroupDescriptor {
-                label: None,
-                layout: &pipeline.get_bind_group_layout(0),
-                entries: &entries,
-            })
+        let refs: Vec<&wgpu::Buffer> = buffers.iter().collect();
+        bind_buffers(&self.gpu.device, pipeline, &refs)
     }
 }

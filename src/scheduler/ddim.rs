@@ -1,6 +1,6 @@
 //! DDIM (Song et al. 2020), deterministic (eta = 0) as the SD pipelines call it.
 
-use super::schedule::{NoiseSchedule, check_steps, spaced_timesteps, vp_predictions};
+use super::schedule::{NoiseSchedule, check_steps, spaced_timesteps, vp_add_noise, vp_predictions};
 use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
 use crate::error::Result;
 
@@ -78,6 +78,6 @@ impl<T: SampleTensor> Scheduler<T> for Ddim {
 
     fn add_noise(&self, original: &T, noise: &T, index: usize) -> Result<T> {
         let alpha = self.alpha_at(self.timesteps[index] as i64);
-        T::combine(&[(alpha.sqrt(), original), ((1.0 - alpha).sqrt(), noise)])
+        vp_add_noise(alpha, original, noise)
     }
 }

@@ -1,6 +1,6 @@
 //! DDPM ancestral sampling (Ho et al. 2020) with the `fixed_small` variance.
 
-use super::schedule::{NoiseSchedule, check_steps, spaced_timesteps, vp_predictions};
+use super::schedule::{NoiseSchedule, check_steps, spaced_timesteps, vp_add_noise, vp_predictions};
 use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
 use crate::error::{Result, invalid};
 
@@ -87,6 +87,6 @@ impl<T: SampleTensor> Scheduler<T> for Ddpm {
 
     fn add_noise(&self, original: &T, noise: &T, index: usize) -> Result<T> {
         let alpha = self.alpha_at(self.timesteps[index]);
-        T::combine(&[(alpha.sqrt(), original), ((1.0 - alpha).sqrt(), noise)])
+        vp_add_noise(alpha, original, noise)
     }
 }

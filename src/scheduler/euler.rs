@@ -1,4 +1,5 @@
-//! Euler (Karras et al. 2022, Algorithm 2 without churn) over k-diffusion sigmas.
+//! Euler (Karras et al. 2022, Algorithm 2 without churn) over k-diffusion sigmas, and its
+//! ancestral variant (Euler a), which draws fresh noise from the pipeline's generator.
 
 use super::schedule::{NoiseSchedule, check_steps, interp, k_prediction_x0, linspace};
 use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
@@ -69,11 +70,13 @@ pub struct Euler {
     config: SchedulerConfig,
     schedule: NoiseSchedule,
     prediction: Prediction,
+    /// Euler ancestral: step to a lower noise level, then add fresh noise up to the next.
+    ancestral: bool,
     k: KSchedule,
 }
 
 impl Euler {
-    pub fn new(config: &SchedulerConfig) -> Result<Self> {
+    pub fn new(config: &SchedulerConfig, ancestral: bool) -> Result<Self> {
         if config.bool("use_karras_sigmas", false)? {
             return invalid("Euler with Karras sigmas is not supported (use dpm++2m-karras)");
         }
@@ -81,6 +84,7 @@ impl Euler {
             config: config.clone(),
             schedule: NoiseSchedule::from_config(config, 0.0001, 0.02, "linear")?,
             prediction: Prediction::from_config(config)?,
+            ancestral,
             k: KSchedule {
                 timesteps: Vec::new(),
                 sigmas: Vec::new(),
@@ -114,14 +118,29 @@ impl<T: SampleTensor> Scheduler<T> for Euler {
         model_output: &T,
         index: usize,
         sample: &T,
-        _noise: &mut NoiseSource<T>,
+        noise: &mut NoiseSource<T>,
     ) -> Result<T> {
         let (sigma, next) = (self.k.sigmas[index], self.k.sigmas[index + 1]);
         let x0 = k_prediction_x0(self.prediction, sigma);
-        // sample + (sample - x0) / sigma * (next - sigma), expanded in (sample, model output).
-        let dt = (next - sigma) / sigma;
+        // The ancestral variant steps down to sigma_down and re-noises by sigma_up.
+        let (target, up) = if self.ancestral {
+            let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+            ((next * next - up * up).sqrt(), up)
+        } else {
+            (next, 0.0)
+        };
+        // sample + (sample - x0) / sigma * (target - sigma), expanded in (sample, model output).
+        let dt = (target - sigma) / sigma;
         let sample_coeff = 1.0 + dt - dt * x0.sample;
-        T::combine(&[(sample_coeff, sample), (-dt * x0.model, model_output)])
+        if !self.ancestral {
+            return T::combine(&[(sample_coeff, sample), (-dt * x0.model, model_output)]);
+        }
+        let noise = noise()?;
+        T::combine(&[
+            (sample_coeff, sample),
+            (-dt * x0.model, model_output),
+            (up, &noise),
+        ])
     }
 
     fn add_noise(&self, original: &T, noise: &T, index: usize) -> Result<T> {

@@ -2,7 +2,7 @@
 //! clean sample through the consistency boundary condition, then re-noises it to the next
 //! timestep with fresh noise (except after the last step).
 
-use super::schedule::{NoiseSchedule, check_steps, vp_predictions};
+use super::schedule::{NoiseSchedule, check_steps, vp_add_noise, vp_predictions};
 use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
 use crate::error::{Result, invalid};
 
@@ -88,6 +88,6 @@ impl<T: SampleTensor> Scheduler<T> for Lcm {
 
     fn add_noise(&self, original: &T, noise: &T, index: usize) -> Result<T> {
         let alpha = self.schedule.alphas_cumprod[self.timesteps[index] as usize];
-        T::combine(&[(alpha.sqrt(), original), ((1.0 - alpha).sqrt(), noise)])
+        vp_add_noise(alpha, original, noise)
     }
 }

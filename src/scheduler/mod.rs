@@ -10,7 +10,6 @@ mod ddim;
 mod ddpm;
 mod dpm_solver;
 mod euler;
-mod euler_ancestral;
 mod lcm;
 mod pndm;
 mod schedule;
@@ -151,10 +150,8 @@ impl SchedulerKind {
         Ok(match self {
             SchedulerKind::Ddim => Box::new(ddim::Ddim::new(config)?),
             SchedulerKind::Pndm => Box::new(pndm::Pndm::new(config)?),
-            SchedulerKind::Euler => Box::new(euler::Euler::new(config)?),
-            SchedulerKind::EulerAncestral => {
-                Box::new(euler_ancestral::EulerAncestral::new(config)?)
-            }
+            SchedulerKind::Euler => Box::new(euler::Euler::new(config, false)?),
+            SchedulerKind::EulerAncestral => Box::new(euler::Euler::new(config, true)?),
             SchedulerKind::DpmSolverMultistep => {
                 Box::new(dpm_solver::DpmSolver::new(config, false)?)
             }

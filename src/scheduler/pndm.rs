@@ -1,7 +1,7 @@
 //! PNDM (Liu et al. 2022) in its PLMS form (`skip_prk_steps`), the SD 1.x default: a
 //! linear multistep method over the last four noise predictions.
 
-use super::schedule::{NoiseSchedule, check_steps};
+use super::schedule::{NoiseSchedule, check_steps, vp_add_noise};
 use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
 use crate::error::{Result, invalid};
 
@@ -170,6 +170,6 @@ impl<T: SampleTensor> Scheduler<T> for Pndm<T> {
 
     fn add_noise(&self, original: &T, noise: &T, index: usize) -> Result<T> {
         let alpha = self.alpha_at(self.timesteps[index] as i64);
-        T::combine(&[(alpha.sqrt(), original), ((1.0 - alpha).sqrt(), noise)])
+        vp_add_noise(alpha, original, noise)
     }
 }

@@ -265,6 +265,14 @@ pub fn k_prediction_x0(prediction: Prediction, sigma: f64) -> Linear {
     }
 }
 
+/// `add_noise` of variance-preserving schedulers: sqrt(ᾱ) x0 + sqrt(1 - ᾱ) ε.
+pub fn vp_add_noise<T: super::SampleTensor>(alpha_prod: f64, original: &T, noise: &T) -> Result<T> {
+    T::combine(&[
+        (alpha_prod.sqrt(), original),
+        ((1.0 - alpha_prod).sqrt(), noise),
+    ])
+}
+
 /// Checks a requested step count against the training schedule.
 pub fn check_steps(steps: usize, train_steps: usize) -> Result<()> {
     if steps == 0 {

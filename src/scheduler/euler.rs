@@ -1,7 +1,9 @@
 //! Euler (Karras et al. 2022, Algorithm 2 without churn) over k-diffusion sigmas, and its
 //! ancestral variant (Euler a), which draws fresh noise from the pipeline's generator.
 
-use super::schedule::{NoiseSchedule, check_steps, interp, k_prediction_x0, linspace};
+use super::schedule::{
+    NoiseSchedule, check_steps, interp, k_prediction_x0, linspace, spaced_timesteps,
+};
 use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
 use crate::error::{Result, invalid};
 
@@ -23,27 +25,14 @@ impl KSchedule {
         check_steps(steps, schedule.train_steps)?;
         let train = schedule.train_steps;
         let spacing = config.string("timestep_spacing", "linspace");
+        // linspace keeps fractional timesteps (as f32); the others are DDIM's integers.
         let timesteps: Vec<f64> = match spacing.as_str() {
             "linspace" => linspace(0.0, (train - 1) as f64, steps)
                 .iter()
                 .rev()
                 .map(|&t| t as f32 as f64)
                 .collect(),
-            "leading" => {
-                let offset = config.usize("steps_offset", 0)? as f64;
-                (0..steps)
-                    .rev()
-                    .map(|i| (i * (train / steps)) as f64 + offset)
-                    .collect()
-            }
-            "trailing" => {
-                let ratio = train as f64 / steps as f64;
-                let count = (train as f64 / ratio).ceil() as usize;
-                (0..count)
-                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                    .collect()
-            }
-            other => return invalid(format!("timestep_spacing `{other}` is not supported")),
+            _ => spaced_timesteps(config, "linspace", train, steps)?,
         };
         if config.string("interpolation_type", "linear") != "linear" {
             return invalid("only interpolation_type `linear` is supported");

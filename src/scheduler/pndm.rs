@@ -1,7 +1,7 @@
 //! PNDM (Liu et al. 2022) in its PLMS form (`skip_prk_steps`), the SD 1.x default: a
 //! linear multistep method over the last four noise predictions.
 
-use super::schedule::{NoiseSchedule, check_steps, vp_add_noise};
+use super::schedule::{NoiseSchedule, check_steps, spaced_timesteps, vp_add_noise};
 use super::{NoiseSource, Prediction, SampleTensor, Scheduler, SchedulerConfig};
 use crate::error::{Result, invalid};
 
@@ -62,25 +62,8 @@ impl<T: SampleTensor> Scheduler<T> for Pndm<T> {
     fn set_timesteps(&mut self, steps: usize) -> Result<()> {
         check_steps(steps, self.schedule.train_steps)?;
         let train = self.schedule.train_steps;
-        let offset = self.config.usize("steps_offset", 0)? as f64;
-        let ascending: Vec<f64> = match self.config.string("timestep_spacing", "leading").as_str() {
-            "linspace" => super::schedule::linspace(0.0, (train - 1) as f64, steps)
-                .iter()
-                .map(|t| t.round_ties_even())
-                .collect(),
-            "leading" => (0..steps)
-                .map(|i| (i * (train / steps)) as f64 + offset)
-                .collect(),
-            "trailing" => {
-                let ratio = train as f64 / steps as f64;
-                let count = (train as f64 / ratio).ceil() as usize;
-                (0..count)
-                    .rev()
-                    .map(|i| (train as f64 - i as f64 * ratio).round_ties_even() - 1.0)
-                    .collect()
-            }
-            other => return invalid(format!("timestep_spacing `{other}` is not supported")),
-        };
+        let mut ascending = spaced_timesteps(&self.config, "leading", train, steps)?;
+        ascending.reverse();
         // PLMS evaluates the model twice at the second timestep: [t_n, ..., t_2, t_2, t_1] reversed.
         let n = ascending.len();
         let mut plms: Vec<f64> = ascending[..n - 1].to_vec();

@@ -261,12 +261,13 @@ impl<'g> Lowering<'g> {
             Op::InstanceNorm { epsilon } => {
                 let shape = self.shape(x()?);
                 let (rows, len) = (shape[0] * shape[1], numel(&shape[2..]));
-                self.norm(node, rows, len, [shape[1], 1, len], *epsilon)
+                self.norm(node, rows, len, [shape[1], 1, len], *epsilon, false)
             }
             Op::GroupNorm {
                 epsilon,
                 groups,
                 per_channel_affine,
+                silu,
             } => {
                 let shape = self.shape(x()?);
                 let (rows, len) = (shape[0] * groups, numel(&shape[1..]) / groups);
@@ -275,7 +276,7 @@ impl<'g> Lowering<'g> {
                 } else {
                     [*groups, 1, len]
                 };
-                self.norm(node, rows, len, layout, *epsilon)
+                self.norm(node, rows, len, layout, *epsilon, *silu)
             }
             Op::LayerNorm { axis, epsilon } => {
                 let shape = self.shape(x()?);
@@ -286,6 +287,7 @@ impl<'g> Lowering<'g> {
                     numel(&shape[axis..]),
                     [1, 0, 1],
                     *epsilon,
+                    false,
                 )
             }
             Op::Softmax { axis, legacy } => {
@@ -558,7 +560,7 @@ impl<'g> Lowering<'g> {
         Ok(self.launch(Shader::MatMul.into(), params, out, inputs, groups))
     }
 
-    /// `layout` = [row_mod, row_mul, col_div] (see norm.wgsl).
+    /// `layout` = [row_mod, row_mul, col_div] (see norm.wgsl); `silu` applies SiLU after.
     fn norm(
         &self,
         node: &Node,
@@ -566,6 +568,7 @@ impl<'g> Lowering<'g> {
         len: usize,
         layout: [usize; 3],
         epsilon: f32,
+        silu: bool,
     ) -> LowerResult<Lowered> {
         let (x, scale, out) = (
             Self::input(node, 0)?,
@@ -583,7 +586,7 @@ impl<'g> Lowering<'g> {
             .u(layout[1])
             .u(layout[2])
             .f(epsilon)
-            .u(0) // activation: none
+            .u(silu as usize)
             .u(0);
         let inputs = vec![Operand::Value(x), Operand::Value(scale), bias];
         Ok(Lowered::Launches(vec![self.launch(

@@ -129,10 +129,12 @@ pub enum Op {
         epsilon: f32,
     },
     /// `per_channel_affine`: opset 21 semantics (scale/bias per channel, not per group).
+    /// `silu`: SiLU applied to the result (set by fusion).
     GroupNorm {
         epsilon: f32,
         groups: usize,
         per_channel_affine: bool,
+        silu: bool,
     },
     /// `legacy` (opset < 13): normalise over every axis from `axis` on.
     Softmax {
@@ -331,6 +333,7 @@ impl Op {
                 epsilon: a.float("epsilon", 1e-5),
                 groups: positive(a.int("num_groups", 0), "num_groups")?,
                 per_channel_affine: opset >= 21,
+                silu: false,
             }),
             "Softmax" => Ok(Op::Softmax {
                 axis: a.int("axis", if opset >= 13 { -1 } else { 1 }),

@@ -7,14 +7,16 @@ use std::sync::Arc;
 
 use super::error::{Error, Result};
 use super::fold;
-use super::graph::{Dim, Graph, ValueId};
+use super::graph::{Dim, Graph, Value, ValueId};
 use super::infer::{self, InputInfo};
 use super::ops::{BinaryOp, Op, UnaryOp};
+use super::tensor::{DType, HostTensor};
 
 pub fn prepare(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
     bind_inputs(graph, dims)?;
     infer_and_fold(graph)?;
     fuse_silu(graph);
+    fuse_group_norm(graph);
     fuse_attention(graph);
     remove_dead_nodes(graph);
     Ok(())
@@ -158,6 +160,155 @@ fn fuse_silu(graph: &mut Graph) {
         dead[s] = true;
     }
     retain_nodes(graph, &dead);
+}
+
+/// GroupNorm as exporters spell it, Reshape [N, G, -1] -> InstanceNorm (unit scale, zero
+/// bias) -> Reshape back -> Mul(gamma) -> Add(beta) [-> SiLU], becomes one GroupNorm
+/// launch with per-channel affine and optional SiLU: five passes over the tensor become one.
+fn fuse_group_norm(graph: &mut Graph) {
+    let uses = use_counts(graph);
+    let produced_by = producers(graph);
+    let mut dead = vec![false; graph.nodes.len()];
+    for n in 0..graph.nodes.len() {
+        let Some(found) = match_group_norm(graph, &uses, &produced_by, n) else {
+            continue;
+        };
+        if found.chain.iter().any(|&c| dead[c]) {
+            continue;
+        }
+        let channels = graph.values[found.x].shape[1];
+        let mut param = |v: ValueId, name: &str| {
+            let values = graph.values[v]
+                .constant
+                .as_ref()
+                .expect("matched a constant")
+                .to_f32()
+                .into_owned();
+            let id = graph.values.len();
+            graph.values.push(Value {
+                name: format!("{}/{name}", graph.nodes[found.last].name),
+                dtype: DType::F32,
+                dims: None,
+                shape: vec![channels],
+                constant: Some(Arc::new(HostTensor::f32(vec![channels], values))),
+            });
+            id
+        };
+        let (gamma, beta) = (param(found.gamma, "gamma"), param(found.beta, "beta"));
+        for &c in &found.chain {
+            dead[c] = true;
+        }
+        let last = &mut graph.nodes[found.last];
+        last.op = Op::GroupNorm {
+            epsilon: found.epsilon,
+            groups: found.groups,
+            per_channel_affine: true,
+            silu: found.silu,
+        };
+        last.inputs = vec![Some(found.x), Some(gamma), Some(beta)];
+        dead[found.last] = false;
+    }
+    retain_nodes(graph, &dead);
+}
+
+struct GroupNormMatch {
+    /// Every node of the pattern, the last one included.
+    chain: Vec<usize>,
+    last: usize,
+    x: ValueId,
+    gamma: ValueId,
+    beta: ValueId,
+    groups: usize,
+    epsilon: f32,
+    silu: bool,
+}
+
+fn match_group_norm(
+    graph: &Graph,
+    uses: &[usize],
+    produced_by: &HashMap<ValueId, usize>,
+    norm: usize,
+) -> Option<GroupNormMatch> {
+    let Op::InstanceNorm { epsilon } = graph.nodes[norm].op else {
+        return None;
+    };
+    let node = &graph.nodes[norm];
+    let constant = |v: Option<ValueId>| v.and_then(|v| graph.values[v].constant.clone());
+    let all = |t: &Arc<HostTensor>, value: f32| t.to_f32().iter().all(|&x| x == value);
+    if !all(&constant(node.inputs.get(1).copied().flatten())?, 1.0)
+        || !all(&constant(node.inputs.get(2).copied().flatten())?, 0.0)
+    {
+        return None;
+    }
+    let grouped = node.inputs[0]?;
+    let reshape_in = *produced_by.get(&grouped)?;
+    let x = matches!(graph.nodes[reshape_in].op, Op::Reshape { .. })
+        .then(|| graph.nodes[reshape_in].inputs[0])??;
+    let x_shape = &graph.values[x].shape;
+    let groups = *graph.values[grouped].shape.get(1)?;
+    if x_shape.len() < 3 || uses[grouped] != 1 || groups == 0 || !x_shape[1].is_multiple_of(groups)
+    {
+        return None;
+    }
+    let follow = |value: ValueId| -> Option<usize> {
+        graph
+            .nodes
+            .iter()
+            .position(|n| n.inputs.contains(&Some(value)))
+            .filter(|_| uses[value] == 1 && !graph.outputs.contains(&value))
+    };
+    let reshape_out = follow(node.outputs[0])?;
+    if !matches!(graph.nodes[reshape_out].op, Op::Reshape { .. })
+        || &graph.values[graph.nodes[reshape_out].outputs[0]].shape != x_shape
+    {
+        return None;
+    }
+    // Mul then Add by per-channel constants ([C, 1, ...] broadcast against [N, C, ...]).
+    let per_channel = |v: ValueId| {
+        let c = &graph.values[v];
+        c.constant.is_some()
+            && c.shape.len() <= x_shape.len()
+            && c.shape.iter().product::<usize>() == x_shape[1]
+            && super::ops::broadcast_strides(&c.shape, x_shape)
+                .iter()
+                .enumerate()
+                .all(|(i, &st)| i == 1 || st == 0)
+    };
+    let affine = |node: usize, op: BinaryOp, input: ValueId| -> Option<ValueId> {
+        let n = &graph.nodes[node];
+        if !matches!(n.op, Op::Binary(b) if b == op) {
+            return None;
+        }
+        let other = if n.inputs[0] == Some(input) {
+            n.inputs[1]?
+        } else {
+            n.inputs[0]?
+        };
+        per_channel(other).then_some(other)
+    };
+    let mul = follow(graph.nodes[reshape_out].outputs[0])?;
+    let gamma = affine(mul, BinaryOp::Mul, graph.nodes[reshape_out].outputs[0])?;
+    let add = follow(graph.nodes[mul].outputs[0])?;
+    let beta = affine(add, BinaryOp::Add, graph.nodes[mul].outputs[0])?;
+    let mut chain = vec![reshape_in, norm, reshape_out, mul, add];
+    let silu = follow(graph.nodes[add].outputs[0])
+        .filter(|&s| matches!(graph.nodes[s].op, Op::Unary(UnaryOp::Silu)));
+    if let Some(s) = silu {
+        chain.push(s);
+    }
+    if uses[graph.nodes[reshape_in].outputs[0]] != 1 {
+        return None;
+    }
+    Some(GroupNormMatch {
+        last: *chain.last().unwrap(),
+        chain,
+        x,
+        gamma,
+        beta,
+        groups,
+        epsilon,
+        silu: silu.is_some(),
+    })
 }
 
 /// MatMul(Q, Kt) -> Mul|Div(scalar) -> Softmax(last axis) -> MatMul(., V) becomes one

@@ -163,3 +163,20 @@ fn cli_reports_missing_inputs_and_writes_outputs() {
     common::compare("y0", &written, &expected, 2e-5).unwrap();
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn lost_device_is_an_error() {
+    let gpu = common::gpu();
+    let model = common::load_model(&common::fixtures().join("ops/add_broadcast/model.onnx"));
+    let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
+    gpu.device.destroy();
+    let a = HostTensor::f32(vec![3, 1, 5], vec![0.0; 15]);
+    let b = HostTensor::f32(vec![4, 1], vec![0.0; 4]);
+    let message = error_of(pollster::block_on(
+        session.run_host(&[("a", &a), ("b", &b)]),
+    ));
+    assert!(
+        message.contains("GPU") || message.contains("device"),
+        "{message}"
+    );
+}

@@ -334,3 +334,20 @@ fn guidance_distilled_unet_matches_diffusers() {
     let diff = max_pixel_difference(&generated.image, &expected);
     assert!(diff <= 3, "max pixel difference {diff}");
 }
+
+/// A lost device fails the generation with an error, not a panic.
+#[test]
+fn lost_device_fails_generation_cleanly() {
+    let gpu = common::gpu();
+    let mut pipeline = load(&gpu, None);
+    gpu.device.destroy();
+    let request = Request {
+        prompt: "a cat".into(),
+        steps: 2,
+        ..Request::default()
+    };
+    let error = pollster::block_on(pipeline.generate(&request, &mut |_| Control::Continue))
+        .err()
+        .expect("an error");
+    assert!(matches!(error, websd::Error::Engine(_)), "{error}");
+}

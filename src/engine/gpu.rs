@@ -3,8 +3,6 @@
 use std::ops::Deref;
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use super::error::{Error, Result};
 use super::kernels::Pipelines;
 use super::tensor::{DType, HostTensor, numel};
@@ -122,16 +120,15 @@ impl Gpu {
         })
     }
 
+    /// A storage buffer holding `words`. Written through the queue rather than mapped at
+    /// creation: mapping panics in wgpu when the device has been lost, a queue write reports
+    /// an error instead.
     pub(crate) fn storage_buffer_with(&self, label: &str, words: &[u32]) -> wgpu::Buffer {
-        let contents: &[u32] = if words.is_empty() { &[0] } else { words };
-        self.device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some(label),
-                contents: words_as_bytes(contents),
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-            })
+        let buffer = self.storage_buffer(label, 4 * words.len() as u64);
+        if !words.is_empty() {
+            self.queue.write_buffer(&buffer, 0, words_as_bytes(words));
+        }
+        buffer
     }
 }
 

@@ -9,7 +9,7 @@ use crate::error::{Error, Result, invalid};
 use crate::image::RgbaImage;
 use crate::model::{self, ModelConfig, ModelFiles};
 use crate::rng::TorchRng;
-use crate::scheduler::SchedulerKind;
+use crate::scheduler::{Scheduler, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 
 /// What to generate. `Default` gives diffusers' defaults (50 steps, guidance 7.5).
@@ -302,16 +302,11 @@ impl StableDiffusion {
             .config
             .time_cond_proj_dim
             .map(|dim| guidance_embedding(request.guidance_scale - 1.0, dim));
-        let guided = request.guidance_scale > 1.0 && guidance_embedding.is_none();
+        let guidance = (request.guidance_scale > 1.0 && guidance_embedding.is_none())
+            .then_some(request.guidance_scale as f32);
 
         let t0 = now_ms();
-        let cond = self.encode_text(&request.prompt).await?;
-        let context = if guided {
-            let uncond = self.encode_text(&request.negative_prompt).await?;
-            GpuTensor::concat(&[&uncond, &cond])?
-        } else {
-            cond
-        };
+        let context = self.encode_prompts(request, guidance.is_some()).await?;
         self.gpu.finish().await?;
         timings.text_encoder_ms = now_ms() - t0;
 
@@ -323,46 +318,14 @@ impl StableDiffusion {
             height / factor,
             width / factor,
         ];
-        let timesteps = scheduler.timesteps().to_vec();
-        let (first, mut latents) = match &request.init_image {
-            None => {
-                let noise = match &request.init_latents {
-                    Some(given) if given.shape == shape => given.clone(),
-                    Some(given) => {
-                        return invalid(format!(
-                            "init latents have shape {:?}, this size needs {shape:?}",
-                            given.shape
-                        ));
-                    }
-                    None => rng.randn(&shape),
-                };
-                let noise = GpuTensor::from_host(&self.gpu, &noise);
-                (0, noise.scale(scheduler.init_noise_sigma() as f32)?)
-            }
-            Some(image) => {
-                let t0 = now_ms();
-                let image = image.resized(width, height);
-                let clean = self.encode_image(&image, &mut rng).await?;
-                timings.vae_encoder_ms = now_ms() - t0;
-                let init_steps =
-                    ((request.steps as f64 * request.strength) as usize).min(request.steps);
-                let start = (request.steps - init_steps) * scheduler.order();
-                if start >= timesteps.len() {
-                    return invalid(format!(
-                        "strength {} leaves no steps out of {}",
-                        request.strength, request.steps
-                    ));
-                }
-                let noise = GpuTensor::from_host(&self.gpu, &rng.randn(&shape));
-                let clean = GpuTensor::from_host(&self.gpu, &clean);
-                (start, scheduler.add_noise(&clean, &noise, start)?)
-            }
-        };
+        let (first, mut latents) = self
+            .initial_latents(request, scheduler.as_ref(), &mut rng, &shape, &mut timings)
+            .await?;
 
-        let batch = if guided { 2 } else { 1 };
-        let unet_shape = [batch, shape[1], shape[2], shape[3]];
+        let batch = if guidance.is_some() { 2 } else { 1 };
+        let sample_shape = [batch, shape[1], shape[2], shape[3]];
         let mut shapes: Vec<(&str, &[usize])> = vec![
-            ("sample", &unet_shape),
+            ("sample", &sample_shape),
             ("encoder_hidden_states", &context.shape),
         ];
         let cond_shape = guidance_embedding.as_ref().map(|e| [batch, e.len()]);
@@ -373,46 +336,27 @@ impl StableDiffusion {
             .unet_session
             .get(&self.gpu, &self.unet, &shapes)
             .await?;
-        let timestep_input = TimestepInput::of(unet, batch)?;
-        let timestep_cond = guidance_embedding.map(|e| {
-            let values: Vec<f32> = (0..batch).flat_map(|_| e.iter().copied()).collect();
-            GpuTensor::from_host(&self.gpu, &HostTensor::f32(vec![batch, e.len()], values))
-        });
+        let denoiser = Denoiser {
+            timestep: TimestepInput::of(unet, batch)?,
+            unet,
+            timestep_cond: guidance_embedding.map(|e| {
+                let values: Vec<f32> = (0..batch).flat_map(|_| e.iter().copied()).collect();
+                GpuTensor::from_host(&self.gpu, &HostTensor::f32(vec![batch, e.len()], values))
+            }),
+            context,
+            guidance,
+        };
 
+        let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len() - first;
         for (done, index) in (first..timesteps.len()).enumerate() {
             let t0 = now_ms();
-            let model_input = if guided {
-                GpuTensor::concat(&[&latents, &latents])?
-            } else {
-                latents.clone()
-            };
-            let model_input = scheduler.scale_model_input(&model_input, index)?;
-            let t = timestep_input.tensor(&self.gpu, timesteps[index]);
-            let mut feeds: Vec<(&str, &GpuTensor)> = vec![
-                ("sample", &model_input),
-                ("timestep", &t),
-                ("encoder_hidden_states", &context),
-            ];
-            if let Some(c) = &timestep_cond {
-                feeds.push(("timestep_cond", c));
-            }
-            let mut outputs = unet.run(&feeds).await?;
-            let prediction = outputs
-                .remove("out_sample")
-                .or_else(|| outputs.into_values().next())
-                .ok_or_else(|| Error::Invalid("the UNet has no outputs".into()))?;
-            let noise_pred = if guided {
-                let halves = prediction.split(2)?;
-                let g = request.guidance_scale as f32;
-                GpuTensor::combine(&[(1.0 - g, &halves[0]), (g, &halves[1])])?
-            } else {
-                prediction
-            };
-            let noise_shape = shape.clone();
+            let noise_pred = denoiser
+                .predict(scheduler.as_ref(), &latents, index, timesteps[index])
+                .await?;
             let gpu = self.gpu.clone();
             latents = scheduler.step(&noise_pred, index, &latents, &mut || {
-                Ok(GpuTensor::from_host(&gpu, &rng.randn(&noise_shape)))
+                Ok(GpuTensor::from_host(&gpu, &rng.randn(&shape)))
             })?;
             self.gpu.finish().await?;
             let step_ms = now_ms() - t0;
@@ -446,8 +390,7 @@ impl StableDiffusion {
                 live_preview: live.as_ref(),
                 step_ms,
             };
-            let control = on_step(event);
-            if control == Control::Cancel {
+            if on_step(event) == Control::Cancel {
                 return Err(Error::Cancelled);
             }
         }
@@ -460,6 +403,60 @@ impl StableDiffusion {
             latents,
             timings,
         })
+    }
+
+    /// Text embeddings: the prompt's, preceded by the negative prompt's when guiding
+    /// (`[uncond, cond]`, as diffusers batches them).
+    async fn encode_prompts(&mut self, request: &Request, guided: bool) -> Result<GpuTensor> {
+        let cond = self.encode_text(&request.prompt).await?;
+        if !guided {
+            return Ok(cond);
+        }
+        let uncond = self.encode_text(&request.negative_prompt).await?;
+        Ok(GpuTensor::concat(&[&uncond, &cond])?)
+    }
+
+    /// The first step index and the latents it starts from: scaled seeded noise (or the
+    /// given latents) for text-to-image; the encoded image noised to the strength's step
+    /// for img2img (diffusers' `get_timesteps` + `add_noise`).
+    async fn initial_latents(
+        &mut self,
+        request: &Request,
+        scheduler: &dyn Scheduler<GpuTensor>,
+        rng: &mut TorchRng,
+        shape: &[usize],
+        timings: &mut Timings,
+    ) -> Result<(usize, GpuTensor)> {
+        let Some(image) = &request.init_image else {
+            let noise = match &request.init_latents {
+                Some(given) if given.shape == shape => given.clone(),
+                Some(given) => {
+                    return invalid(format!(
+                        "init latents have shape {:?}, this size needs {shape:?}",
+                        given.shape
+                    ));
+                }
+                None => rng.randn(shape),
+            };
+            let noise = GpuTensor::from_host(&self.gpu, &noise);
+            return Ok((0, noise.scale(scheduler.init_noise_sigma() as f32)?));
+        };
+        let factor = self.config.vae_scale_factor;
+        let t0 = now_ms();
+        let image = image.resized(shape[3] * factor, shape[2] * factor);
+        let clean = self.encode_image(&image, rng).await?;
+        timings.vae_encoder_ms = now_ms() - t0;
+        let init_steps = ((request.steps as f64 * request.strength) as usize).min(request.steps);
+        let start = (request.steps - init_steps) * scheduler.order();
+        if start >= scheduler.timesteps().len() {
+            return invalid(format!(
+                "strength {} leaves no steps out of {}",
+                request.strength, request.steps
+            ));
+        }
+        let noise = GpuTensor::from_host(&self.gpu, &rng.randn(shape));
+        let clean = GpuTensor::from_host(&self.gpu, &clean);
+        Ok((start, scheduler.add_noise(&clean, &noise, start)?))
     }
 }
 
@@ -479,6 +476,56 @@ async fn decode_latents(
         .next()
         .ok_or_else(|| Error::Invalid("the VAE decoder has no outputs".into()))?;
     RgbaImage::from_vae_output(&image.to_host().await?)
+}
+
+/// One UNet evaluation per step, with classifier-free guidance when `guidance` is set.
+struct Denoiser<'a> {
+    unet: &'a Session,
+    timestep: TimestepInput,
+    context: GpuTensor,
+    timestep_cond: Option<GpuTensor>,
+    /// The guidance scale, when the UNet runs on [uncond, cond] and the two are mixed.
+    guidance: Option<f32>,
+}
+
+impl Denoiser<'_> {
+    async fn predict(
+        &self,
+        scheduler: &dyn Scheduler<GpuTensor>,
+        latents: &GpuTensor,
+        index: usize,
+        t: f64,
+    ) -> Result<GpuTensor> {
+        let batch = if self.guidance.is_some() {
+            GpuTensor::concat(&[latents, latents])?
+        } else {
+            latents.clone()
+        };
+        let sample = scheduler.scale_model_input(&batch, index)?;
+        let timestep = self.timestep.tensor(self.context.gpu(), t);
+        let mut feeds: Vec<(&str, &GpuTensor)> = vec![
+            ("sample", &sample),
+            ("timestep", &timestep),
+            ("encoder_hidden_states", &self.context),
+        ];
+        if let Some(c) = &self.timestep_cond {
+            feeds.push(("timestep_cond", c));
+        }
+        let mut outputs = self.unet.run(&feeds).await?;
+        let prediction = outputs
+            .remove("out_sample")
+            .or_else(|| outputs.into_values().next())
+            .ok_or_else(|| Error::Invalid("the UNet has no outputs".into()))?;
+        let Some(g) = self.guidance else {
+            return Ok(prediction);
+        };
+        // uncond + g * (cond - uncond)
+        let halves = prediction.split(2)?;
+        Ok(GpuTensor::combine(&[
+            (1.0 - g, &halves[0]),
+            (g, &halves[1]),
+        ])?)
+    }
 }
 
 /// How the UNet takes its timestep: scalar or per batch item, float or integer.

@@ -162,6 +162,11 @@ impl GpuTensor {
         numel(&self.shape)
     }
 
+    /// The device the tensor lives on.
+    pub fn gpu(&self) -> &Gpu {
+        &self.gpu
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -26,6 +26,9 @@ const OPTIONAL_FILES: [&str; 4] = [
 ];
 const GRAPHS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
 const CACHE_NAME: &str = "websd-models-v1";
+/// What a model's files may take in WebAssembly memory (4 GiB in all, and the pipeline
+/// needs working room besides the files).
+const MODEL_BYTES_LIMIT: f64 = 3.5 * (1u64 << 30) as f64;
 /// Header recording the length a cached file must have: a short or damaged entry is refetched.
 const LENGTH_HEADER: &str = "x-websd-length";
 
@@ -407,7 +410,15 @@ async fn fetch_folder(
     while index < wanted.len() {
         let (path, required) = wanted[index].clone();
         let count = wanted.len();
-        match fetch_cached(&format!("{base}{path}"), &path, index, count, on_progress).await? {
+        let used: f64 = files.values().map(|b: &Bytes| b.len() as f64).sum();
+        let place = Place {
+            url: format!("{base}{path}"),
+            path: path.clone(),
+            index,
+            count,
+            used,
+        };
+        match fetch_cached(&place, on_progress).await? {
             Some(bytes) => {
                 // A graph's external data is fetched next to it.
                 if let Some(part) = GRAPHS.iter().find(|g| path == format!("{g}/model.onnx")) {
@@ -431,23 +442,52 @@ async fn fetch_folder(
     Ok(files)
 }
 
-/// One file: the cached copy if its length checks out, else a download that is then cached.
-/// `None` when the server has no such file.
-async fn fetch_cached(
-    url: &str,
-    path: &str,
+/// Which file of a folder is being fetched, and how many bytes the folder already holds.
+struct Place {
+    url: String,
+    path: String,
     index: usize,
     count: usize,
-    on_progress: &Function,
-) -> Result<Option<Bytes>, JsValue> {
+    used: f64,
+}
+
+impl Place {
+    /// Refuses a file that would not fit in WebAssembly memory with the rest of the model.
+    fn check_fits(&self, bytes: f64) -> Result<(), JsValue> {
+        if self.used + bytes <= MODEL_BYTES_LIMIT {
+            return Ok(());
+        }
+        let gib = |b: f64| b / (1u64 << 30) as f64;
+        Err(js_error(format!(
+            "this model does not fit in the browser: {} is {:.1} GiB, the files before it {:.1} GiB, and a \
+             WebAssembly page can hold about {:.1} GiB of model files. Use an fp16 export (half the size) \
+             or a smaller model.",
+            self.path,
+            gib(bytes),
+            gib(self.used),
+            gib(MODEL_BYTES_LIMIT)
+        )))
+    }
+}
+
+/// One file: the cached copy if its length checks out, else a download that is then cached.
+/// `None` when the server has no such file.
+async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<Bytes>, JsValue> {
+    let Place {
+        url,
+        path,
+        index,
+        count,
+        ..
+    } = place;
     let window = web_sys::window().ok_or_else(|| js_error("no window"))?;
     let report = |loaded: f64, total: f64, cached: bool| {
         let info = Object::new();
-        set(&info, "file", path);
+        set(&info, "file", path.as_str());
         set(&info, "loaded", loaded);
         set(&info, "total", total);
-        set(&info, "fileIndex", index as u32);
-        set(&info, "fileCount", count as u32);
+        set(&info, "fileIndex", *index as u32);
+        set(&info, "fileCount", *count as u32);
         set(&info, "cached", cached);
         let _ = on_progress.call1(&JsValue::NULL, &info);
     };
@@ -468,11 +508,11 @@ async fn fetch_cached(
             .ok()
             .flatten()
             .and_then(|v| v.parse::<usize>().ok());
-        let body = JsFuture::from(response.array_buffer()?).await?;
-        let bytes = Uint8Array::new(&body).to_vec();
-        if Some(bytes.len()) == expected {
-            report(bytes.len() as f64, bytes.len() as f64, true);
-            return Ok(Some(Bytes::from(bytes)));
+        let body = Uint8Array::new(&JsFuture::from(response.array_buffer()?).await?);
+        place.check_fits(body.length() as f64)?;
+        if Some(body.length() as usize) == expected {
+            report(body.length() as f64, body.length() as f64, true);
+            return Ok(Some(Bytes::from(body.to_vec())));
         }
         // Short or damaged: drop it and download again.
         let _ = JsFuture::from(cache.delete_with_str(url)).await;
@@ -494,7 +534,8 @@ async fn fetch_cached(
         .flatten()
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    let bytes = read_body(&response, |loaded| report(loaded, total, false)).await?;
+    place.check_fits(total)?;
+    let bytes = read_body(&response, place, |loaded| report(loaded, total, false)).await?;
     if total > 0.0 && bytes.len() as f64 != total {
         return Err(js_error(format!(
             "{url}: received {} of {total} bytes",
@@ -509,14 +550,17 @@ async fn fetch_cached(
     Ok(Some(Bytes::from(bytes)))
 }
 
-/// Reads a response body chunk by chunk, reporting the bytes received so far.
+/// Reads a response body chunk by chunk, reporting the bytes received so far and stopping
+/// as soon as the file would not fit (servers need not send a length).
 async fn read_body(
     response: &web_sys::Response,
+    place: &Place,
     mut progress: impl FnMut(f64),
 ) -> Result<Vec<u8>, JsValue> {
     let Some(body) = response.body() else {
-        let buffer = JsFuture::from(response.array_buffer()?).await?;
-        return Ok(Uint8Array::new(&buffer).to_vec());
+        let buffer = Uint8Array::new(&JsFuture::from(response.array_buffer()?).await?);
+        place.check_fits(buffer.length() as f64)?;
+        return Ok(buffer.to_vec());
     };
     let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().dyn_into()?;
     let mut bytes = Vec::new();
@@ -530,6 +574,7 @@ async fn read_body(
         }
         let value: Uint8Array = Reflect::get(&chunk, &"value".into())?.dyn_into()?;
         let start = bytes.len();
+        place.check_fits((start + value.length() as usize) as f64)?;
         bytes.resize(start + value.length() as usize, 0);
         value.copy_to(&mut bytes[start..]);
         progress(bytes.len() as f64);

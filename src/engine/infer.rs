@@ -51,6 +51,12 @@ pub fn infer(
         Op::Unary(_) => same(x()?.dtype),
         Op::Cast(to) => same(*to),
         Op::Binary(b) => {
+            if inputs.len() != 2 {
+                return Err(format!(
+                    "takes two inputs, not {} (variadic forms are not supported)",
+                    inputs.len()
+                ));
+            }
             let (a, c) = (x()?, input(inputs, 1)?);
             let shape = broadcast_shapes(&[a.shape, c.shape])?;
             Ok(vec![(
@@ -84,6 +90,14 @@ pub fn infer(
             let (k2, n) = if *trans_b { (b[1], b[0]) } else { (b[0], b[1]) };
             if k != k2 {
                 return Err(format!("Gemm inner dimensions differ: {a:?} x {b:?}"));
+            }
+            if let Some(c) = inputs.get(2).copied().flatten()
+                && broadcast_shapes(&[c.shape, &[m, n]])? != [m, n]
+            {
+                return Err(format!(
+                    "Gemm bias {:?} does not broadcast to [{m}, {n}]",
+                    c.shape
+                ));
             }
             Ok(vec![(DType::F32, vec![m, n])])
         }
@@ -188,7 +202,7 @@ pub fn infer(
             Ok(vec![(x()?.dtype, plan.shape)])
         }
         Op::Split { axis, split } => {
-            let shape = x()?.shape;
+            let (shape, dtype) = (x()?.shape, x()?.dtype);
             let axis = normalize_axis(*axis, shape.len())?;
             let sizes = split_sizes(shape[axis], split, inputs, num_outputs)?;
             Ok(sizes
@@ -196,7 +210,7 @@ pub fn infer(
                 .map(|s| {
                     let mut out = shape.to_vec();
                     out[axis] = s;
-                    (x().unwrap().dtype, out)
+                    (dtype, out)
                 })
                 .collect())
         }

@@ -472,7 +472,8 @@ impl<'g> Lowering<'g> {
             Self::input(node, 1)?,
             node.outputs[0],
         );
-        let (alpha, beta, trans_a, trans_b) = gemm.unwrap_or((1.0, 0.0, false, false));
+        // A MatMul's third input (set by fusion) is a bias over [M, N], like Gemm's C.
+        let (alpha, beta, trans_a, trans_b) = gemm.unwrap_or((1.0, 1.0, false, false));
         // 1-D operands act as a row (A) or a column (B) vector.
         let a_shape: Vec<usize> = match self.shape(a) {
             [k] => vec![1, *k],
@@ -516,7 +517,7 @@ impl<'g> Lowering<'g> {
                 .map(|&s| (s * matrix) as isize)
                 .collect()
         };
-        let bias = gemm.and_then(|_| node.inputs.get(2).copied().flatten());
+        let bias = node.inputs.get(2).copied().flatten();
         let (bias_m, bias_n) = match bias {
             Some(c) => {
                 let s = broadcast_strides(self.shape(c), &[m, n]);

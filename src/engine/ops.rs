@@ -113,6 +113,8 @@ pub enum Op {
     Binary(BinaryOp),
     Where,
     Cast(DType),
+    /// numpy matmul. A third input, only ever added by fusion, is a bias broadcast over
+    /// the last two axes of the result.
     MatMul,
     Gemm {
         alpha: f32,

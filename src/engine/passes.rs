@@ -9,7 +9,7 @@ use super::error::{Error, Result};
 use super::fold;
 use super::graph::{Dim, Graph, Value, ValueId};
 use super::infer::{self, InputInfo};
-use super::ops::{BinaryOp, Op, UnaryOp};
+use super::ops::{BinaryOp, Op, UnaryOp, broadcast_shapes};
 use super::tensor::{DType, HostTensor};
 
 pub fn prepare(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
@@ -18,6 +18,7 @@ pub fn prepare(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
     fuse_silu(graph);
     fuse_group_norm(graph);
     fuse_attention(graph);
+    fuse_matmul_bias(graph);
     remove_dead_nodes(graph);
     Ok(())
 }
@@ -309,6 +310,49 @@ fn match_group_norm(
         epsilon,
         silu: silu.is_some(),
     })
+}
+
+/// MatMul followed by the Add of a constant bias over its last two axes (every Linear
+/// layer) becomes one MatMul launch with the bias added as results are stored.
+fn fuse_matmul_bias(graph: &mut Graph) {
+    let uses = use_counts(graph);
+    let mut dead = vec![false; graph.nodes.len()];
+    for m in 0..graph.nodes.len() {
+        if !matches!(graph.nodes[m].op, Op::MatMul) || graph.nodes[m].inputs.len() != 2 {
+            continue;
+        }
+        let product = graph.nodes[m].outputs[0];
+        let Some(add) = sole_consumer(graph, &uses, product) else {
+            continue;
+        };
+        let add_node = &graph.nodes[add];
+        if !matches!(add_node.op, Op::Binary(BinaryOp::Add)) || dead[add] {
+            continue;
+        }
+        let Some(bias) = (if add_node.inputs[0] == Some(product) {
+            add_node.inputs[1]
+        } else {
+            add_node.inputs[0]
+        }) else {
+            continue;
+        };
+        let out_shape = &graph.values[product].shape;
+        let bias_shape = &graph.values[bias].shape;
+        let matrix = &out_shape[out_shape.len().saturating_sub(2)..];
+        let fits = graph.values[bias].constant.is_some()
+            && bias_shape.len() <= matrix.len()
+            && broadcast_shapes(&[bias_shape, matrix]).is_ok_and(|s| s == matrix)
+            && graph.values[add_node.outputs[0]].shape == *out_shape;
+        if !fits {
+            continue;
+        }
+        let outputs = add_node.outputs.clone();
+        let node = &mut graph.nodes[m];
+        node.inputs.push(Some(bias));
+        node.outputs = outputs;
+        dead[add] = true;
+    }
+    retain_nodes(graph, &dead);
 }
 
 /// MatMul(Q, Kt) -> Mul|Div(scalar) -> Softmax(last axis) -> MatMul(., V) becomes one

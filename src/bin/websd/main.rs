@@ -44,7 +44,8 @@ mod cli {
         Run {
             /// The .onnx file; external data is read from the files it names, next to it.
             model: PathBuf,
-            /// Binds a symbolic dimension, e.g. --dim batch_size=2.
+            /// Binds a symbolic dimension, e.g. --dim batch_size=2 (by default, dimensions
+            /// are read off the inputs' shapes).
             #[arg(long = "dim", value_parser = parse_pair::<usize>)]
             dims: Vec<(String, usize)>,
             /// Feeds an input from a .npy file, e.g. --input sample=latents.npy.

@@ -34,8 +34,36 @@ pub async fn run(
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
     eprintln!("adapter: {}", gpu.describe());
     let model = load_model(model_path)?;
+    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
+    for (name, path) in inputs {
+        let bytes =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        tensors.push((
+            name.clone(),
+            npy::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?,
+        ));
+    }
+    let missing: Vec<&str> = model
+        .input_names()
+        .into_iter()
+        .filter(|name| !tensors.iter().any(|(n, _)| n == name))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "missing inputs: {} (give each with --input NAME=FILE.npy)",
+            missing.join(", ")
+        ));
+    }
+    // Dimensions follow from the inputs' shapes; --dim values win.
+    let shapes: Vec<(&str, &[usize])> = tensors
+        .iter()
+        .filter(|(name, _)| model.input_names().contains(&name.as_str()))
+        .map(|(n, t)| (n.as_str(), t.shape.as_slice()))
+        .collect();
+    let mut bound = model.dims_for_shapes(&shapes).map_err(|e| e.to_string())?;
+    bound.extend(dims);
     let started = Instant::now();
-    let session = Session::new(&gpu, &model, &dims)
+    let session = Session::new(&gpu, &model, &bound)
         .await
         .map_err(|e| e.to_string())?;
     eprintln!(
@@ -50,15 +78,6 @@ pub async fn run(
         .map(|(k, n)| format!("{k} {n}"))
         .collect();
     eprintln!("kernels: {}", counts.join(", "));
-    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
-    for (name, path) in inputs {
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        tensors.push((
-            name.clone(),
-            npy::read(&bytes).map_err(|e| format!("{}: {e}", path.display()))?,
-        ));
-    }
     let feeds: Vec<(&str, &HostTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let outputs = session.run_host(&feeds).await.map_err(|e| e.to_string())?;
     for i in 0..options.bench {

@@ -452,9 +452,21 @@ impl<'g> Builder<'g> {
         for &v in graph.inputs.iter().chain(&graph.outputs) {
             pinned[self.root[v]] = true;
         }
+        // Last node index reading each root (None: no launch reads it).
+        let mut last_use: Vec<Option<usize>> = vec![None; graph.values.len()];
+        for (n, lowered) in per_node.iter().enumerate() {
+            if let Lowered::Launches(list) = lowered {
+                for op in list.iter().flat_map(|launch| &launch.inputs) {
+                    if let Operand::Value(v) = op {
+                        last_use[self.root[*v]] = Some(n);
+                    }
+                }
+            }
+        }
+        let is_output = |v: ValueId| graph.outputs.iter().any(|&o| self.root[o] == v);
         for (v, value) in graph.values.iter().enumerate() {
             if let Some(c) = &value.constant {
-                if self.root[v] == v && self.is_used(v, per_node) {
+                if self.root[v] == v && (last_use[v].is_some() || is_output(v)) {
                     self.check_binding(v)?;
                     let buffer = self.gpu.storage_buffer_with(&value.name, &c.to_gpu_words());
                     self.memory_bytes += buffer.size();
@@ -475,19 +487,6 @@ impl<'g> Builder<'g> {
             }
         }
 
-        // Last node index reading each root.
-        let mut last_use = vec![0usize; graph.values.len()];
-        for (n, lowered) in per_node.iter().enumerate() {
-            if let Lowered::Launches(list) = lowered {
-                for launch in list {
-                    for op in &launch.inputs {
-                        if let Operand::Value(v) = op {
-                            last_use[self.root[*v]] = n;
-                        }
-                    }
-                }
-            }
-        }
         let mut free: Vec<wgpu::Buffer> = Vec::new();
         for (n, lowered) in per_node.iter().enumerate() {
             let Lowered::Launches(list) = lowered else {
@@ -526,7 +525,7 @@ impl<'g> Builder<'g> {
                     Operand::Value(v) => Some(self.root[*v]),
                     Operand::Constant(_) => None,
                 })
-                .filter(|&r| !pinned[r] && last_use[r] == n)
+                .filter(|&r| !pinned[r] && last_use[r] == Some(n))
                 .collect();
             released.sort_unstable();
             released.dedup();
@@ -537,19 +536,6 @@ impl<'g> Builder<'g> {
             }
         }
         Ok(())
-    }
-
-    fn is_used(&self, v: ValueId, per_node: &[Lowered]) -> bool {
-        self.graph.outputs.iter().any(|&o| self.root[o] == v)
-            || per_node.iter().any(|l| match l {
-                Lowered::Launches(list) => list.iter().any(|launch| {
-                    launch
-                        .inputs
-                        .iter()
-                        .any(|op| matches!(op, Operand::Value(x) if self.root[*x] == v))
-                }),
-                Lowered::Alias(_) => false,
-            })
     }
 
     fn bind(&mut self, launch: &Launch, pipeline: &wgpu::ComputePipeline) -> wgpu::BindGroup {

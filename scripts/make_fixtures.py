@@ -3,7 +3,7 @@
     python scripts/make_fixtures.py TINY_ONNX_DIR
 
 TINY_ONNX_DIR is the `onnx` folder written by make_tiny_sd.py. Writes:
-  onnx/tiny-sd/                  the exported pipeline (copied; also the app's demo model)
+  tests/fixtures/tiny-sd/        the exported pipeline (copied)
   tests/fixtures/tiny-sd-io/     inputs and onnxruntime outputs per graph, as .npy
   tests/fixtures/ops/<case>/     single-operator models on awkward cases, with
                                  inputs (in_*.npy) and outputs (out_*.npy)
@@ -39,7 +39,7 @@ def save_case(folder, feeds, outputs):
 
 
 def tiny_sd(src):
-    dst = os.path.join(ROOT, "..", "..", "onnx", "tiny-sd")
+    dst = os.path.join(ROOT, "tiny-sd")
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst)
     io = os.path.join(ROOT, "tiny-sd-io")

@@ -3,7 +3,7 @@
     python scripts/make_pipeline_fixtures.py TINY_DIFFUSERS_DIR
 
 TINY_DIFFUSERS_DIR is the `diffusers` folder make_tiny_sd.py wrote (the weights the
-committed onnx/tiny-sd export came from). Writes tests/fixtures/pipeline/:
+committed tests/fixtures/tiny-sd export came from). Writes tests/fixtures/pipeline/:
 cases.json (the parameters of each case), <case>.png (diffusers' image), init.png (the
 img2img source) and v_prediction_scheduler_config.json.
 """
@@ -82,7 +82,7 @@ def cases():
 def guidance_distilled(lcm_dir):
     """The guidance-distilled UNet (`timestep_cond`) with LatentConsistencyModelPipeline: one
     UNet pass per step, the guidance scale as an input. Its UNet and scheduler config are
-    copied next to the image; the text encoder and VAE are those of onnx/tiny-sd."""
+    copied next to the image; the text encoder and VAE are those of tests/fixtures/tiny-sd."""
     import shutil
     from diffusers import LatentConsistencyModelPipeline
     folder = os.path.join(ROOT, "guidance-distilled")

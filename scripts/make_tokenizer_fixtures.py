@@ -4,7 +4,7 @@ for websd's tokenizer test.
     python scripts/make_tokenizer_fixtures.py
 
 Writes tests/fixtures/tokenizer_ids.json: [{"prompt": ..., "ids": [77 ids]}, ...] for the
-onnx/tiny-sd tokenizer folder (the real CLIP vocabulary).
+tests/fixtures/tiny-sd tokenizer folder (the real CLIP vocabulary).
 """
 import json
 import os

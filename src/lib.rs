@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod image;
 pub mod model;
 pub mod npy;

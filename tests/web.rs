@@ -42,7 +42,7 @@ async fn tiny_unet_matches_onnxruntime_in_the_browser() {
     let model = Model::from_bytes_only(
         &include_bytes!(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/onnx/tiny-sd/unet/model.onnx"
+            "/tests/fixtures/tiny-sd/unet/model.onnx"
         ))[..],
     )
     .unwrap();
@@ -118,7 +118,7 @@ async fn whole_pipeline_matches_diffusers_in_the_browser() {
                 $path.to_string(),
                 bytes::Bytes::from_static(include_bytes!(concat!(
                     env!("CARGO_MANIFEST_DIR"),
-                    "/onnx/tiny-sd/",
+                    "/tests/fixtures/tiny-sd/",
                     $path
                 ))),
             )

@@ -2,7 +2,7 @@
 // validation, generation) is made by the Rust `App` (src/web.rs).
 
 const $ = (id) => document.getElementById(id);
-const BUNDLED = new URL("onnx/tiny-sd/", document.baseURI).href;
+const BUNDLED = new URL("onnx/", document.baseURI).href;
 let app = null;
 let running = false;
 
@@ -63,7 +63,7 @@ async function loadModel() {
   $("model-status").textContent = "Loading…";
   const source = document.querySelector("input[name=source]:checked").value;
   try {
-    if (source === "bundled") await app.loadUrl(BUNDLED, onProgress);
+    if (source === "bundled") await loadBundled();
     else if (source === "url") await app.loadUrl($("model-url").value.trim(), onProgress);
     else return pickFolder();
     $("total-progress").hidden = true;
@@ -72,6 +72,27 @@ async function loadModel() {
     $("model-status").textContent = "No model loaded.";
     showMessage(error);
   }
+}
+
+// onnx/models.json lists the bundled folders with the settings each was made for.
+let bundled = [];
+async function listBundled() {
+  try {
+    const response = await fetch(new URL("models.json", BUNDLED));
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
+    bundled = await response.json();
+  } catch (error) {
+    showMessage(`Cannot list the bundled models (onnx/models.json): ${error.message}`);
+  }
+  $("bundled-model").replaceChildren(...bundled.map((m, i) => new Option(m.name, i)));
+}
+
+async function loadBundled() {
+  const model = bundled[Number($("bundled-model").value)];
+  if (!model) throw new Error("No bundled model to load.");
+  await app.loadUrl(new URL(`${model.folder}/`, BUNDLED).href, onProgress);
+  $("steps").value = model.steps;
+  $("guidance").value = model.guidance;
 }
 
 // A folder from disk: the directory picker where the browser has one, else <input webkitdirectory>.
@@ -174,11 +195,13 @@ async function generate(event) {
 function wire() {
   for (const radio of document.querySelectorAll("input[name=source]")) {
     radio.addEventListener("change", () => {
+      $("bundled-row").hidden = radio.value !== "bundled" || !radio.checked;
       $("url-row").hidden = radio.value !== "url" || !radio.checked;
       $("folder-row").hidden = radio.value !== "folder" || !radio.checked;
     });
   }
   $("load-model").addEventListener("click", loadModel);
+  $("bundled-model").addEventListener("change", () => { if (!running) loadModel(); });
   $("pick-folder").addEventListener("click", pickFolder);
   $("folder-input").addEventListener("change", loadFolderInput);
   $("clear-cache").addEventListener("click", async () => {
@@ -193,6 +216,7 @@ function wire() {
 
 async function start() {
   wire();
+  await listBundled();
   app = new window.wasmBindings.App();
   try {
     $("adapter").textContent = `GPU: ${await app.initGpu()}`;

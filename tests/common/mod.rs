@@ -13,9 +13,9 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
-/// The bundled tiny random-weight SD pipeline (optimum export), also the app's demo model.
+/// The tiny random-weight SD pipeline (optimum export) most tests run.
 pub fn tiny_sd() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/tiny-sd")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd")
 }
 
 pub fn gpu() -> Gpu {

@@ -3,10 +3,13 @@
 //! - `websd run MODEL.onnx [--dim NAME=N]... [--input NAME=FILE.npy]... --output-dir DIR [--bench N]`
 //! - `websd generate --model DIR --prompt P [...] --out OUT.png`
 //! - `websd tokenize --model DIR TEXT`
+//! - `websd eval --model DIR --benchmark DIR [--steps N] [--limit N]`
 
 #[cfg(target_arch = "wasm32")]
 fn main() {}
 
+#[cfg(not(target_arch = "wasm32"))]
+mod eval;
 #[cfg(not(target_arch = "wasm32"))]
 mod generate;
 #[cfg(not(target_arch = "wasm32"))]
@@ -24,6 +27,7 @@ mod cli {
 
     use clap::{Parser, Subcommand};
 
+    use crate::eval::EvalArgs;
     use crate::generate::GenerateArgs;
     use crate::run::RunOptions;
 
@@ -62,6 +66,8 @@ mod cli {
         },
         /// Generates an image from a prompt with a Stable Diffusion model folder.
         Generate(GenerateArgs),
+        /// Scores a model on a benchmark: generates its prompts and classifies the images.
+        Eval(EvalArgs),
         /// Prints the token ids of TEXT as the model's tokenizer makes them (a JSON array).
         Tokenize {
             #[arg(long)]
@@ -99,6 +105,7 @@ mod cli {
                 ))
             }
             Command::Generate(args) => pollster::block_on(crate::generate::generate(args)),
+            Command::Eval(args) => pollster::block_on(crate::eval::eval(args)),
             Command::Tokenize { model, text } => crate::generate::tokenize(&model, &text),
         };
         match result {

@@ -1,0 +1,104 @@
+//! The bundled glyph models (onnx/glyph-sd*, trained by scripts/train_glyph_sd.py):
+//! websd draws the same pictures as diffusers from the committed weights
+//! (scripts/make_glyph_fixtures.py), and the benchmark, run through websd's own engine on
+//! the first prompts, reproduces the accuracies README reports (onnx/glyph-benchmark/results.json).
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use websd::engine::Gpu;
+use websd::eval::Benchmark;
+use websd::image::RgbaImage;
+use websd::model::Directory;
+use websd::pipeline::{Control, Request, StableDiffusion};
+
+fn onnx_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx")
+}
+
+fn load(gpu: &Gpu, model: &str) -> StableDiffusion {
+    let folder = onnx_dir().join(model);
+    StableDiffusion::load(gpu, &mut Directory(folder), model).unwrap()
+}
+
+#[test]
+fn glyph_models_match_diffusers_within_3_of_255() {
+    let gpu = common::gpu();
+    let dir = common::fixtures().join("glyph");
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let mut failures = Vec::new();
+    for case in &cases {
+        let name = case["name"].as_str().unwrap();
+        let mut pipeline = load(&gpu, case["model"].as_str().unwrap());
+        let request = Request {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: case["negative_prompt"].as_str().unwrap().into(),
+            steps: case["steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance_scale"].as_f64().unwrap(),
+            seed: case["seed"].as_u64().unwrap(),
+            ..Request::default()
+        };
+        let generated =
+            pollster::block_on(pipeline.generate(&request, &mut |_| Control::Continue)).unwrap();
+        let expected =
+            RgbaImage::decode(&std::fs::read(dir.join(format!("{name}.png"))).unwrap()).unwrap();
+        assert_eq!((generated.image.width, generated.image.height), (32, 32));
+        let diff = generated
+            .image
+            .pixels
+            .iter()
+            .zip(&expected.pixels)
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap();
+        eprintln!("{name}: max pixel difference {diff}");
+        if diff > 3 {
+            failures.push(format!("{name}: max pixel difference {diff}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Each model on the first prompts: every attribute's accuracy within three binomial
+/// standard deviations of the full run's (and README shows the full run's numbers).
+#[test]
+fn benchmark_reproduces_the_reported_accuracy() {
+    const PROMPTS: usize = 24;
+    let gpu = common::gpu();
+    let bench_dir = onnx_dir().join("glyph-benchmark");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(bench_dir.join("results.json")).unwrap())
+            .unwrap();
+    let readme = std::fs::read_to_string(onnx_dir().join("../README.md")).unwrap();
+    let mut benchmark = Benchmark::load(&mut Directory(bench_dir)).unwrap();
+    let mut failures = Vec::new();
+    for reported in results.as_array().unwrap() {
+        let model = reported["model"].as_str().unwrap();
+        let mut pipeline = load(&gpu, model);
+        let base = Request {
+            steps: reported["steps"].as_u64().unwrap() as usize,
+            guidance_scale: reported["guidance_scale"].as_f64().unwrap(),
+            ..Request::default()
+        };
+        let report =
+            pollster::block_on(benchmark.run(&mut pipeline, &base, PROMPTS, &mut |_| {})).unwrap();
+        for (attribute, measured) in &report.accuracy {
+            let full = reported["accuracy"][attribute].as_f64().unwrap();
+            let sigma = (full * (1.0 - full) / PROMPTS as f64).sqrt().max(0.02);
+            eprintln!("{model} {attribute}: {measured:.3} on {PROMPTS} prompts, {full:.3} on all");
+            if (measured - full).abs() > 3.0 * sigma {
+                failures.push(format!("{model} {attribute}: {measured:.3} vs {full:.3}"));
+            }
+            let shown = format!("{:.1}%", full * 100.0);
+            if !readme.contains(&shown) {
+                failures.push(format!(
+                    "README does not show {model}'s {attribute} {shown}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}

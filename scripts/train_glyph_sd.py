@@ -20,6 +20,7 @@ Students (Salimans & Ho 2022, Meng et al. 2023):
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -344,30 +345,45 @@ def one_cycle(params, lr, steps, warmup=0.05):
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=budget(steps), pct_start=warmup)
 
 
-def stage_teacher(work, steps=1800, batch=128):
+TEACHER_CYCLES = [(1800, 1e-3), (2000, 5e-4)]  # (steps, peak learning rate) per cycle
+
+
+def stage_teacher(work, batch=128):
     """Text encoder and UNet trained together (no pretrained CLIP here); 10% empty captions
-    teach the unconditional prediction that classifier-free guidance needs."""
-    torch.manual_seed(0)
+    teach the unconditional prediction that classifier-free guidance needs. One-cycle
+    learning-rate schedules with a warm restart from the first cycle's EMA weights; each
+    cycle's result is kept, so a rerun resumes after the last finished cycle."""
     data = Batches(work)
     te, unet = make_text_encoder(), make_unet()
-    opt, sched = one_cycle(list(te.parameters()) + list(unet.parameters()), 1e-3, steps)
-    ema_te, ema_unet = Ema(te, 0.995), Ema(unet, 0.995)
-    for step in range(budget(steps)):
-        x0, rows = data.draw(batch, drop=0.1)
-        t = torch.randint(0, 1000, (batch,))
-        z, v = noised(x0, t)
-        pred = unet(z, t, te(data.table.ids[rows])[0]).sample
-        loss = F.mse_loss(pred, v)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        ema_te.update(te)
-        ema_unet.update(unet)
-        if step % 100 == 0 or step == budget(steps) - 1:
-            log(f"teacher {step} loss {loss.item():.4f}")
-    torch.save(ema_te.shadow, os.path.join(work, "text_encoder.pt"))
-    torch.save(ema_unet.shadow, os.path.join(work, "teacher.pt"))
+    for cycle, (steps, lr) in enumerate(TEACHER_CYCLES):
+        te_path, unet_path = (os.path.join(work, f"{name}-cycle{cycle}.pt") for name in ("text_encoder", "teacher"))
+        if cycle > 0:
+            te.load_state_dict(torch.load(os.path.join(work, f"text_encoder-cycle{cycle - 1}.pt")))
+            unet.load_state_dict(torch.load(os.path.join(work, f"teacher-cycle{cycle - 1}.pt")))
+        if os.path.exists(unet_path) and os.path.exists(te_path):
+            log(f"teacher cycle {cycle}: done before")
+            continue
+        torch.manual_seed(cycle)
+        opt, sched = one_cycle(list(te.parameters()) + list(unet.parameters()), lr, steps)
+        ema_te, ema_unet = Ema(te, 0.995), Ema(unet, 0.995)
+        for step in range(budget(steps)):
+            x0, rows = data.draw(batch, drop=0.1)
+            t = torch.randint(0, 1000, (batch,))
+            z, v = noised(x0, t)
+            pred = unet(z, t, te(data.table.ids[rows])[0]).sample
+            loss = F.mse_loss(pred, v)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            ema_te.update(te)
+            ema_unet.update(unet)
+            if step % 100 == 0 or step == budget(steps) - 1:
+                log(f"teacher cycle {cycle} {step} loss {loss.item():.4f}")
+        torch.save(ema_te.shadow, te_path)
+        torch.save(ema_unet.shadow, unet_path)
+    shutil.copy(te_path, os.path.join(work, "text_encoder.pt"))
+    shutil.copy(unet_path, os.path.join(work, "teacher.pt"))
 
 
 def guided_v(unet, z, t, cond, uncond, w):
@@ -580,7 +596,6 @@ def store_fp16(path, min_size=64):
 
 def stage_export(work):
     """optimum's export of each model into the repository's onnx/ (or $GLYPH_ONNX_OUT)."""
-    import shutil
     import subprocess
     from diffusers import StableDiffusionPipeline
     out = os.environ.get("GLYPH_ONNX_OUT") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "onnx")

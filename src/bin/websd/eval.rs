@@ -59,6 +59,7 @@ pub async fn eval(args: EvalArgs) -> Result<(), String> {
         ..Request::default()
     };
     let mut images = Vec::new();
+    let mut reads = Vec::new();
     let mut on_outcome = |o: &Outcome| {
         let read: Vec<String> = o
             .read
@@ -73,6 +74,12 @@ pub async fn eval(args: EvalArgs) -> Result<(), String> {
             o.generate_ms
         );
         images.push(o.image.clone());
+        reads.push(
+            o.read
+                .iter()
+                .map(|(_, class, _)| class.clone())
+                .collect::<Vec<_>>(),
+        );
     };
     let report = benchmark
         .run(&mut pipeline, &base, args.limit, &mut on_outcome)
@@ -93,7 +100,7 @@ pub async fn eval(args: EvalArgs) -> Result<(), String> {
         report.ms_per_image
     );
     if let Some(path) = &args.results {
-        record(path, &args, &report)?;
+        record(path, &args, &report, &reads)?;
     }
     if let Some(path) = &args.grid {
         let png = RgbaImage::row(&images)
@@ -104,8 +111,14 @@ pub async fn eval(args: EvalArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// Replaces (or adds) this model's entry in the results file.
-fn record(path: &Path, args: &EvalArgs, report: &Report) -> Result<(), String> {
+/// Replaces (or adds) this model's entry in the results file: the settings, the accuracy
+/// and what the classifier read in each image, in prompt order.
+fn record(
+    path: &Path,
+    args: &EvalArgs,
+    report: &Report,
+    reads: &[Vec<String>],
+) -> Result<(), String> {
     let model = args.model.file_name().map_or_else(
         || args.model.display().to_string(),
         |n| n.to_string_lossy().to_string(),
@@ -127,6 +140,7 @@ fn record(path: &Path, args: &EvalArgs, report: &Report) -> Result<(), String> {
         "prompts": report.cases,
         "accuracy": accuracy,
         "ms_per_image": report.ms_per_image.round(),
+        "reads": reads,
     }));
     let text = serde_json::to_string_pretty(&entries).expect("results serialise");
     std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))

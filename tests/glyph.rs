@@ -47,14 +47,7 @@ fn glyph_models_match_diffusers_within_3_of_255() {
         let expected =
             RgbaImage::decode(&std::fs::read(dir.join(format!("{name}.png"))).unwrap()).unwrap();
         assert_eq!((generated.image.width, generated.image.height), (32, 32));
-        let diff = generated
-            .image
-            .pixels
-            .iter()
-            .zip(&expected.pixels)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap();
+        let diff = common::max_pixel_difference(&generated.image, &expected);
         eprintln!("{name}: max pixel difference {diff}");
         if diff > 3 {
             failures.push(format!("{name}: max pixel difference {diff}"));

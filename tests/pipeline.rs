@@ -74,16 +74,6 @@ fn request(case: &serde_json::Value) -> Request {
     }
 }
 
-fn max_pixel_difference(a: &RgbaImage, b: &RgbaImage) -> u8 {
-    assert_eq!((a.width, a.height), (b.width, b.height));
-    a.pixels
-        .iter()
-        .zip(&b.pixels)
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap()
-}
-
 #[test]
 fn every_case_matches_diffusers_within_3_of_255() {
     let gpu = common::gpu();
@@ -107,7 +97,7 @@ fn every_case_matches_diffusers_within_3_of_255() {
                 .unwrap();
         let expected =
             RgbaImage::decode(&std::fs::read(dir.join(format!("{name}.png"))).unwrap()).unwrap();
-        let diff = max_pixel_difference(&generated.image, &expected);
+        let diff = common::max_pixel_difference(&generated.image, &expected);
         report.push(format!("{name}: {diff}"));
         if diff > 3 {
             failures.push(format!("{name}: max pixel difference {diff}"));
@@ -250,7 +240,7 @@ fn cli_generate_writes_the_image_and_grid() {
     )
     .unwrap();
     let png = std::fs::read(&out).unwrap();
-    assert!(max_pixel_difference(&RgbaImage::decode(&png).unwrap(), &expected) <= 3);
+    assert!(common::max_pixel_difference(&RgbaImage::decode(&png).unwrap(), &expected) <= 3);
     let reader = png::Decoder::new(std::io::Cursor::new(&png))
         .read_info()
         .unwrap();
@@ -331,7 +321,7 @@ fn guidance_distilled_unet_matches_diffusers() {
     let expected =
         RgbaImage::decode(&std::fs::read(dir.join("lcm_4_steps_w8.5_seed21.png")).unwrap())
             .unwrap();
-    let diff = max_pixel_difference(&generated.image, &expected);
+    let diff = common::max_pixel_difference(&generated.image, &expected);
     assert!(diff <= 3, "max pixel difference {diff}");
 }
 

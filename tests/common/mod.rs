@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use websd::engine::{Gpu, HostTensor, Model, Session};
+use websd::image::RgbaImage;
 use websd::npy;
 
 pub fn fixtures() -> PathBuf {
@@ -93,4 +94,15 @@ pub fn compare(
         }
     }
     Ok(worst)
+}
+
+/// The largest difference of any channel of any pixel.
+pub fn max_pixel_difference(a: &RgbaImage, b: &RgbaImage) -> u8 {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    a.pixels
+        .iter()
+        .zip(&b.pixels)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap()
 }

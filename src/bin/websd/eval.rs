@@ -8,8 +8,9 @@ use websd::engine::Gpu;
 use websd::eval::{Benchmark, Outcome, Report};
 use websd::image::RgbaImage;
 use websd::model::Directory;
-use websd::pipeline::{Request, StableDiffusion};
-use websd::scheduler::SchedulerKind;
+use websd::pipeline::Request;
+
+use crate::generate::{load, parse_scheduler};
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -39,17 +40,11 @@ pub struct EvalArgs {
 }
 
 pub async fn eval(args: EvalArgs) -> Result<(), String> {
-    let scheduler = args
-        .scheduler
-        .as_deref()
-        .map(SchedulerKind::parse)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let scheduler = parse_scheduler(args.scheduler.as_deref())?;
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
     eprintln!("adapter: {}", gpu.describe());
     let folder = args.model.display().to_string();
-    let mut pipeline = StableDiffusion::load(&gpu, &mut Directory(args.model.clone()), &folder)
-        .map_err(|e| e.to_string())?;
+    let mut pipeline = load(&gpu, &args.model)?;
     let mut benchmark = Benchmark::load(&mut Directory(args.benchmark.clone()))
         .map_err(|e| format!("{}: {e}", args.benchmark.display()))?;
     let base = Request {

@@ -54,7 +54,14 @@ fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
-fn load(gpu: &Gpu, folder: &Path) -> Result<StableDiffusion, String> {
+/// A `--scheduler` value; `None` keeps the model folder's own.
+pub fn parse_scheduler(name: Option<&str>) -> Result<Option<SchedulerKind>, String> {
+    name.map(SchedulerKind::parse)
+        .transpose()
+        .map_err(|e| e.to_string())
+}
+
+pub fn load(gpu: &Gpu, folder: &Path) -> Result<StableDiffusion, String> {
     let mut files = Directory(folder.to_path_buf());
     StableDiffusion::load(gpu, &mut files, &folder.display().to_string()).map_err(|e| e.to_string())
 }
@@ -63,12 +70,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
     if args.grid.is_some() && args.preview_every == 0 {
         return Err("--grid needs --preview-every K".into());
     }
-    let scheduler = args
-        .scheduler
-        .as_deref()
-        .map(SchedulerKind::parse)
-        .transpose()
-        .map_err(|e| e.to_string())?;
+    let scheduler = parse_scheduler(args.scheduler.as_deref())?;
     let init_image = match &args.init_image {
         Some(path) => {
             Some(RgbaImage::decode(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?)

@@ -354,6 +354,7 @@ def stage_teacher(work, batch=128):
     learning-rate schedules with a warm restart from the first cycle's EMA weights; each
     cycle's result is kept, so a rerun resumes after the last finished cycle."""
     data = Batches(work)
+    torch.manual_seed(0)
     te, unet = make_text_encoder(), make_unet()
     for cycle, (steps, lr) in enumerate(TEACHER_CYCLES):
         te_path, unet_path = (os.path.join(work, f"{name}-cycle{cycle}.pt") for name in ("text_encoder", "teacher"))
@@ -363,7 +364,8 @@ def stage_teacher(work, batch=128):
         if os.path.exists(unet_path) and os.path.exists(te_path):
             log(f"teacher cycle {cycle}: done before")
             continue
-        torch.manual_seed(cycle)
+        if cycle > 0:
+            torch.manual_seed(cycle)
         opt, sched = one_cycle(list(te.parameters()) + list(unet.parameters()), lr, steps)
         ema_te, ema_unet = Ema(te, 0.995), Ema(unet, 0.995)
         for step in range(budget(steps)):

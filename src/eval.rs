@@ -13,7 +13,7 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use crate::engine::{Gpu, HostTensor, Session};
+use crate::engine::{Gpu, Session};
 use crate::error::{Error, Result};
 use crate::image::RgbaImage;
 use crate::model::{ModelFiles, read_graph};
@@ -114,7 +114,7 @@ impl Benchmark {
         }
         let session = &self.sessions[&shape];
         let input = session.input_names()[0].to_string();
-        let pixels = unit_rgb(image);
+        let pixels = image.to_unit_rgb();
         let outputs = session.run_host(&[(&input, &pixels)]).await?;
         Ok(self
             .attributes
@@ -177,18 +177,6 @@ impl Benchmark {
             ms_per_image: total_ms / n,
         })
     }
-}
-
-/// RGBA bytes -> `[1, 3, H, W]` in [0, 1].
-fn unit_rgb(image: &RgbaImage) -> HostTensor {
-    let plane = image.width * image.height;
-    let mut values = vec![0.0f32; 3 * plane];
-    for c in 0..3 {
-        for i in 0..plane {
-            values[c * plane + i] = image.pixels[i * 4 + c] as f32 / 255.0;
-        }
-    }
-    HostTensor::f32(vec![1, 3, image.height, image.width], values)
 }
 
 fn argmax(values: &[f32]) -> usize {

@@ -40,11 +40,20 @@ impl RgbaImage {
 
     /// The image as the VAE encoder's input `[1, 3, H, W]` in [-1, 1].
     pub fn to_vae_input(&self) -> HostTensor {
+        self.to_rgb_tensor(|v| v * 2.0 - 1.0)
+    }
+
+    /// The RGB planes `[1, 3, H, W]` in [0, 1] (what image classifiers usually take).
+    pub fn to_unit_rgb(&self) -> HostTensor {
+        self.to_rgb_tensor(|v| v)
+    }
+
+    fn to_rgb_tensor(&self, map: impl Fn(f32) -> f32) -> HostTensor {
         let plane = self.width * self.height;
         let mut values = vec![0.0f32; 3 * plane];
         for c in 0..3 {
             for i in 0..plane {
-                values[c * plane + i] = self.pixels[i * 4 + c] as f32 / 255.0 * 2.0 - 1.0;
+                values[c * plane + i] = map(self.pixels[i * 4 + c] as f32 / 255.0);
             }
         }
         HostTensor::f32(vec![1, 3, self.height, self.width], values)

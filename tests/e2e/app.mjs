@@ -53,7 +53,7 @@ async function step(name, fn) {
 
 await step("generates with the bundled model, previews, download, cache", () => withPage(["--enable-unsafe-webgpu"], async (page, problems) => {
   await page.goto(site);
-  await page.locator("#model-status", { hasText: "Loaded" }).waitFor({ timeout: 120_000 });
+  await page.locator("#model-status", { hasText: /^Loaded / }).waitFor({ timeout: 120_000 });
   assert.match(await page.locator("#adapter").innerText(), /GPU:/);
   await page.selectOption("#scheduler", "euler");
   await page.fill("#steps", "6");
@@ -77,7 +77,7 @@ await step("generates with the bundled model, previews, download, cache", () => 
   // A reload takes the model from the cache.
   await page.reload();
   await page.locator("#file-progress", { hasText: "text_encoder/model.onnx: from cache" }).waitFor({ timeout: 120_000 });
-  await page.locator("#model-status", { hasText: "Loaded" }).waitFor({ timeout: 120_000 });
+  await page.locator("#model-status", { hasText: /^Loaded / }).waitFor({ timeout: 120_000 });
   // Cancel leaves the page usable.
   await page.fill("#steps", "200");
   await page.click("#generate");
@@ -94,7 +94,7 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.locator("#message", { hasText: "leaves no steps" }).waitFor({ timeout: 60_000 });
   await page.locator("#strength").fill("0.5");
   await page.click("#generate");
-  await page.locator("#step-status", { hasText: "Done" }).waitFor({ timeout: 120_000 });
+  await page.locator("#step-status", { hasText: /^Done:/ }).waitFor({ timeout: 120_000 });
   assert.equal(await page.locator("#message").isVisible(), false);
   assert.deepEqual(problems, []);
 }));

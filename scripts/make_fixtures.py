@@ -179,6 +179,33 @@ def op_cases():
     op_case("argmax_int", "ArgMax", [("x", i64([[5, 9, 9, 1], [0, -1, 2, 2]]))], {"axis": 1, "select_last_index": 1})
 
 
+def binding_split_cases():
+    """ops/split_*: cases larger than the 16 KiB binding limit tests/ops.rs imposes, so that
+    each runs as several launches over parts of its tensors (websd splits what exceeds a
+    device's storage binding limit). Odd planes and batches place the parts at unaligned
+    channel and row boundaries. Own random stream: adding them changes no other fixture."""
+    local = np.random.default_rng(77)
+    x = lambda *shape: local.uniform(-2.0, 2.0, shape).astype(np.float32)
+    op_case("split_conv_3x3", "Conv", [("x", x(2, 24, 16, 16))], {"pads": [1, 1, 1, 1]},
+            initializers=[("w", x(20, 24, 3, 3)), ("b", x(20))])
+    op_case("split_conv_odd_plane", "Conv", [("x", x(1, 72, 7, 9))], {"strides": [2, 2], "pads": [1, 1, 1, 1]},
+            initializers=[("w", x(6, 72, 3, 3)), ("b", x(6))])
+    op_case("split_group_norm", "GroupNormalization", [("x", x(2, 16, 16, 16))], {"num_groups": 4},
+            initializers=[("s", x(16)), ("b", x(16))], opset=21)
+    op_case("split_instance_norm_odd", "InstanceNormalization", [("x", x(2, 40, 7, 9))], {"epsilon": 1e-5},
+            initializers=[("s", x(40)), ("b", x(40))])
+    op_case("split_resize_nearest", "Resize", [("x", x(1, 24, 8, 8))],
+            {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+            initializers=[("", np.zeros(0, np.float32)), ("sc", np.array([1, 1, 2, 2], np.float32))])
+    op_case("split_resize_linear", "Resize", [("x", x(1, 12, 10, 12))],
+            {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+            initializers=[("", np.zeros(0, np.float32)), ("sc", np.array([1, 1, 2, 2], np.float32))])
+    op_case("split_add_broadcast", "Add", [("a", x(1, 32, 16, 16)), ("b", x(32, 1, 1))])
+    op_case("split_where_broadcast", "Where",
+            [("c", local.uniform(size=(1, 1, 16, 16)) > 0.5), ("x", x(2, 20, 16, 16)), ("y", x(1))])
+    op_case("split_sigmoid", "Sigmoid", [("x", x(9000))])
+
+
 def symbolic_models():
     """Models with symbolic dimensions, for tests that pick sizes at run time."""
     # y = a + b with a of length `n`.
@@ -250,5 +277,6 @@ def attention_cases():
 if __name__ == "__main__":
     tiny_sd(sys.argv[1])
     op_cases()
+    binding_split_cases()
     attention_cases()
     symbolic_models()

@@ -74,3 +74,80 @@ fn fp16_weights_match_onnxruntime() {
         common::compare(&name, &outputs[&name], &expected, 2e-5).unwrap();
     }
 }
+
+/// The binding limit the split cases (ops/split_*, from scripts/make_fixtures.py) are sized
+/// against: every one of them exceeds it.
+const SPLIT_CASE_BINDING: u64 = 16 * 1024;
+
+/// Past one storage binding: under a 16 KiB limit each split case runs as more launches over
+/// parts of its tensors, and still matches onnxruntime.
+#[test]
+fn ops_past_one_binding_match_onnxruntime() {
+    let gpu = common::gpu();
+    let small = gpu.with_binding_limit(SPLIT_CASE_BINDING);
+    let mut dirs: Vec<_> = std::fs::read_dir(common::fixtures().join("ops"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("split_")
+        })
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 9,
+        "split cases missing: run scripts/make_fixtures.py"
+    );
+    let mut failures = Vec::new();
+    for dir in dirs {
+        let case = dir.file_name().unwrap().to_string_lossy().to_string();
+        let model = common::load_model(&dir.join("model.onnx"));
+        let launches = |gpu| {
+            pollster::block_on(Session::new(gpu, &model, &HashMap::new()))
+                .map(|s| s.launch_count)
+                .map_err(|e| e.to_string())
+        };
+        let result = launches(&gpu).and_then(|whole| {
+            let parts = launches(&small)?;
+            if parts <= whole {
+                return Err(format!(
+                    "{parts} launches under the small limit, {whole} without"
+                ));
+            }
+            let outputs = common::run_case(&small, &model, &HashMap::new(), &dir)?;
+            for (name, expected) in common::tensors(&dir, "out_") {
+                let actual = outputs.get(&name).ok_or(format!("no output {name}"))?;
+                common::compare(&name, actual, &expected, 2e-5)?;
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            failures.push(format!("{case}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Past the device's own binding limit (128 MiB on lavapipe): an element-wise op over one
+/// element more than a binding holds runs in parts, with the seam in the right place.
+#[test]
+fn elementwise_past_the_device_binding_limit() {
+    let gpu = common::gpu();
+    let model = common::load_model(&common::fixtures().join("add_symbolic.onnx"));
+    let n = (gpu.limits.max_storage_buffer_binding_size / 4) as usize + 1;
+    let session = pollster::block_on(Session::new(
+        &gpu,
+        &model,
+        &HashMap::from([("n".to_string(), n)]),
+    ))
+    .unwrap();
+    let a = HostTensor::f32(vec![n], (0..n).map(|i| (i % 1000) as f32).collect());
+    let b = HostTensor::f32(vec![1], vec![1.5]);
+    let out = pollster::block_on(session.run_host(&[("a", &a), ("b", &b)])).unwrap();
+    let y = out["y"].to_f32();
+    for i in [0, n / 2 - 1, n / 2, n - 2, n - 1] {
+        assert_eq!(y[i], (i % 1000) as f32 + 1.5, "element {i}");
+    }
+}

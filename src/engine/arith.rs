@@ -171,8 +171,18 @@ fn launch_combine(terms: &[(f32, &GpuTensor)], clamp: Option<(f32, f32)>) -> Gpu
     }
     let out = gpu.storage_buffer("combined", first.byte_len());
     let params = gpu.storage_buffer_with("params", &params.0);
-    let mut buffers = vec![&params, &out];
-    buffers.extend((0..TERMS_PER_LAUNCH).map(|k| &terms.get(k).unwrap_or(&terms[0]).1.buffer));
+    let mut buffers = vec![
+        params.as_entire_buffer_binding(),
+        out.as_entire_buffer_binding(),
+    ];
+    buffers.extend((0..TERMS_PER_LAUNCH).map(|k| {
+        terms
+            .get(k)
+            .unwrap_or(&terms[0])
+            .1
+            .buffer
+            .as_entire_buffer_binding()
+    }));
     let mut kernels = gpu
         .arithmetic
         .lock()

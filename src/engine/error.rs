@@ -33,13 +33,13 @@ pub enum Error {
     Device(String),
     #[error("GPU out of memory: {0}")]
     OutOfMemory(String),
-    #[error(
-        "tensor of {bytes} bytes (`{name}`) exceeds this GPU's storage binding limit of {limit} bytes"
-    )]
+    #[error("tensor of {bytes} bytes (`{name}`) exceeds this GPU's {what} of {limit} bytes")]
     TooLarge {
         name: String,
         bytes: u64,
         limit: u64,
+        /// Which limit: "storage binding limit" or "buffer size".
+        what: &'static str,
     },
 }
 

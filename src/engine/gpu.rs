@@ -69,6 +69,26 @@ impl Gpu {
         })))
     }
 
+    /// The same device, with sessions planned as if a storage binding held at most `bytes`
+    /// (never more than the adapter allows) and binding offsets needed WebGPU's default
+    /// 256-byte alignment (what browsers report): tensors past the limit are split across
+    /// launches as on an adapter with that limit. Lets tests reach the split paths with
+    /// small tensors.
+    pub fn with_binding_limit(&self, bytes: u64) -> Gpu {
+        let mut limits = self.limits.clone();
+        limits.max_storage_buffer_binding_size = bytes.min(limits.max_storage_buffer_binding_size);
+        limits.min_storage_buffer_offset_alignment =
+            limits.min_storage_buffer_offset_alignment.max(256);
+        #[allow(clippy::arc_with_non_send_sync)]
+        Gpu(Arc::new(SharedGpu {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            adapter_info: self.adapter_info.clone(),
+            limits,
+            arithmetic: Mutex::default(),
+        }))
+    }
+
     /// "name (backend, device type)", for logs and the UI. Browsers often hide the name;
     /// then the vendor and architecture they do report stand in.
     pub fn describe(&self) -> String {

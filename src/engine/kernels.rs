@@ -2,6 +2,7 @@
 //! description of one kernel launch.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::graph::ValueId;
@@ -63,19 +64,34 @@ impl From<Shader> for KernelKey {
     }
 }
 
-/// A buffer a launch binds: a graph value, or a constant the lowering made up (zero bias).
+/// A buffer a launch binds: a graph value, part of one, or a constant the lowering made up
+/// (zero bias, a slice of a weight).
 #[derive(Clone, Debug)]
 pub enum Operand {
     Value(ValueId),
+    /// Elements `range` of a value: what a launch binds when the whole value exceeds the
+    /// device's binding limit (`range.start` is aligned to the storage offset alignment).
+    Part(ValueId, Range<usize>),
     Constant(Arc<HostTensor>),
 }
 
-/// One dispatch: binding 0 holds `params`, binding 1 is `output`, bindings 2.. are `inputs`.
+impl Operand {
+    /// The graph value bound, whole or in part.
+    pub fn value(&self) -> Option<ValueId> {
+        match self {
+            Operand::Value(v) | Operand::Part(v, _) => Some(*v),
+            Operand::Constant(_) => None,
+        }
+    }
+}
+
+/// One dispatch: binding 0 holds `params`, binding 1 is `output` (a value or part of one),
+/// bindings 2.. are `inputs`.
 #[derive(Clone, Debug)]
 pub struct Launch {
     pub kernel: KernelKey,
     pub params: Vec<u32>,
-    pub output: ValueId,
+    pub output: Operand,
     pub inputs: Vec<Operand>,
     pub workgroups: [u32; 3],
 }
@@ -159,14 +175,14 @@ impl Pipelines {
 pub fn bind_buffers(
     device: &wgpu::Device,
     pipeline: &wgpu::ComputePipeline,
-    buffers: &[&wgpu::Buffer],
+    buffers: &[wgpu::BufferBinding],
 ) -> wgpu::BindGroup {
     let entries: Vec<wgpu::BindGroupEntry> = buffers
         .iter()
         .enumerate()
         .map(|(i, b)| wgpu::BindGroupEntry {
             binding: i as u32,
-            resource: b.as_entire_binding(),
+            resource: wgpu::BindingResource::Buffer(b.clone()),
         })
         .collect();
     device.create_bind_group(&wgpu::BindGroupDescriptor {

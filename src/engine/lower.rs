@@ -1,13 +1,15 @@
 //! Lowering: each GPU node becomes kernel launches over graph values, or an alias of its
 //! input when the op only reinterprets the shape (Reshape, Squeeze, Identity...).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use super::graph::{Graph, Node, ValueId};
 use super::infer::{self, InputInfo};
 use super::kernels::{KernelKey, LINEAR_WORKGROUP, Launch, Operand, Params, Shader, grid};
 use super::ops::{
-    Op, ReduceOp, UnaryOp, WHERE_CODE, broadcast_strides, contiguous_strides, normalize_axis,
+    ConvAttrs, Op, ReduceOp, UnaryOp, WHERE_CODE, broadcast_strides, contiguous_strides,
+    normalize_axis,
 };
 use super::tensor::{DType, HostTensor, numel};
 
@@ -25,6 +27,40 @@ type LowerResult<T> = std::result::Result<T, String>;
 pub struct Lowering<'g> {
     graph: &'g Graph,
     max_groups: u32,
+    /// Elements one storage binding may hold.
+    max_binding: usize,
+    /// Elements between aligned binding offsets.
+    align: usize,
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn lcm(a: usize, b: usize) -> usize {
+    a / gcd(a, b) * b
+}
+
+/// conv.wgsl's parameters for `g`.
+fn conv_params(g: &infer::ConvGeometry, has_bias: bool, accumulate: bool) -> Params {
+    Params::default()
+        .u(g.in_channels)
+        .u(g.in_h)
+        .u(g.in_w)
+        .u(g.out_channels)
+        .u(g.out_h)
+        .u(g.out_w)
+        .u(g.kernel[0])
+        .u(g.kernel[1])
+        .u(g.stride[0])
+        .u(g.stride[1])
+        .u(g.pad[0])
+        .u(g.pad[1])
+        .u(g.dilation[0])
+        .u(g.dilation[1])
+        .u(g.group)
+        .u(has_bias as usize)
+        .u(accumulate as usize)
 }
 
 fn dtype_code(d: DType) -> usize {
@@ -36,8 +72,48 @@ fn dtype_code(d: DType) -> usize {
 }
 
 impl<'g> Lowering<'g> {
-    pub fn new(graph: &'g Graph, max_groups: u32) -> Self {
-        Lowering { graph, max_groups }
+    pub fn new(graph: &'g Graph, limits: &wgpu::Limits) -> Self {
+        Lowering {
+            graph,
+            max_groups: limits.max_compute_workgroups_per_dimension,
+            max_binding: (limits.max_storage_buffer_binding_size / 4) as usize,
+            align: (limits.min_storage_buffer_offset_alignment / 4).max(1) as usize,
+        }
+    }
+
+    /// Splits `units` consecutive units (elements, rows, channel planes) into runs whose
+    /// parts fit one binding: each tensor the launch windows has `unit_len` elements per
+    /// unit, and every run starts at an aligned offset in all of them. Runs hold at most
+    /// `max_units` units (what another tensor of the launch allows). One run when
+    /// everything fits, so small work never splits.
+    fn runs(
+        &self,
+        units: usize,
+        unit_lens: &[usize],
+        max_units: usize,
+        what: &str,
+    ) -> LowerResult<Vec<Range<usize>>> {
+        let widest = unit_lens.iter().copied().max().unwrap_or(1).max(1);
+        if units * widest <= self.max_binding && units <= max_units {
+            return Ok(std::iter::once(0..units).collect());
+        }
+        // Units between starts that are aligned in every windowed tensor.
+        let step = unit_lens
+            .iter()
+            .map(|&len| self.align / gcd(len.max(1), self.align))
+            .fold(1, lcm);
+        let per = (self.max_binding / widest).min(max_units) / step * step;
+        if per == 0 {
+            return Err(format!(
+                "one {what} ({} bytes, aligned runs of {step}) exceeds the GPU's storage binding limit of {} bytes",
+                4 * widest,
+                4 * self.max_binding
+            ));
+        }
+        Ok((0..units)
+            .step_by(per)
+            .map(|start| start..(start + per).min(units))
+            .collect())
     }
 
     fn shape(&self, v: ValueId) -> &'g [usize] {
@@ -87,18 +163,16 @@ impl<'g> Lowering<'g> {
             | Op::Unsqueeze { .. }
             | Op::Unary(UnaryOp::Identity) => Ok(Lowered::Alias(x()?)),
             Op::Cast(to) if *to == self.dtype(x()?) => Ok(Lowered::Alias(x()?)),
-            Op::Cast(_) => launches(vec![self.elementwise(0, out, &[x()?])?]),
-            Op::Unary(u) => launches(vec![self.elementwise(*u as u32, out, &[x()?])?]),
-            Op::Binary(b) => launches(vec![self.elementwise(
-                *b as u32,
-                out,
-                &[x()?, Self::input(node, 1)?],
-            )?]),
-            Op::Where => launches(vec![self.elementwise(
+            Op::Cast(_) => launches(self.elementwise(0, out, &[x()?])?),
+            Op::Unary(u) => launches(self.elementwise(*u as u32, out, &[x()?])?),
+            Op::Binary(b) => {
+                launches(self.elementwise(*b as u32, out, &[x()?, Self::input(node, 1)?])?)
+            }
+            Op::Where => launches(self.elementwise(
                 WHERE_CODE,
                 out,
                 &[x()?, Self::input(node, 1)?, Self::input(node, 2)?],
-            )?]),
+            )?),
             Op::Transpose { perm } => {
                 let shape = self.shape(x()?);
                 let perm = infer::transpose_perm(perm.as_deref(), shape.len())?;
@@ -219,45 +293,7 @@ impl<'g> Lowering<'g> {
             } => launches(vec![
                 self.matmul(node, Some((*alpha, *beta, *trans_a, *trans_b)))?,
             ]),
-            Op::Conv(attrs) => {
-                let (image, weight) = (x()?, Self::input(node, 1)?);
-                let g = infer::conv_geometry(attrs, self.shape(image), self.shape(weight))?;
-                let bias = node.inputs.get(2).copied().flatten();
-                let params = Params::default()
-                    .u(g.in_channels)
-                    .u(g.in_h)
-                    .u(g.in_w)
-                    .u(g.out_channels)
-                    .u(g.out_h)
-                    .u(g.out_w)
-                    .u(g.kernel[0])
-                    .u(g.kernel[1])
-                    .u(g.stride[0])
-                    .u(g.stride[1])
-                    .u(g.pad[0])
-                    .u(g.pad[1])
-                    .u(g.dilation[0])
-                    .u(g.dilation[1])
-                    .u(g.group)
-                    .u(bias.is_some() as usize);
-                let groups = [
-                    (g.out_h * g.out_w).div_ceil(64) as u32,
-                    (g.out_channels / g.group).div_ceil(64) as u32,
-                    (g.batch * g.group) as u32,
-                ];
-                let inputs = vec![
-                    Operand::Value(image),
-                    Operand::Value(weight),
-                    Operand::Value(bias.unwrap_or(weight)),
-                ];
-                launches(vec![self.launch(
-                    Shader::Conv.into(),
-                    params,
-                    out,
-                    inputs,
-                    groups,
-                )])
-            }
+            Op::Conv(attrs) => self.conv(node, attrs),
             Op::InstanceNorm { epsilon } => {
                 let shape = self.shape(x()?);
                 let (rows, len) = (shape[0] * shape[1], numel(&shape[2..]));
@@ -356,13 +392,15 @@ impl<'g> Lowering<'g> {
         Launch {
             kernel,
             params: params.0,
-            output,
+            output: Operand::Value(output),
             inputs,
             workgroups,
         }
     }
 
-    fn elementwise(&self, op: u32, out: ValueId, inputs: &[ValueId]) -> LowerResult<Launch> {
+    /// One launch per run of output elements that fits a binding: inputs of the output's
+    /// shape are windowed alike, broadcast inputs are bound whole.
+    fn elementwise(&self, op: u32, out: ValueId, inputs: &[ValueId]) -> LowerResult<Vec<Launch>> {
         let shape = self.shape(out);
         if shape.len() > MAX_RANK {
             return Err(format!("rank {} exceeds {MAX_RANK}", shape.len()));
@@ -376,25 +414,54 @@ impl<'g> Lowering<'g> {
                 .map(|s| s as isize)
         };
         let broadcast = inputs.iter().any(|&i| self.shape(i) != shape);
-        let params = Params::default()
-            .u(n)
-            .u(shape.len())
-            .u(dtype_code(self.dtype(out)))
-            .u(dtype_code(self.dtype(operand(0))))
-            .u(dtype_code(self.dtype(operand(1))))
-            .u(dtype_code(self.dtype(operand(2))))
-            .u(broadcast as usize)
-            .u(0)
-            .array(shape.iter().map(|&d| d as isize), MAX_RANK)
-            .array(strides(0), MAX_RANK)
-            .array(strides(1), MAX_RANK)
-            .array(strides(2), MAX_RANK);
         let key = KernelKey {
             shader: Shader::Elementwise,
             op: Some(op),
         };
-        let operands = (0..3).map(|i| Operand::Value(operand(i))).collect();
-        Ok(self.launch(key, params, out, operands, self.linear(n)))
+        let runs = self.runs(n, &[1], usize::MAX, "element")?;
+        let split = runs.len() > 1;
+        Ok(runs
+            .into_iter()
+            .map(|run| {
+                let windowed = |i: usize| split && self.shape(operand(i)) == shape;
+                let base = |i: usize| if windowed(i) { run.start as isize } else { 0 };
+                let params = Params::default()
+                    .u(run.len())
+                    .u(shape.len())
+                    .u(dtype_code(self.dtype(out)))
+                    .u(dtype_code(self.dtype(operand(0))))
+                    .u(dtype_code(self.dtype(operand(1))))
+                    .u(dtype_code(self.dtype(operand(2))))
+                    .u(broadcast as usize)
+                    .u(run.start)
+                    .array(shape.iter().map(|&d| d as isize), MAX_RANK)
+                    .array(strides(0), MAX_RANK)
+                    .array(strides(1), MAX_RANK)
+                    .array(strides(2), MAX_RANK)
+                    .array((0..3).map(base), 4);
+                let operands = (0..3)
+                    .map(|i| match windowed(i) {
+                        true => Operand::Part(operand(i), run.clone()),
+                        false => Operand::Value(operand(i)),
+                    })
+                    .collect();
+                Launch {
+                    kernel: key,
+                    params: params.0,
+                    output: self.part(out, &run, split),
+                    inputs: operands,
+                    workgroups: self.linear(run.len()),
+                }
+            })
+            .collect())
+    }
+
+    /// Elements `run` of `value` when the launch is one of several, else all of it.
+    fn part(&self, value: ValueId, run: &Range<usize>, split: bool) -> Operand {
+        match split {
+            true => Operand::Part(value, run.clone()),
+            false => Operand::Value(value),
+        }
     }
 
     fn copy(
@@ -561,6 +628,153 @@ impl<'g> Lowering<'g> {
         Ok(self.launch(Shader::MatMul.into(), params, out, inputs, groups))
     }
 
+    fn conv(&self, node: &Node, attrs: &ConvAttrs) -> LowerResult<Lowered> {
+        let (image, weight, out) = (
+            Self::input(node, 0)?,
+            Self::input(node, 1)?,
+            node.outputs[0],
+        );
+        let g = infer::conv_geometry(attrs, self.shape(image), self.shape(weight))?;
+        let bias = node.inputs.get(2).copied().flatten();
+        let fits = [image, weight, out]
+            .iter()
+            .all(|&v| numel(self.shape(v)) <= self.max_binding);
+        if !fits {
+            return self.conv_in_parts(&g, image, weight, bias, out);
+        }
+        let params = conv_params(&g, bias.is_some(), false);
+        let groups = [
+            (g.out_h * g.out_w).div_ceil(64) as u32,
+            (g.out_channels / g.group).div_ceil(64) as u32,
+            (g.batch * g.group) as u32,
+        ];
+        let inputs = vec![
+            Operand::Value(image),
+            Operand::Value(weight),
+            Operand::Value(bias.unwrap_or(weight)),
+        ];
+        Ok(Lowered::Launches(vec![self.launch(
+            Shader::Conv.into(),
+            params,
+            out,
+            inputs,
+            groups,
+        )]))
+    }
+
+    /// A convolution whose image, output or weights exceed one binding (the VAE decoder's
+    /// last blocks at 512 px and up): per image, runs of output channels times runs of input
+    /// channels, each launch adding its input channels' share into the output run. The
+    /// weight and bias slices become constants of their own.
+    fn conv_in_parts(
+        &self,
+        g: &infer::ConvGeometry,
+        image: ValueId,
+        weight: ValueId,
+        bias: Option<ValueId>,
+        out: ValueId,
+    ) -> LowerResult<Lowered> {
+        if g.group != 1 {
+            return Err(
+                "a grouped convolution past the storage binding limit is not supported".into(),
+            );
+        }
+        let constant = |v: ValueId, what: &str| {
+            self.graph.values[v]
+                .constant
+                .as_ref()
+                .map(|c| c.to_f32())
+                .ok_or_else(|| format!("the {what} must be constant to split this convolution"))
+        };
+        let weights = constant(weight, "weight")?;
+        let biases = bias.map(|b| constant(b, "bias")).transpose()?;
+        let (in_plane, out_plane) = (g.in_h * g.in_w, g.out_h * g.out_w);
+        let taps = g.kernel[0] * g.kernel[1];
+        // Input runs leave room for one output channel's weight slice; output runs for
+        // the whole slice of an input run.
+        let in_runs = self.runs(
+            g.in_channels,
+            &[in_plane],
+            self.max_binding / taps,
+            "input channel",
+        )?;
+        let out_runs = self.runs(
+            g.out_channels,
+            &[out_plane],
+            self.max_binding / (in_runs[0].len() * taps),
+            "output channel",
+        )?;
+        let image_len = g.in_channels * in_plane;
+        let out_len = g.out_channels * out_plane;
+        if g.batch > 1
+            && !(image_len.is_multiple_of(self.align) && out_len.is_multiple_of(self.align))
+        {
+            return Err("images of this size cannot be split at aligned offsets".into());
+        }
+        // Weight slice [co, ci, kh, kw] and bias slice of each (output run, input run),
+        // shared by every image of the batch.
+        let slices: Vec<(Operand, Option<Operand>)> = out_runs
+            .iter()
+            .flat_map(|co| in_runs.iter().map(move |ci| (co.clone(), ci.clone())))
+            .map(|(co, ci)| {
+                let values = co
+                    .clone()
+                    .flat_map(|o| {
+                        let row = o * g.in_channels * taps;
+                        weights[row + ci.start * taps..row + ci.end * taps]
+                            .iter()
+                            .copied()
+                    })
+                    .collect();
+                let shape = vec![co.len(), ci.len(), g.kernel[0], g.kernel[1]];
+                let weight = Operand::Constant(Arc::new(HostTensor::f32(shape, values)));
+                let bias = biases.as_ref().filter(|_| ci.start == 0).map(|b| {
+                    Operand::Constant(Arc::new(HostTensor::f32(
+                        vec![co.len()],
+                        b[co.clone()].to_vec(),
+                    )))
+                });
+                (weight, bias)
+            })
+            .collect();
+        let mut launches = Vec::new();
+        for n in 0..g.batch {
+            for (k, (weight, bias)) in slices.iter().enumerate() {
+                let (co, ci) = (&out_runs[k / in_runs.len()], &in_runs[k % in_runs.len()]);
+                let part = infer::ConvGeometry {
+                    batch: 1,
+                    in_channels: ci.len(),
+                    out_channels: co.len(),
+                    ..g.clone()
+                };
+                let (image_start, out_start) = (n * image_len, n * out_len);
+                launches.push(Launch {
+                    kernel: Shader::Conv.into(),
+                    // The first input run writes (with the bias), the others add to it.
+                    params: conv_params(&part, bias.is_some(), ci.start > 0).0,
+                    output: Operand::Part(
+                        out,
+                        out_start + co.start * out_plane..out_start + co.end * out_plane,
+                    ),
+                    inputs: vec![
+                        Operand::Part(
+                            image,
+                            image_start + ci.start * in_plane..image_start + ci.end * in_plane,
+                        ),
+                        weight.clone(),
+                        bias.clone().unwrap_or_else(|| weight.clone()),
+                    ],
+                    workgroups: [
+                        out_plane.div_ceil(64) as u32,
+                        co.len().div_ceil(64) as u32,
+                        1,
+                    ],
+                });
+            }
+        }
+        Ok(Lowered::Launches(launches))
+    }
+
     /// `layout` = [row_mod, row_mul, col_div] (see norm.wgsl); `silu` applies SiLU after.
     fn norm(
         &self,
@@ -580,23 +794,35 @@ impl<'g> Lowering<'g> {
             Some(b) => Operand::Value(b),
             None => Operand::Constant(Arc::new(HostTensor::f32(vec![len], vec![0.0; len]))),
         };
-        let params = Params::default()
-            .u(rows)
-            .u(len)
-            .u(layout[0])
-            .u(layout[1])
-            .u(layout[2])
-            .f(epsilon)
-            .u(silu as usize)
-            .u(0);
-        let inputs = vec![Operand::Value(x), Operand::Value(scale), bias];
-        Ok(Lowered::Launches(vec![self.launch(
-            Shader::Norm.into(),
-            params,
-            out,
-            inputs,
-            grid(rows, self.max_groups),
-        )]))
+        let runs = self.runs(rows, &[len], usize::MAX, "normalised row")?;
+        let split = runs.len() > 1;
+        let launches = runs
+            .into_iter()
+            .map(|run| {
+                let params = Params::default()
+                    .u(run.len())
+                    .u(len)
+                    .u(layout[0])
+                    .u(layout[1])
+                    .u(layout[2])
+                    .f(epsilon)
+                    .u(silu as usize)
+                    .u(run.start);
+                let elements = run.start * len..run.end * len;
+                Launch {
+                    kernel: Shader::Norm.into(),
+                    params: params.0,
+                    output: self.part(out, &elements, split),
+                    inputs: vec![
+                        self.part(x, &elements, split),
+                        Operand::Value(scale),
+                        bias.clone(),
+                    ],
+                    workgroups: grid(run.len(), self.max_groups),
+                }
+            })
+            .collect();
+        Ok(Lowered::Launches(launches))
     }
 
     fn reduce(
@@ -673,25 +899,40 @@ impl<'g> Lowering<'g> {
             C::Asymmetric => 3,
             C::TfHalfPixelForNearest => 4,
         };
-        let n = numel(outs);
-        let params = Params::default()
-            .u(n)
-            .u(ins[2])
-            .u(ins[3])
-            .u(outs[2])
-            .u(outs[3])
-            .u(linear)
-            .u(coordinates)
-            .u(rounding)
-            .f(scale(2))
-            .f(scale(3));
-        Ok(Lowered::Launches(vec![self.launch(
-            Shader::Resize.into(),
-            params,
-            out,
-            vec![Operand::Value(x)],
-            self.linear(n),
-        )]))
+        // Each output plane reads only its own input plane: runs of planes window both.
+        let (in_plane, out_plane) = (ins[2] * ins[3], outs[2] * outs[3]);
+        let runs = self.runs(
+            outs[0] * outs[1],
+            &[in_plane, out_plane],
+            usize::MAX,
+            "image plane",
+        )?;
+        let split = runs.len() > 1;
+        let launches = runs
+            .into_iter()
+            .map(|run| {
+                let n = run.len() * out_plane;
+                let params = Params::default()
+                    .u(n)
+                    .u(ins[2])
+                    .u(ins[3])
+                    .u(outs[2])
+                    .u(outs[3])
+                    .u(linear)
+                    .u(coordinates)
+                    .u(rounding)
+                    .f(scale(2))
+                    .f(scale(3));
+                Launch {
+                    kernel: Shader::Resize.into(),
+                    params: params.0,
+                    output: self.part(out, &(run.start * out_plane..run.end * out_plane), split),
+                    inputs: vec![self.part(x, &(run.start * in_plane..run.end * in_plane), split)],
+                    workgroups: self.linear(n),
+                }
+            })
+            .collect();
+        Ok(Lowered::Launches(launches))
     }
 
     fn attention(&self, node: &Node, scale: f32) -> LowerResult<Lowered> {

@@ -373,26 +373,23 @@ impl<'g> Builder<'g> {
         4 * numel(&self.graph.values[v].shape) as u64
     }
 
-    fn check_binding(&self, v: ValueId) -> Result<()> {
-        let (bytes, limit) = (
-            self.bytes_of(v),
-            self.gpu.limits.max_storage_buffer_binding_size,
-        );
+    /// A value's buffer must fit the device's largest buffer; launches bind it whole or in
+    /// parts that fit a binding (see `Lowering::runs`).
+    fn check_buffer(&self, v: ValueId) -> Result<()> {
+        let (bytes, limit) = (self.bytes_of(v), self.gpu.limits.max_buffer_size);
         if bytes > limit {
             return Err(Error::TooLarge {
                 name: self.graph.values[v].name.clone(),
                 bytes,
                 limit,
+                what: "buffer size",
             });
         }
         Ok(())
     }
 
     fn build(mut self) -> Result<Session> {
-        let lowering = Lowering::new(
-            self.graph,
-            self.gpu.limits.max_compute_workgroups_per_dimension,
-        );
+        let lowering = Lowering::new(self.graph, &self.gpu.limits);
         let mut per_node = Vec::with_capacity(self.graph.nodes.len());
         for node in &self.graph.nodes {
             let lowered = lowering.lower(node).map_err(|reason| Error::Node {
@@ -419,7 +416,7 @@ impl<'g> Builder<'g> {
                 pipeline_list.push(pipelines.get(&self.gpu.device, launch.kernel).clone());
                 pipeline_list.len() - 1
             });
-            let bind_group = self.bind(launch, &pipeline_list[index]);
+            let bind_group = self.bind(launch, &pipeline_list[index])?;
             launches.push(BoundLaunch {
                 pipeline: index,
                 kernel: launch.kernel,
@@ -456,10 +453,12 @@ impl<'g> Builder<'g> {
         let mut last_use: Vec<Option<usize>> = vec![None; graph.values.len()];
         for (n, lowered) in per_node.iter().enumerate() {
             if let Lowered::Launches(list) = lowered {
-                for op in list.iter().flat_map(|launch| &launch.inputs) {
-                    if let Operand::Value(v) = op {
-                        last_use[self.root[*v]] = Some(n);
-                    }
+                for v in list
+                    .iter()
+                    .flat_map(|launch| &launch.inputs)
+                    .filter_map(Operand::value)
+                {
+                    last_use[self.root[v]] = Some(n);
                 }
             }
         }
@@ -467,7 +466,7 @@ impl<'g> Builder<'g> {
         for (v, value) in graph.values.iter().enumerate() {
             if let Some(c) = &value.constant {
                 if self.root[v] == v && (last_use[v].is_some() || is_output(v)) {
-                    self.check_binding(v)?;
+                    self.check_buffer(v)?;
                     let buffer = self.gpu.storage_buffer_with(&value.name, &c.to_gpu_words());
                     self.memory_bytes += buffer.size();
                     self.buffers.insert(v, buffer);
@@ -478,7 +477,7 @@ impl<'g> Builder<'g> {
         for &v in graph.inputs.iter().chain(&graph.outputs) {
             let r = self.root[v];
             if !self.buffers.contains_key(&r) {
-                self.check_binding(r)?;
+                self.check_buffer(r)?;
                 let buffer = self
                     .gpu
                     .storage_buffer(&graph.values[r].name, self.bytes_of(r));
@@ -497,7 +496,7 @@ impl<'g> Builder<'g> {
                 if self.buffers.contains_key(&r) {
                     continue;
                 }
-                self.check_binding(r)?;
+                self.check_buffer(r)?;
                 let need = self.bytes_of(r).max(4);
                 // Best fit from the pool, else a new buffer.
                 let best = free
@@ -521,10 +520,7 @@ impl<'g> Builder<'g> {
             let mut released: Vec<ValueId> = list
                 .iter()
                 .flat_map(|l| l.inputs.iter())
-                .filter_map(|op| match op {
-                    Operand::Value(v) => Some(self.root[*v]),
-                    Operand::Constant(_) => None,
-                })
+                .filter_map(|op| op.value().map(|v| self.root[v]))
                 .filter(|&r| !pinned[r] && last_use[r] == Some(n))
                 .collect();
             released.sort_unstable();
@@ -538,17 +534,54 @@ impl<'g> Builder<'g> {
         Ok(())
     }
 
-    fn bind(&mut self, launch: &Launch, pipeline: &wgpu::ComputePipeline) -> wgpu::BindGroup {
+    /// Bind group of one launch; a binding past the device's limit is a `TooLarge` error
+    /// naming the tensor (lowering splits the ops that can be split).
+    fn bind(
+        &mut self,
+        launch: &Launch,
+        pipeline: &wgpu::ComputePipeline,
+    ) -> Result<wgpu::BindGroup> {
         let params = self.gpu.storage_buffer_with("params", &launch.params);
-        let mut buffers: Vec<wgpu::Buffer> =
-            vec![params, self.buffers[&self.root[launch.output]].clone()];
-        for op in &launch.inputs {
-            buffers.push(match op {
-                Operand::Value(v) => self.buffers[&self.root[*v]].clone(),
-                Operand::Constant(c) => self.gpu.storage_buffer_with("constant", &c.to_gpu_words()),
+        let mut bound = vec![(params, None, "parameters".to_string())];
+        for op in std::iter::once(&launch.output).chain(&launch.inputs) {
+            bound.push(match op {
+                // A pooled buffer may be larger than the value it holds: bind only the value.
+                Operand::Value(v) | Operand::Part(v, _) => (
+                    self.buffers[&self.root[*v]].clone(),
+                    Some(match op {
+                        Operand::Part(_, range) => range.clone(),
+                        _ => 0..numel(&self.graph.values[*v].shape),
+                    }),
+                    self.graph.values[*v].name.clone(),
+                ),
+                Operand::Constant(c) => (
+                    self.gpu.storage_buffer_with("constant", &c.to_gpu_words()),
+                    None,
+                    "a constant".to_string(),
+                ),
             });
         }
-        let refs: Vec<&wgpu::Buffer> = buffers.iter().collect();
-        bind_buffers(&self.gpu.device, pipeline, &refs)
+        let limit = self.gpu.limits.max_storage_buffer_binding_size;
+        let mut bindings = Vec::with_capacity(bound.len());
+        for (buffer, range, name) in &bound {
+            let (offset, bytes) = match range {
+                Some(r) => (4 * r.start as u64, 4 * r.len().max(1) as u64),
+                None => (0, buffer.size()),
+            };
+            if bytes > limit {
+                return Err(Error::TooLarge {
+                    name: name.clone(),
+                    bytes,
+                    limit,
+                    what: "storage binding limit",
+                });
+            }
+            bindings.push(wgpu::BufferBinding {
+                buffer,
+                offset,
+                size: std::num::NonZeroU64::new(bytes),
+            });
+        }
+        Ok(bind_buffers(&self.gpu.device, pipeline, &bindings))
     }
 }

@@ -1,6 +1,8 @@
 // 2-D convolution as an implicit GEMM per (image, group): M = output channels of the group,
 // N = output pixels, K = input channels of the group x kernel taps. Input patches are read
 // straight from the image (no im2col buffer); padding reads as zero. Bias is fused.
+// `accumulate` adds to what the output holds: a convolution too large for one binding runs
+// as launches over runs of input channels that sum into the output.
 
 struct Params {
     in_channels: u32,
@@ -19,6 +21,7 @@ struct Params {
     dilation_w: u32,
     groups: u32,
     has_bias: u32,
+    accumulate: u32,
 }
 
 @group(0) @binding(0) var<storage, read> p: Params;
@@ -67,5 +70,9 @@ fn store(m: u32, n: u32, value: f32) {
     if p.has_bias != 0u {
         v += bias[first_out_channel + m];
     }
-    out[out_base + m * p.out_h * p.out_w + n] = v;
+    let index = out_base + m * p.out_h * p.out_w + n;
+    if p.accumulate != 0u {
+        v += out[index];
+    }
+    out[index] = v;
 }

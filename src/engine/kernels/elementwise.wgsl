@@ -3,6 +3,11 @@
 // output carry their own element types, so Cast is the identity op between two types.
 // Values are computed in f32; integers are exact up to 2^24, which covers token ids and
 // the index arithmetic that survives constant folding.
+//
+// A tensor past the binding limit runs as several launches, each over elements
+// first..first+n of the output: inputs of the output's shape are bound as the same window
+// (index = local index), broadcast inputs whole; `base` is the element each input's
+// binding starts at.
 
 override OP: u32;
 
@@ -14,11 +19,13 @@ struct Params {
     b_type: u32,
     c_type: u32,
     broadcast: u32,     // 0: every input has the output's shape, index = element index
-    _pad: u32,
+    first: u32,         // global index of this launch's first output element
     shape: array<u32, 6>,
     a_strides: array<u32, 6>,
     b_strides: array<u32, 6>,
     c_strides: array<u32, 6>,
+    base: array<u32, 3>,
+    zero: u32,
 }
 
 @group(0) @binding(0) var<storage, read> p: Params;
@@ -58,8 +65,8 @@ fn power(x: f32, y: f32) -> f32 {
     if y == 0.5 { return sqrt(x); }
     let r = pow(abs(x), y);
     if x < 0.0 && fract(y) == 0.0 && (i32(y) & 1) == 1 { return -r; }
-    // NaN must be built at run time: WGSL rejects NaN constant expressions (p._pad is 0).
-    if x < 0.0 && fract(y) != 0.0 { return bitcast<f32>(0x7fc00000u | p._pad); }
+    // NaN must be built at run time: WGSL rejects NaN constant expressions (p.zero is 0).
+    if x < 0.0 && fract(y) != 0.0 { return bitcast<f32>(0x7fc00000u | p.zero); }
     return r;
 }
 
@@ -118,10 +125,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
     var ib = i;
     var ic = i;
     if p.broadcast != 0u {
-        ia = 0u;
-        ib = 0u;
-        ic = 0u;
-        var rest = i;
+        ia = 0u - p.base[0];
+        ib = 0u - p.base[1];
+        ic = 0u - p.base[2];
+        var rest = p.first + i;
         for (var d = i32(p.rank) - 1; d >= 0; d--) {
             let index = rest % p.shape[d];
             rest /= p.shape[d];

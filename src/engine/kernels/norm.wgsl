@@ -1,7 +1,8 @@
 // Instance, group and layer normalisation: each workgroup normalises one row of `len`
 // elements (mean and variance in two passes for accuracy), then applies the affine
 // parameters at index (row % row_mod) * row_mul + col / col_div, which expresses each op's
-// parameter layout. `act` 1 applies SiLU after (fused GroupNorm -> SiLU).
+// parameter layout. `act` 1 applies SiLU after (fused GroupNorm -> SiLU). Past the binding
+// limit, launches take runs of rows; `first_row` is the run's first row in the whole tensor.
 
 struct Params {
     rows: u32,
@@ -11,7 +12,7 @@ struct Params {
     col_div: u32,
     epsilon: f32,
     act: u32,
-    _pad: u32,
+    first_row: u32,
 }
 
 @group(0) @binding(0) var<storage, read> p: Params;
@@ -55,7 +56,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
         squares += d * d;
     }
     let inv_std = inverseSqrt(workgroup_sum(squares, lane) / f32(p.len) + p.epsilon);
-    let param_row = (row % p.row_mod) * p.row_mul;
+    let param_row = ((p.first_row + row) % p.row_mod) * p.row_mul;
     for (var i = lane; i < p.len; i += 256u) {
         let k = param_row + i / p.col_div;
         var v = (x[base + i] - mean) * inv_std * scale[k] + bias[k];

@@ -204,6 +204,13 @@ def binding_split_cases():
     op_case("split_where_broadcast", "Where",
             [("c", local.uniform(size=(1, 1, 16, 16)) > 0.5), ("x", x(2, 20, 16, 16)), ("y", x(1))])
     op_case("split_sigmoid", "Sigmoid", [("x", x(9000))])
+    i64 = lambda v: np.array(v, dtype=np.int64)
+    op_case("split_pad", "Pad", [("x", x(1, 24, 15, 15))], initializers=[("p", i64([0, 0, 0, 0, 0, 0, 1, 1]))])
+    op_case("split_concat_axis1", "Concat", [("a", x(2, 10, 12, 12)), ("b", x(2, 14, 12, 12))], {"axis": 1})
+    op_case("split_transpose", "Transpose", [("x", x(2, 40, 8, 8))], {"perm": [0, 2, 3, 1]})
+    op_case("split_slice_reversed", "Slice", [("x", x(1, 30, 16, 16))],
+            initializers=[("st", i64([-1])), ("en", i64([-100])), ("ax", i64([1])), ("sp", i64([-1]))])
+    op_case("split_expand", "Expand", [("x", x(1, 1, 16, 16))], initializers=[("s", i64([2, 20, 16, 16]))])
 
 
 def symbolic_models():

@@ -63,6 +63,51 @@ fn conv_params(g: &infer::ConvGeometry, has_bias: bool, accumulate: bool) -> Par
         .u(accumulate as usize)
 }
 
+/// The lowest and highest element offsets a group of copied elements touches.
+#[derive(Clone, Copy)]
+struct Span {
+    lo: isize,
+    hi: isize,
+}
+
+impl Span {
+    fn shifted(self, by: isize) -> Span {
+        Span {
+            lo: self.lo + by,
+            hi: self.hi + by,
+        }
+    }
+
+    fn union(self, other: Span) -> Span {
+        Span {
+            lo: self.lo.min(other.lo),
+            hi: self.hi.max(other.hi),
+        }
+    }
+}
+
+/// One launch of a copy: the copy's elements it covers, the windows of `src` and `out` it
+/// binds, and the bases relative to those windows.
+struct CopyRun {
+    elements: Range<usize>,
+    src_window: Range<usize>,
+    out_window: Range<usize>,
+    src_base: isize,
+    out_base: isize,
+}
+
+impl CopyRun {
+    fn whole(n: usize, src_base: isize, out_base: isize) -> Self {
+        CopyRun {
+            elements: 0..n,
+            src_window: 0..0,
+            out_window: 0..0,
+            src_base,
+            out_base,
+        }
+    }
+}
+
 fn dtype_code(d: DType) -> usize {
     match d {
         DType::F32 => 0,
@@ -178,28 +223,14 @@ impl<'g> Lowering<'g> {
                 let perm = infer::transpose_perm(perm.as_deref(), shape.len())?;
                 let src = contiguous_strides(shape);
                 let strides = perm.iter().map(|&p| src[p] as isize).collect();
-                launches(vec![self.copy(
-                    out,
-                    x()?,
-                    self.shape(out),
-                    strides,
-                    0,
-                    0,
-                )?])
+                launches(self.copy(out, x()?, self.shape(out), strides, 0, 0)?)
             }
             Op::Expand => {
                 let strides = broadcast_strides(self.shape(x()?), self.shape(out))
                     .iter()
                     .map(|&s| s as isize)
                     .collect();
-                launches(vec![self.copy(
-                    out,
-                    x()?,
-                    self.shape(out),
-                    strides,
-                    0,
-                    0,
-                )?])
+                launches(self.copy(out, x()?, self.shape(out), strides, 0, 0)?)
             }
             Op::Slice => {
                 let plan = infer::slice_plan(&self.infos(node))?;
@@ -216,7 +247,7 @@ impl<'g> Lowering<'g> {
                     .zip(&src)
                     .map(|(&step, &st)| step as isize * st as isize)
                     .collect();
-                launches(vec![self.copy(out, x()?, &plan.shape, strides, base, 0)?])
+                launches(self.copy(out, x()?, &plan.shape, strides, base, 0)?)
             }
             Op::Concat { axis } => {
                 let out_shape = self.shape(out);
@@ -231,7 +262,7 @@ impl<'g> Lowering<'g> {
                             .iter()
                             .map(|&s| s as isize)
                             .collect();
-                        list.push(self.copy(
+                        list.extend(self.copy(
                             out,
                             input,
                             shape,
@@ -253,7 +284,7 @@ impl<'g> Lowering<'g> {
                 let mut list = Vec::new();
                 for &o in &node.outputs {
                     let shape = self.shape(o);
-                    list.push(self.copy(
+                    list.extend(self.copy(
                         o,
                         x()?,
                         shape,
@@ -464,6 +495,10 @@ impl<'g> Lowering<'g> {
         }
     }
 
+    /// Strided copy of `shape` elements from `src` into `out` (see copy.wgsl). Past the
+    /// binding limit, launches take runs of the copy's leading axes, each binding the spans
+    /// of `out` and `src` it touches; a copy whose runs touch too much (a transpose of a huge
+    /// tensor) is an error.
     fn copy(
         &self,
         out: ValueId,
@@ -472,33 +507,140 @@ impl<'g> Lowering<'g> {
         src_strides: Vec<isize>,
         src_base: isize,
         out_base: usize,
-    ) -> LowerResult<Launch> {
+    ) -> LowerResult<Vec<Launch>> {
         if shape.len() > MAX_RANK {
             return Err(format!("rank {} exceeds {MAX_RANK}", shape.len()));
         }
         // Offsets into the output follow its own layout; for Concat the copy is a window of it.
         let out_shape = self.shape(out);
-        let out_strides = if out_shape.len() == shape.len() {
+        let out_strides: Vec<isize> = if out_shape.len() == shape.len() {
             contiguous_strides(out_shape)
         } else {
             contiguous_strides(shape)
+        }
+        .iter()
+        .map(|&s| s as isize)
+        .collect();
+        let fits = [out, src]
+            .iter()
+            .all(|&v| numel(self.shape(v)) <= self.max_binding);
+        let runs = if fits {
+            vec![CopyRun::whole(numel(shape), src_base, out_base as isize)]
+        } else {
+            self.copy_runs(
+                shape,
+                &src_strides,
+                &out_strides,
+                src_base,
+                out_base as isize,
+            )?
         };
-        let n = numel(shape);
-        let params = Params::default()
-            .u(n)
-            .u(shape.len())
-            .i(src_base)
-            .u(out_base)
-            .array(shape.iter().map(|&d| d as isize), MAX_RANK)
-            .array(src_strides, MAX_RANK)
-            .array(out_strides.iter().map(|&s| s as isize), MAX_RANK);
-        Ok(self.launch(
-            Shader::Copy.into(),
-            params,
-            out,
-            vec![Operand::Value(src)],
-            self.linear(n),
-        ))
+        Ok(runs
+            .into_iter()
+            .map(|run| {
+                let params = Params::default()
+                    .u(run.elements.len())
+                    .u(shape.len())
+                    .i(run.src_base)
+                    .i(run.out_base)
+                    .u(run.elements.start)
+                    .array(shape.iter().map(|&d| d as isize), MAX_RANK)
+                    .array(src_strides.iter().copied(), MAX_RANK)
+                    .array(out_strides.iter().copied(), MAX_RANK);
+                Launch {
+                    kernel: Shader::Copy.into(),
+                    params: params.0,
+                    output: self.part(out, &run.out_window, !fits),
+                    inputs: vec![self.part(src, &run.src_window, !fits)],
+                    workgroups: self.linear(run.elements.len()),
+                }
+            })
+            .collect())
+    }
+
+    /// Runs of a copy too large for whole bindings: units are the positions of the leading
+    /// axes (as few as leave inner spans that fit), grouped while the `out` and `src` spans
+    /// of the group fit one binding from aligned starts.
+    fn copy_runs(
+        &self,
+        shape: &[usize],
+        src_strides: &[isize],
+        out_strides: &[isize],
+        src_base: isize,
+        out_base: isize,
+    ) -> LowerResult<Vec<CopyRun>> {
+        // The offsets the axes from `k` on reach, for given strides.
+        let extent = |k: usize, strides: &[isize]| {
+            shape[k..].iter().zip(&strides[k..]).fold(
+                Span { lo: 0, hi: 0 },
+                |span, (&n, &stride)| {
+                    let reach = (n as isize - 1).max(0) * stride;
+                    Span {
+                        lo: span.lo + reach.min(0),
+                        hi: span.hi + reach.max(0),
+                    }
+                },
+            )
+        };
+        let k = (1..=shape.len())
+            .find(|&k| {
+                self.span_fits(extent(k, src_strides)) && self.span_fits(extent(k, out_strides))
+            })
+            .ok_or("a copy whose every slice spans more than a binding cannot be split")?;
+        let inner = numel(&shape[k..]);
+        let (src_extent, out_extent) = (extent(k, src_strides), extent(k, out_strides));
+        // The spans of `src` and `out` that each unit touches, in row-major order.
+        let units: Vec<(Span, Span)> = (0..numel(&shape[..k]))
+            .map(|unit| {
+                let mut rest = unit;
+                let (mut s, mut o) = (src_base, out_base);
+                for d in (0..k).rev() {
+                    let coordinate = (rest % shape[d]) as isize;
+                    rest /= shape[d];
+                    s += coordinate * src_strides[d];
+                    o += coordinate * out_strides[d];
+                }
+                (src_extent.shifted(s), out_extent.shifted(o))
+            })
+            .collect();
+        let mut runs = Vec::new();
+        let mut first = 0;
+        while first < units.len() {
+            let (mut src, mut out) = units[first];
+            if !(self.span_fits(src) && self.span_fits(out)) {
+                return Err(
+                    "a slice of this copy does not fit a binding at an aligned offset".into(),
+                );
+            }
+            let mut end = first + 1;
+            while let Some(&(s, o)) = units.get(end) {
+                let (s, o) = (src.union(s), out.union(o));
+                if !(self.span_fits(s) && self.span_fits(o)) {
+                    break;
+                }
+                (src, out, end) = (s, o, end + 1);
+            }
+            let (src_window, out_window) = (self.window(src), self.window(out));
+            runs.push(CopyRun {
+                elements: first * inner..end * inner,
+                src_base: src_base - src_window.start as isize,
+                out_base: out_base - out_window.start as isize,
+                src_window,
+                out_window,
+            });
+            first = end;
+        }
+        Ok(runs)
+    }
+
+    /// The elements a binding of `span` covers, from the aligned offset at or below it.
+    fn window(&self, span: Span) -> Range<usize> {
+        let start = span.lo - span.lo.rem_euclid(self.align as isize);
+        start as usize..span.hi as usize + 1
+    }
+
+    fn span_fits(&self, span: Span) -> bool {
+        self.window(span).len() <= self.max_binding
     }
 
     fn pad(&self, node: &Node) -> LowerResult<Lowered> {
@@ -512,13 +654,18 @@ impl<'g> Lowering<'g> {
             .map(|v| v.cast(self.dtype(out)).to_gpu_words()[0])
             .unwrap_or(0);
         let n = numel(self.shape(out));
-        let fill = self.launch(
-            Shader::Fill.into(),
-            Params::default().u(n).u(value as usize),
-            out,
-            vec![],
-            self.linear(n),
-        );
+        let runs = self.runs(n, &[1], usize::MAX, "element")?;
+        let split = runs.len() > 1;
+        let mut launches: Vec<Launch> = runs
+            .into_iter()
+            .map(|run| Launch {
+                kernel: Shader::Fill.into(),
+                params: Params::default().u(run.len()).u(value as usize).0,
+                output: self.part(out, &run, split),
+                inputs: vec![],
+                workgroups: self.linear(run.len()),
+            })
+            .collect();
         let out_strides = contiguous_strides(self.shape(out));
         let base = begin
             .iter()
@@ -529,8 +676,8 @@ impl<'g> Lowering<'g> {
             .iter()
             .map(|&s| s as isize)
             .collect();
-        let copy = self.copy(out, x, self.shape(x), src, 0, base)?;
-        Ok(Lowered::Launches(vec![fill, copy]))
+        launches.extend(self.copy(out, x, self.shape(x), src, 0, base)?);
+        Ok(Lowered::Launches(launches))
     }
 
     fn matmul(&self, node: &Node, gemm: Option<(f32, f32, bool, bool)>) -> LowerResult<Launch> {

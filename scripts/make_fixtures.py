@@ -211,6 +211,11 @@ def binding_split_cases():
     op_case("split_slice_reversed", "Slice", [("x", x(1, 30, 16, 16))],
             initializers=[("st", i64([-1])), ("en", i64([-100])), ("ax", i64([1])), ("sp", i64([-1]))])
     op_case("split_expand", "Expand", [("x", x(1, 1, 16, 16))], initializers=[("s", i64([2, 20, 16, 16]))])
+    op_case("split_matmul_batched", "MatMul", [("a", x(2, 96, 32)), ("b", x(2, 32, 48))])
+    op_case("split_matmul_weight", "MatMul", [("a", x(1, 130, 40))], initializers=[("w", x(40, 36))])
+    op_case("split_gemm_transb", "Gemm", [("a", x(150, 30))], {"transB": 1, "alpha": 0.5, "beta": 2.0},
+            initializers=[("w", x(20, 30)), ("c", x(20))])
+    op_case("split_softmax_last", "Softmax", [("x", x(3, 7, 200) * 5)])
 
 
 def symbolic_models():

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use websd::engine::{HostTensor, Session};
+use websd::engine::{Gpu, HostTensor, Session};
 
 fn attention_launches(session: &Session) -> usize {
     session
@@ -63,26 +63,16 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// N = 4096 queries and keys (64x64 latents): the scores of 3 heads alone would be 192 MiB,
-/// past lavapipe's 128 MiB binding limit. Checked against a direct f64 evaluation on sampled
-/// rows. (This size also caught llvmpipe's loop-iteration guard silently truncating a loop.)
-#[test]
-fn attention_over_4096_tokens_runs_without_materialising_scores() {
-    let (batch, n, d) = (3, 4096, 8);
-    let gpu = common::gpu();
+/// Runs attention_symbolic.onnx on `gpu` over deterministic inputs of [batch, n, d] and
+/// checks sampled rows against a direct f64 evaluation; returns the session.
+fn check_symbolic(gpu: &Gpu, batch: usize, n: usize, d: usize) -> Session {
     let model = common::load_model(&common::fixtures().join("attention_symbolic.onnx"));
     let dims = HashMap::from([
         ("batch".to_string(), batch),
         ("n".to_string(), n),
         ("d".to_string(), d),
     ]);
-    let session = pollster::block_on(Session::new(&gpu, &model, &dims)).unwrap();
-    let scores_bytes = (batch * n * n * 4) as u64;
-    assert!(
-        session.memory_bytes < scores_bytes / 100,
-        "session holds {} bytes",
-        session.memory_bytes
-    );
+    let session = pollster::block_on(Session::new(gpu, &model, &dims)).unwrap();
     let shape = vec![batch, n, d];
     let (q, k, v) = (
         values(batch * n * d, 1),
@@ -97,7 +87,7 @@ fn attention_over_4096_tokens_runs_without_materialising_scores() {
     ]))
     .unwrap();
     let y = out["y"].to_f32();
-    for (b, i) in [(0, 0), (1, n / 3), (2, n - 1)] {
+    for (b, i) in [(0, 0), (batch / 2, n / 3), (batch - 1, n - 1)] {
         let row = |j: usize| (b * n + j) * d;
         let scores: Vec<f64> = (0..n)
             .map(|j| {
@@ -121,4 +111,38 @@ fn attention_over_4096_tokens_runs_without_materialising_scores() {
             );
         }
     }
+    session
+}
+
+/// N = 4096 queries and keys (64x64 latents): the scores of 3 heads alone would be 192 MiB,
+/// past lavapipe's 128 MiB binding limit. (This size also caught llvmpipe's loop-iteration
+/// guard silently truncating a loop.)
+#[test]
+fn attention_over_4096_tokens_runs_without_materialising_scores() {
+    let (batch, n, d) = (3, 4096, 8);
+    let session = check_symbolic(&common::gpu(), batch, n, d);
+    let scores_bytes = (batch * n * n * 4) as u64;
+    assert!(
+        session.memory_bytes < scores_bytes / 100,
+        "session holds {} bytes",
+        session.memory_bytes
+    );
+}
+
+/// Heads too wide for the fused kernel (the VAE's single 512-wide head) store their scores;
+/// past the binding limit (the VAE's mid block at 768 px on a 128 MiB adapter) the score
+/// MatMul, Softmax and weighted sum run in runs of rows. Here: 400 KB of scores, 256 KiB
+/// bindings.
+#[test]
+fn unfused_attention_past_one_binding_runs_in_parts() {
+    let gpu = common::gpu();
+    let parts = check_symbolic(&gpu.with_binding_limit(256 * 1024), 1, 320, 192);
+    let whole = check_symbolic(&gpu, 1, 320, 192);
+    assert_eq!(attention_launches(&parts), 0);
+    assert!(
+        parts.launch_count > whole.launch_count,
+        "{} launches in parts, {} whole",
+        parts.launch_count,
+        whole.launch_count
+    );
 }

@@ -119,18 +119,16 @@ fn wrong_inputs_are_named() {
     assert_eq!(ok["y0"].shape, vec![3, 4, 5]);
 }
 
-/// Ops that are not split (Softmax) name the tensor that exceeds the binding limit.
+/// Kernels that are not split (fused attention) name the tensor past the binding limit.
 #[test]
 fn too_large_for_a_binding_is_an_error() {
     let gpu = common::gpu().with_binding_limit(16 * 1024);
-    let model = common::load_model(&common::fixtures().join("ops/softmax_last/model.onnx"));
-    let message = error_of(pollster::block_on(Session::new(
-        &gpu,
-        &model,
-        &HashMap::new(),
-    )));
+    let model = common::load_model(&common::fixtures().join("attention_symbolic.onnx"));
+    let dims = [("batch", 1), ("n", 128), ("d", 64)];
+    let dims = dims.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let message = error_of(pollster::block_on(Session::new(&gpu, &model, &dims)));
     assert!(
-        message.contains("exceeds this GPU's storage binding limit of 16384 bytes"),
+        message.contains("bytes (`y`) exceeds this GPU's storage binding limit of 16384 bytes"),
         "{message}"
     );
 }

@@ -150,7 +150,7 @@ impl<'g> Lowering<'g> {
         let per = (self.max_binding / widest).min(max_units) / step * step;
         if per == 0 {
             return Err(format!(
-                "one {what} ({} bytes, aligned runs of {step}) exceeds the GPU's storage binding limit of {} bytes",
+                "{step} {what}s of {} bytes (the fewest that keep binding offsets aligned) exceed the GPU's storage binding limit of {} bytes",
                 4 * widest,
                 4 * self.max_binding
             ));
@@ -315,15 +315,13 @@ impl<'g> Lowering<'g> {
                     self.linear(n),
                 )])
             }
-            Op::MatMul => launches(vec![self.matmul(node, None)?]),
+            Op::MatMul => launches(self.matmul(node, None)?),
             Op::Gemm {
                 alpha,
                 beta,
                 trans_a,
                 trans_b,
-            } => launches(vec![
-                self.matmul(node, Some((*alpha, *beta, *trans_a, *trans_b)))?,
-            ]),
+            } => launches(self.matmul(node, Some((*alpha, *beta, *trans_a, *trans_b)))?),
             Op::Conv(attrs) => self.conv(node, attrs),
             Op::InstanceNorm { epsilon } => {
                 let shape = self.shape(x()?);
@@ -369,14 +367,28 @@ impl<'g> Lowering<'g> {
                         numel(&shape[axis + 1..]),
                     )
                 };
-                let params = Params::default().u(outer * inner).u(len).u(inner);
-                launches(vec![self.launch(
-                    Shader::Softmax.into(),
-                    params,
-                    out,
-                    vec![Operand::Value(x()?)],
-                    grid(outer * inner, self.max_groups),
-                )])
+                // Rows over the last axis are contiguous: past the binding limit, launches
+                // take runs of them.
+                let input = x()?;
+                let runs = match inner {
+                    1 => self.runs(outer, &[len], usize::MAX, "softmax row")?,
+                    _ => std::iter::once(0..outer * inner).collect(),
+                };
+                let split = runs.len() > 1;
+                launches(
+                    runs.into_iter()
+                        .map(|run| {
+                            let elements = run.start * len..run.end * len;
+                            Launch {
+                                kernel: Shader::Softmax.into(),
+                                params: Params::default().u(run.len()).u(len).u(inner).0,
+                                output: self.part(out, &elements, split),
+                                inputs: vec![self.part(input, &elements, split)],
+                                workgroups: grid(run.len(), self.max_groups),
+                            }
+                        })
+                        .collect(),
+                )
             }
             Op::Reduce {
                 op,
@@ -680,7 +692,11 @@ impl<'g> Lowering<'g> {
         Ok(Lowered::Launches(launches))
     }
 
-    fn matmul(&self, node: &Node, gemm: Option<(f32, f32, bool, bool)>) -> LowerResult<Launch> {
+    fn matmul(
+        &self,
+        node: &Node,
+        gemm: Option<(f32, f32, bool, bool)>,
+    ) -> LowerResult<Vec<Launch>> {
         let (a, b, out) = (
             Self::input(node, 0)?,
             Self::input(node, 1)?,
@@ -746,33 +762,90 @@ impl<'g> Lowering<'g> {
                 self.max_groups
             ));
         }
-        let params = Params::default()
-            .u(m)
-            .u(n)
-            .u(k)
-            .u(batch_shape.len())
-            .u(a_m)
-            .u(a_k)
-            .u(b_k)
-            .u(b_n)
-            .f(alpha)
-            .f(beta)
-            .u(bias.is_some() as usize)
-            .u(bias_m)
-            .u(bias_n)
-            .u(0)
-            .u(0)
-            .u(0)
-            .array(batch_shape.iter().map(|&d| d as isize), 4)
-            .array(batch_strides(&a_shape), 4)
-            .array(batch_strides(&b_shape), 4);
-        let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32];
-        let inputs = vec![
-            Operand::Value(a),
-            Operand::Value(b),
-            Operand::Value(bias.unwrap_or(a)),
-        ];
-        Ok(self.launch(Shader::MatMul.into(), params, out, inputs, groups))
+        let params = |m: usize, batch_shape: &[usize]| {
+            Params::default()
+                .u(m)
+                .u(n)
+                .u(k)
+                .u(batch_shape.len())
+                .u(a_m)
+                .u(a_k)
+                .u(b_k)
+                .u(b_n)
+                .f(alpha)
+                .f(beta)
+                .u(bias.is_some() as usize)
+                .u(bias_m)
+                .u(bias_n)
+                .u(0)
+                .u(0)
+                .u(0)
+                .array(batch_shape.iter().map(|&d| d as isize), 4)
+                .array(batch_strides(&a_shape), 4)
+                .array(batch_strides(&b_shape), 4)
+        };
+        let fits = [Some(a), Some(b), Some(out), bias]
+            .iter()
+            .flatten()
+            .all(|&v| numel(self.shape(v)) <= self.max_binding);
+        if fits {
+            let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32];
+            let inputs = vec![
+                Operand::Value(a),
+                Operand::Value(b),
+                Operand::Value(bias.unwrap_or(a)),
+            ];
+            return Ok(vec![self.launch(
+                Shader::MatMul.into(),
+                params(m, &batch_shape),
+                out,
+                inputs,
+                groups,
+            )]);
+        }
+        // Past the binding limit (unfused attention scores of the VAE's mid block at 768 px
+        // and up): per matrix of the batch, runs of output rows with their rows of A and the
+        // whole of that matrix's B.
+        if trans_a || bias_m != 0 {
+            return Err(
+                "a transposed A or a per-row bias past the binding limit cannot be split".into(),
+            );
+        }
+        let (a_batch, b_batch) = (batch_strides(&a_shape), batch_strides(&b_shape));
+        let runs = self.runs(m, &[n, k], usize::MAX, "matrix row")?;
+        let mut launches = Vec::new();
+        for index in 0..batch {
+            let (mut rest, mut a_base, mut b_base) = (index, 0, 0);
+            for d in (0..batch_shape.len()).rev() {
+                let coordinate = (rest % batch_shape[d]) as isize;
+                rest /= batch_shape[d];
+                a_base += coordinate * a_batch[d];
+                b_base += coordinate * b_batch[d];
+            }
+            let (a_base, b_base, out_base) = (a_base as usize, b_base as usize, index * m * n);
+            if ![a_base, b_base, out_base]
+                .iter()
+                .all(|o| o.is_multiple_of(self.align))
+            {
+                return Err("matrices of this size cannot be split at aligned offsets".into());
+            }
+            for run in &runs {
+                let rows = Operand::Part(a, a_base + run.start * k..a_base + run.end * k);
+                launches.push(Launch {
+                    kernel: Shader::MatMul.into(),
+                    params: params(run.len(), &[]).0,
+                    output: Operand::Part(out, out_base + run.start * n..out_base + run.end * n),
+                    inputs: vec![
+                        rows.clone(),
+                        Operand::Part(b, b_base..b_base + k * n),
+                        // An unused bias binding repeats A's rows.
+                        bias.map_or(rows, Operand::Value),
+                    ],
+                    workgroups: [n.div_ceil(64) as u32, run.len().div_ceil(64) as u32, 1],
+                });
+            }
+        }
+        Ok(launches)
     }
 
     fn conv(&self, node: &Node, attrs: &ConvAttrs) -> LowerResult<Lowered> {

@@ -345,7 +345,16 @@ def one_cycle(params, lr, steps, warmup=0.05):
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=budget(steps), pct_start=warmup)
 
 
-TEACHER_CYCLES = [(1800, 1e-3), (2000, 5e-4)]  # (steps, peak learning rate) per cycle
+# (steps, peak learning rate, min-SNR gamma or None) per cycle. The third cycle weights the
+# loss by min(SNR, gamma) / (SNR + 1) (Hang et al. 2023, "min-SNR" for v-prediction): less
+# effort on nearly clean latents, more on the noise levels where the glyph's shape is decided.
+TEACHER_CYCLES = [(1800, 1e-3, None), (2000, 5e-4, None), (4000, 5e-4, 5.0)]
+
+
+def min_snr_weight(t, gamma):
+    """Per-sample loss weight of min-SNR-gamma for a v-prediction loss."""
+    snr = ALPHAS[t] / (1 - ALPHAS[t])
+    return (snr.clamp(max=gamma) / (snr + 1)).view(-1, 1, 1, 1)
 
 
 def stage_teacher(work, batch=128):
@@ -356,7 +365,7 @@ def stage_teacher(work, batch=128):
     data = Batches(work)
     torch.manual_seed(0)
     te, unet = make_text_encoder(), make_unet()
-    for cycle, (steps, lr) in enumerate(TEACHER_CYCLES):
+    for cycle, (steps, lr, gamma) in enumerate(TEACHER_CYCLES):
         te_path, unet_path = (os.path.join(work, f"{name}-cycle{cycle}.pt") for name in ("text_encoder", "teacher"))
         if cycle > 0:
             te.load_state_dict(torch.load(os.path.join(work, f"text_encoder-cycle{cycle - 1}.pt")))
@@ -373,7 +382,8 @@ def stage_teacher(work, batch=128):
             t = torch.randint(0, 1000, (batch,))
             z, v = noised(x0, t)
             pred = unet(z, t, te(data.table.ids[rows])[0]).sample
-            loss = F.mse_loss(pred, v)
+            weight = 1.0 if gamma is None else min_snr_weight(t, gamma)
+            loss = (weight * (pred - v) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

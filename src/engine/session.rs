@@ -2,6 +2,7 @@
 //! groups, all built once. `run` only records dispatches.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use bytes::Bytes;
 
@@ -544,21 +545,19 @@ impl<'g> Builder<'g> {
         let params = self.gpu.storage_buffer_with("params", &launch.params);
         let mut bound = vec![(params, None, "parameters".to_string())];
         for op in std::iter::once(&launch.output).chain(&launch.inputs) {
+            let value = |v: ValueId, range: Range<usize>| {
+                let name = self.graph.values[v].name.clone();
+                (self.buffers[&self.root[v]].clone(), Some(range), name)
+            };
             bound.push(match op {
                 // A pooled buffer may be larger than the value it holds: bind only the value.
-                Operand::Value(v) | Operand::Part(v, _) => (
-                    self.buffers[&self.root[*v]].clone(),
-                    Some(match op {
-                        Operand::Part(_, range) => range.clone(),
-                        _ => 0..numel(&self.graph.values[*v].shape),
-                    }),
-                    self.graph.values[*v].name.clone(),
-                ),
-                Operand::Constant(c) => (
-                    self.gpu.storage_buffer_with("constant", &c.to_gpu_words()),
-                    None,
-                    "a constant".to_string(),
-                ),
+                Operand::Value(v) => value(*v, 0..numel(&self.graph.values[*v].shape)),
+                Operand::Part(v, range) => value(*v, range.clone()),
+                Operand::Constant(c) => {
+                    let buffer = self.gpu.storage_buffer_with("constant", &c.to_gpu_words());
+                    self.memory_bytes += buffer.size();
+                    (buffer, None, "a constant".to_string())
+                }
             });
         }
         let limit = self.gpu.limits.max_storage_buffer_binding_size;

@@ -123,10 +123,11 @@ fn record(
         Err(_) => Vec::new(),
     };
     entries.retain(|e| e["model"] != model.as_str());
+    // Unrounded, so that what README shows (one decimal, as printed) follows from the file.
     let accuracy: serde_json::Map<String, serde_json::Value> = report
         .accuracy
         .iter()
-        .map(|(name, acc)| (name.clone(), ((acc * 1000.0).round() / 1000.0).into()))
+        .map(|(name, acc)| (name.clone(), (*acc).into()))
         .collect();
     entries.push(serde_json::json!({
         "model": model,

@@ -216,6 +216,7 @@ def binding_split_cases():
     op_case("split_gemm_transb", "Gemm", [("a", x(150, 30))], {"transB": 1, "alpha": 0.5, "beta": 2.0},
             initializers=[("w", x(20, 30)), ("c", x(20))])
     op_case("split_softmax_last", "Softmax", [("x", x(3, 7, 200) * 5)])
+    op_case("split_gather_table", "Gather", [("table", x(300, 24)), ("i", i64([[0, 299, -1, 150], [77, -300, 5, 200]]))])
 
 
 def symbolic_models():

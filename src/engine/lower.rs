@@ -301,19 +301,36 @@ impl<'g> Lowering<'g> {
                 let (data, idx) = (x()?, Self::input(node, 1)?);
                 let shape = self.shape(data);
                 let axis = normalize_axis(*axis, shape.len())?;
+                let (outer, inner) = (numel(&shape[..axis]), numel(&shape[axis + 1..]));
+                let runs = self.runs(shape[axis], &[inner], usize::MAX, "gathered row")?;
+                let split = runs.len() > 1;
+                if split && outer > 1 {
+                    return Err(
+                        "a Gather past the binding limit must gather along its first axis".into(),
+                    );
+                }
                 let n = numel(self.shape(out));
-                let params = Params::default()
-                    .u(n)
-                    .u(numel(&shape[axis + 1..]))
-                    .u(numel(self.shape(idx)))
-                    .u(shape[axis]);
-                launches(vec![self.launch(
-                    Shader::Gather.into(),
-                    params,
-                    out,
-                    vec![Operand::Value(data), Operand::Value(idx)],
-                    self.linear(n),
-                )])
+                launches(
+                    runs.into_iter()
+                        .map(|run| Launch {
+                            kernel: Shader::Gather.into(),
+                            params: Params::default()
+                                .u(n)
+                                .u(inner)
+                                .u(numel(self.shape(idx)))
+                                .u(shape[axis])
+                                .u(run.start)
+                                .u(run.len())
+                                .0,
+                            output: Operand::Value(out),
+                            inputs: vec![
+                                self.part(data, &(run.start * inner..run.end * inner), split),
+                                Operand::Value(idx),
+                            ],
+                            workgroups: self.linear(n),
+                        })
+                        .collect(),
+                )
             }
             Op::MatMul => launches(self.matmul(node, None)?),
             Op::Gemm {

@@ -1,11 +1,15 @@
 // Gather along one axis: data viewed as [outer, axis, inner], indices flattened to [count].
-// Negative indices count from the end, as ONNX specifies.
+// Negative indices count from the end, as ONNX specifies. A table past the binding limit
+// (SD's token embeddings on a 128 MiB adapter) runs as launches over runs of its rows, each
+// bound as `data` and writing only the outputs whose index falls in its rows.
 
 struct Params {
     n: u32,
     inner: u32,
     count: u32,
     axis_len: u32,
+    first_row: u32,     // the run of rows `data` holds
+    rows: u32,
 }
 
 @group(0) @binding(0) var<storage, read> p: Params;
@@ -28,5 +32,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
         index += i32(p.axis_len);
     }
     let row = u32(clamp(index, 0, i32(p.axis_len) - 1));
-    out[i] = data[(outer * p.axis_len + row) * p.inner + inner];
+    if row < p.first_row || row >= p.first_row + p.rows {
+        return;
+    }
+    out[i] = data[(outer * p.rows + row - p.first_row) * p.inner + inner];
 }

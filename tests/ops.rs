@@ -42,12 +42,10 @@ fn every_operator_case_matches_onnxruntime() {
     );
 }
 
-/// Past 65535 workgroups in one dimension: 17M elements need the folded 2-D grid.
-#[test]
-fn elementwise_past_the_workgroup_limit() {
+/// y = a + 1.5 over `n` elements (add_symbolic.onnx), checked at the `probes`.
+fn check_long_add(n: usize, probes: &[usize]) {
     let gpu = common::gpu();
     let model = common::load_model(&common::fixtures().join("add_symbolic.onnx"));
-    let n = 17 * 1024 * 1024;
     let session = pollster::block_on(Session::new(
         &gpu,
         &model,
@@ -58,9 +56,19 @@ fn elementwise_past_the_workgroup_limit() {
     let b = HostTensor::f32(vec![1], vec![1.5]);
     let out = pollster::block_on(session.run_host(&[("a", &a), ("b", &b)])).unwrap();
     let y = out["y"].to_f32();
-    for i in [0, 1, 65535 * 256 - 1, 65535 * 256, 65535 * 256 + 1, n - 1] {
+    for &i in probes {
         assert_eq!(y[i], (i % 1000) as f32 + 1.5, "element {i}");
     }
+}
+
+/// Past 65535 workgroups in one dimension: 17M elements need the folded 2-D grid.
+#[test]
+fn elementwise_past_the_workgroup_limit() {
+    let n = 17 * 1024 * 1024;
+    check_long_add(
+        n,
+        &[0, 1, 65535 * 256 - 1, 65535 * 256, 65535 * 256 + 1, n - 1],
+    );
 }
 
 /// fp16 initializers (raw_data) are upcast on load; a Cast to f32 then folds away.
@@ -134,20 +142,7 @@ fn ops_past_one_binding_match_onnxruntime() {
 /// element more than a binding holds runs in parts, with the seam in the right place.
 #[test]
 fn elementwise_past_the_device_binding_limit() {
-    let gpu = common::gpu();
-    let model = common::load_model(&common::fixtures().join("add_symbolic.onnx"));
-    let n = (gpu.limits.max_storage_buffer_binding_size / 4) as usize + 1;
-    let session = pollster::block_on(Session::new(
-        &gpu,
-        &model,
-        &HashMap::from([("n".to_string(), n)]),
-    ))
-    .unwrap();
-    let a = HostTensor::f32(vec![n], (0..n).map(|i| (i % 1000) as f32).collect());
-    let b = HostTensor::f32(vec![1], vec![1.5]);
-    let out = pollster::block_on(session.run_host(&[("a", &a), ("b", &b)])).unwrap();
-    let y = out["y"].to_f32();
-    for i in [0, n / 2 - 1, n / 2, n - 2, n - 1] {
-        assert_eq!(y[i], (i % 1000) as f32 + 1.5, "element {i}");
-    }
+    let limit = common::gpu().limits.max_storage_buffer_binding_size;
+    let n = (limit / 4) as usize + 1;
+    check_long_add(n, &[0, n / 2 - 1, n / 2, n - 2, n - 1]);
 }

@@ -4,8 +4,19 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 
-use websd::engine::{HostTensor, Session};
+use websd::engine::{Gpu, HostTensor, Model, Session};
+
+/// Runs a case folder's model on its inputs and compares every output within 2e-5.
+fn matches_onnxruntime(gpu: &Gpu, model: &Model, dir: &Path) -> Result<(), String> {
+    let outputs = common::run_case(gpu, model, &HashMap::new(), dir)?;
+    for (name, expected) in common::tensors(dir, "out_") {
+        let actual = outputs.get(&name).ok_or(format!("no output {name}"))?;
+        common::compare(&name, actual, &expected, 2e-5)?;
+    }
+    Ok(())
+}
 
 #[test]
 fn every_operator_case_matches_onnxruntime() {
@@ -23,14 +34,7 @@ fn every_operator_case_matches_onnxruntime() {
     for dir in dirs {
         let case = dir.file_name().unwrap().to_string_lossy().to_string();
         let model = common::load_model(&dir.join("model.onnx"));
-        let result = common::run_case(&gpu, &model, &HashMap::new(), &dir).and_then(|outputs| {
-            for (name, expected) in common::tensors(&dir, "out_") {
-                let actual = outputs.get(&name).ok_or(format!("no output {name}"))?;
-                common::compare(&name, actual, &expected, 2e-5)?;
-            }
-            Ok(())
-        });
-        if let Err(e) = result {
+        if let Err(e) = matches_onnxruntime(&gpu, &model, &dir) {
             failures.push(format!("{case}: {e}"));
         }
     }
@@ -124,12 +128,7 @@ fn ops_past_one_binding_match_onnxruntime() {
                     "{parts} launches under the small limit, {whole} without"
                 ));
             }
-            let outputs = common::run_case(&small, &model, &HashMap::new(), &dir)?;
-            for (name, expected) in common::tensors(&dir, "out_") {
-                let actual = outputs.get(&name).ok_or(format!("no output {name}"))?;
-                common::compare(&name, actual, &expected, 2e-5)?;
-            }
-            Ok(())
+            matches_onnxruntime(&small, &model, &dir)
         });
         if let Err(e) = result {
             failures.push(format!("{case}: {e}"));

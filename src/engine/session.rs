@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -356,6 +357,10 @@ struct Builder<'g> {
     /// Storage of each value after following aliases (Reshape and friends).
     root: Vec<ValueId>,
     buffers: HashMap<ValueId, wgpu::Buffer>,
+    /// Buffers of the constants lowering made (weight slices, zero bias), by their `Arc`:
+    /// a constant shared by several launches (every image of a batch, every run of rows)
+    /// is uploaded once.
+    constants: HashMap<*const HostTensor, wgpu::Buffer>,
     memory_bytes: u64,
 }
 
@@ -366,6 +371,7 @@ impl<'g> Builder<'g> {
             graph,
             root: (0..graph.values.len()).collect(),
             buffers: HashMap::new(),
+            constants: HashMap::new(),
             memory_bytes: 0,
         }
     }
@@ -554,8 +560,16 @@ impl<'g> Builder<'g> {
                 Operand::Value(v) => value(*v, 0..numel(&self.graph.values[*v].shape)),
                 Operand::Part(v, range) => value(*v, range.clone()),
                 Operand::Constant(c) => {
-                    let buffer = self.gpu.storage_buffer_with("constant", &c.to_gpu_words());
-                    self.memory_bytes += buffer.size();
+                    let buffer = match self.constants.get(&Arc::as_ptr(c)) {
+                        Some(buffer) => buffer.clone(),
+                        None => {
+                            let buffer =
+                                self.gpu.storage_buffer_with("constant", &c.to_gpu_words());
+                            self.memory_bytes += buffer.size();
+                            self.constants.insert(Arc::as_ptr(c), buffer.clone());
+                            buffer
+                        }
+                    };
                     (buffer, None, "a constant".to_string())
                 }
             });

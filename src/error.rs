@@ -30,3 +30,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub(crate) fn invalid<T>(message: impl Into<String>) -> Result<T> {
     Err(Error::Invalid(message.into()))
 }
+
+/// Shorthand for [`Error::BadFile`].
+pub(crate) fn bad_file(file: impl Into<String>, reason: impl ToString) -> Error {
+    Error::BadFile {
+        file: file.into(),
+        reason: reason.to_string(),
+    }
+}

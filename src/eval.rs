@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use crate::engine::{Gpu, Session};
-use crate::error::{Error, Result};
+use crate::error::{Result, bad_file};
 use crate::image::RgbaImage;
-use crate::model::{ModelFiles, read_graph};
+use crate::model::{ModelFiles, read_graph, read_json};
 use crate::pipeline::{Control, Request, StableDiffusion, StepEvent};
 
 /// One benchmark prompt and the classes it asks for, by attribute.
@@ -52,18 +52,6 @@ pub struct Benchmark {
     attributes: Vec<(String, Vec<String>)>,
     classifier: crate::engine::Model,
     sessions: HashMap<[usize; 2], Session>,
-}
-
-fn bad_file(file: &str, reason: impl ToString) -> Error {
-    Error::BadFile {
-        file: file.into(),
-        reason: reason.to_string(),
-    }
-}
-
-fn read_json<T: serde::de::DeserializeOwned>(files: &mut dyn ModelFiles, path: &str) -> Result<T> {
-    let bytes = files.read(path).map_err(|e| bad_file(path, e))?;
-    serde_json::from_slice(&bytes).map_err(|e| bad_file(path, e))
 }
 
 impl Benchmark {

@@ -5,9 +5,10 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, bad_file};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::{ClipTokenizer, TokenizerFiles};
 
@@ -76,26 +77,15 @@ pub struct ModelConfig {
     pub time_cond_proj_dim: Option<usize>,
 }
 
-fn json(files: &mut dyn ModelFiles, path: &str) -> Result<Value> {
-    let bytes = files.read(path).map_err(|reason| Error::BadFile {
-        file: path.into(),
-        reason,
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| Error::BadFile {
-        file: path.into(),
-        reason: e.to_string(),
-    })
+/// `path` parsed as JSON into any deserialisable type.
+pub(crate) fn read_json<T: DeserializeOwned>(files: &mut dyn ModelFiles, path: &str) -> Result<T> {
+    let bytes = files.read(path).map_err(|reason| bad_file(path, reason))?;
+    serde_json::from_slice(&bytes).map_err(|e| bad_file(path, e))
 }
 
 fn text(files: &mut dyn ModelFiles, path: &str) -> Result<String> {
-    let bytes = files.read(path).map_err(|reason| Error::BadFile {
-        file: path.into(),
-        reason,
-    })?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| Error::BadFile {
-        file: path.into(),
-        reason: "not UTF-8".into(),
-    })
+    let bytes = files.read(path).map_err(|reason| bad_file(path, reason))?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| bad_file(path, "not UTF-8"))
 }
 
 /// Fails with the list of required files the folder lacks.
@@ -126,8 +116,8 @@ impl ModelConfig {
         let default_scheduler = SchedulerKind::from_class_name(&class).ok_or_else(|| {
             Error::Invalid(format!("the folder's scheduler {class} is not supported"))
         })?;
-        let vae = json(files, "vae_decoder/config.json")?;
-        let unet = json(files, "unet/config.json")?;
+        let vae: Value = read_json(files, "vae_decoder/config.json")?;
+        let unet: Value = read_json(files, "unet/config.json")?;
         let blocks = vae["block_out_channels"].as_array().map_or(4, |b| b.len());
         Ok(ModelConfig {
             scheduler,
@@ -164,16 +154,11 @@ pub fn read_tokenizer(files: &mut dyn ModelFiles) -> Result<ClipTokenizer> {
 /// Parses `<part>/model.onnx`, reading external data next to it.
 pub fn read_graph(files: &mut dyn ModelFiles, part: &str) -> Result<crate::engine::Model> {
     let path = format!("{part}/model.onnx");
-    let bytes = files.read(&path).map_err(|reason| Error::BadFile {
-        file: path.clone(),
-        reason,
-    })?;
-    let model = crate::engine::Model::from_bytes(bytes, &mut |location| {
+    let bytes = files
+        .read(&path)
+        .map_err(|reason| bad_file(&path, reason))?;
+    crate::engine::Model::from_bytes(bytes, &mut |location| {
         files.read(&format!("{part}/{location}"))
     })
-    .map_err(|e| Error::BadFile {
-        file: path,
-        reason: e.to_string(),
-    })?;
-    Ok(model)
+    .map_err(|e| bad_file(path, e))
 }

@@ -14,7 +14,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, bad_file};
 
 /// CLIP's word pattern (the slow tokenizer's, less its special-token alternatives, which
 /// are handled as added tokens).
@@ -41,11 +41,8 @@ fn tokenizer_error(e: impl std::fmt::Display) -> Error {
 
 impl ClipTokenizer {
     pub fn new(files: &TokenizerFiles) -> Result<ClipTokenizer> {
-        let vocab: std::collections::HashMap<String, u32> = serde_json::from_str(files.vocab_json)
-            .map_err(|e| Error::BadFile {
-                file: "vocab.json".into(),
-                reason: e.to_string(),
-            })?;
+        let vocab: std::collections::HashMap<String, u32> =
+            serde_json::from_str(files.vocab_json).map_err(|e| bad_file("vocab.json", e))?;
         let merges: Vec<(String, String)> = files
             .merges_txt
             .lines()
@@ -54,18 +51,14 @@ impl ClipTokenizer {
                 let mut parts = l.split(' ');
                 match (parts.next(), parts.next()) {
                     (Some(a), Some(b)) => Ok((a.to_string(), b.to_string())),
-                    _ => Err(Error::BadFile {
-                        file: "merges.txt".into(),
-                        reason: format!("bad merge line `{l}`"),
-                    }),
+                    _ => Err(bad_file("merges.txt", format!("bad merge line `{l}`"))),
                 }
             })
             .collect::<Result<_>>()?;
         let config: Value = match files.config_json {
-            Some(text) => serde_json::from_str(text).map_err(|e| Error::BadFile {
-                file: "tokenizer_config.json".into(),
-                reason: e.to_string(),
-            })?,
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| bad_file("tokenizer_config.json", e))?
+            }
             None => Value::Null,
         };
         let token = |key: &str, default: &str| -> String {

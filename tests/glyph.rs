@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use websd::engine::Gpu;
@@ -31,9 +32,12 @@ fn glyph_models_match_diffusers_within_3_of_255() {
     let cases: Vec<serde_json::Value> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let mut failures = Vec::new();
+    // Several cases share a model: each is loaded once.
+    let mut loaded = HashMap::new();
     for case in &cases {
         let name = case["name"].as_str().unwrap();
-        let mut pipeline = load(&gpu, case["model"].as_str().unwrap());
+        let model = case["model"].as_str().unwrap();
+        let pipeline = loaded.entry(model).or_insert_with(|| load(&gpu, model));
         let request = Request {
             prompt: case["prompt"].as_str().unwrap().into(),
             negative_prompt: case["negative_prompt"].as_str().unwrap().into(),

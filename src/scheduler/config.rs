@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result, invalid};
+use crate::error::{Error, Result, bad_file, invalid};
 
 #[derive(Clone, Debug, Default)]
 pub struct SchedulerConfig {
@@ -15,10 +15,7 @@ impl SchedulerConfig {
         match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(values)) => Ok(SchedulerConfig { values }),
             Ok(_) => invalid("scheduler_config.json is not a JSON object"),
-            Err(e) => Err(Error::BadFile {
-                file: "scheduler_config.json".into(),
-                reason: e.to_string(),
-            }),
+            Err(e) => Err(bad_file("scheduler_config.json", e)),
         }
     }
 

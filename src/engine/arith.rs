@@ -183,10 +183,7 @@ fn launch_combine(terms: &[(f32, &GpuTensor)], clamp: Option<(f32, f32)>) -> Gpu
             .buffer
             .as_entire_buffer_binding()
     }));
-    let mut kernels = gpu
-        .arithmetic
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut kernels = gpu.pipelines();
     let pipeline = kernels.get(&gpu.device, KernelKey::from(Shader::Combine));
     let bind_group = bind_buffers(&gpu.device, pipeline, &buffers);
     let mut encoder = gpu.device.create_command_encoder(&Default::default());

@@ -1,7 +1,7 @@
 //! The shared GPU: one `wgpu::Device` used by every session, and GPU-resident tensors.
 
 use std::ops::Deref;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::error::{Error, Result};
 use super::kernels::Pipelines;
@@ -16,8 +16,10 @@ pub struct SharedGpu {
     pub queue: wgpu::Queue,
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
-    /// Pipelines of the tensor arithmetic outside graphs (`arith.rs`), compiled once.
-    pub(crate) arithmetic: Mutex<Pipelines>,
+    /// Compiled kernels, shared by every session and by the arithmetic outside graphs
+    /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model
+    /// loaded again compiles nothing.
+    compiled: Mutex<Pipelines>,
 }
 
 impl Deref for Gpu {
@@ -65,8 +67,15 @@ impl Gpu {
             queue,
             adapter_info: adapter.get_info(),
             limits,
-            arithmetic: Mutex::default(),
+            compiled: Mutex::default(),
         })))
+    }
+
+    /// The shared cache of compiled kernels (usable even if a panic poisoned its lock).
+    pub(crate) fn pipelines(&self) -> MutexGuard<'_, Pipelines> {
+        self.compiled
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The same device, with sessions planned as if a storage binding held at most `bytes`
@@ -85,7 +94,7 @@ impl Gpu {
             queue: self.queue.clone(),
             adapter_info: self.adapter_info.clone(),
             limits,
-            arithmetic: Mutex::default(),
+            compiled: Mutex::default(),
         }))
     }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use super::error::{Error, Result};
 use super::gpu::{Gpu, GpuTensor};
 use super::graph::{Dim, Graph, ValueId};
-use super::kernels::{KernelKey, Launch, Operand, Pipelines, bind_buffers};
+use super::kernels::{KernelKey, Launch, Operand, bind_buffers};
 use super::loader::{ExternalDataSource, load_graph};
 use super::lower::{Lowered, Lowering};
 use super::passes;
@@ -411,7 +411,7 @@ impl<'g> Builder<'g> {
         }
         self.allocate(&per_node)?;
 
-        let mut pipelines = Pipelines::default();
+        let mut pipelines = self.gpu.pipelines();
         let mut pipeline_index: HashMap<KernelKey, usize> = HashMap::new();
         let mut pipeline_list = Vec::new();
         let mut launches = Vec::new();

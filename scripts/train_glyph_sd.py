@@ -286,7 +286,7 @@ def stage_classifier(work, steps=6000, batch=128, round_trips=30000):
     """Trained on real renders and on VAE round trips of them (computed once), so it reads
     decoded images as fairly as clean ones. Batch norm (folded away for export), 6000 steps
     and 30 000 round trips took it from 95% to 99.5% of fresh renders' glyphs (87% -> 97%
-    after a round trip); the misreadings left are mostly O/0 and 1/I."""
+    after a round trip); on renders the misreadings left are O/0, round trips add M/N/H."""
     torch.manual_seed(0)
     images, labels, _ = dataset(work, "train")
     vae = load_vae(work)

@@ -138,6 +138,7 @@ async function generate(event) {
   setBusy(true);
   $("strip").replaceChildren();
   $("result").hidden = true;
+  $("live").hidden = false;
   $("timings").replaceChildren();
   const initFile = $("init-image").files[0];
   const params = {
@@ -165,11 +166,11 @@ async function generate(event) {
       }
       $("step-status").textContent = `Step ${step.step} / ${step.total} (${step.stepMs.toFixed(0)} ms)`;
     });
-    drawImage($("live"), result);
     const url = URL.createObjectURL(new Blob([result.png], { type: "image/png" }));
     $("result-image").src = url;
     $("download").href = url;
     $("download").download = `websd-${result.seed}.png`;
+    $("live").hidden = true;
     $("result").hidden = false;
     const t = result.timings;
     const steps = Array.from(t.unetStepMs);

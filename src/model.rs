@@ -77,15 +77,18 @@ pub struct ModelConfig {
     pub time_cond_proj_dim: Option<usize>,
 }
 
+/// The bytes of `path`; a file that cannot be read is a [`bad_file`] error naming it.
+fn read(files: &mut dyn ModelFiles, path: &str) -> Result<Bytes> {
+    files.read(path).map_err(|reason| bad_file(path, reason))
+}
+
 /// `path` parsed as JSON into any deserialisable type.
 pub(crate) fn read_json<T: DeserializeOwned>(files: &mut dyn ModelFiles, path: &str) -> Result<T> {
-    let bytes = files.read(path).map_err(|reason| bad_file(path, reason))?;
-    serde_json::from_slice(&bytes).map_err(|e| bad_file(path, e))
+    serde_json::from_slice(&read(files, path)?).map_err(|e| bad_file(path, e))
 }
 
 fn text(files: &mut dyn ModelFiles, path: &str) -> Result<String> {
-    let bytes = files.read(path).map_err(|reason| bad_file(path, reason))?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| bad_file(path, "not UTF-8"))
+    String::from_utf8(read(files, path)?.to_vec()).map_err(|_| bad_file(path, "not UTF-8"))
 }
 
 /// Fails with the list of required files the folder lacks.
@@ -154,9 +157,7 @@ pub fn read_tokenizer(files: &mut dyn ModelFiles) -> Result<ClipTokenizer> {
 /// Parses `<part>/model.onnx`, reading external data next to it.
 pub fn read_graph(files: &mut dyn ModelFiles, part: &str) -> Result<crate::engine::Model> {
     let path = format!("{part}/model.onnx");
-    let bytes = files
-        .read(&path)
-        .map_err(|reason| bad_file(&path, reason))?;
+    let bytes = read(files, &path)?;
     crate::engine::Model::from_bytes(bytes, &mut |location| {
         files.read(&format!("{part}/{location}"))
     })

@@ -90,6 +90,9 @@ pub struct Generated {
     pub image: RgbaImage,
     pub latents: GpuTensor,
     pub timings: Timings,
+    /// What the user should know about the result, e.g. the end of an over-long prompt
+    /// that the model never saw.
+    pub warnings: Vec<String>,
 }
 
 /// A session built for one set of input shapes, rebuilt when they change.
@@ -305,6 +308,7 @@ impl StableDiffusion {
         let guidance = (request.guidance_scale > 1.0 && guidance_embedding.is_none())
             .then_some(request.guidance_scale as f32);
 
+        let warnings = self.prompt_warnings(request, guidance.is_some())?;
         let t0 = now_ms();
         let context = self.encode_prompts(request, guidance.is_some()).await?;
         self.gpu.finish().await?;
@@ -402,7 +406,26 @@ impl StableDiffusion {
             image,
             latents,
             timings,
+            warnings,
         })
+    }
+
+    /// The words of the prompts that do not fit the text encoder's context.
+    fn prompt_warnings(&self, request: &Request, guided: bool) -> Result<Vec<String>> {
+        let prompts = [
+            ("prompt", &request.prompt),
+            ("negative prompt", &request.negative_prompt),
+        ];
+        let mut warnings = Vec::new();
+        for (name, text) in prompts.into_iter().take(1 + guided as usize) {
+            if let Some(dropped) = self.tokenizer.dropped_text(text)? {
+                warnings.push(format!(
+                    "the {name} is longer than the model's {} tokens; ignored: \"{dropped}\"",
+                    self.tokenizer.max_length()
+                ));
+            }
+        }
+        Ok(warnings)
     }
 
     /// Text embeddings: the prompt's, preceded by the negative prompt's when guiding

@@ -12,7 +12,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
-use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+use tokenizers::{AddedToken, Encoding, SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{Error, Result, bad_file};
 
@@ -151,11 +151,7 @@ impl ClipTokenizer {
     /// Token ids of `text`: BOS, the tokens (truncated to fit), EOS, then padding, exactly
     /// `max_length` long.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let cleaned = clean_text(text);
-        let encoding = self
-            .inner
-            .encode(cleaned.as_str(), true)
-            .map_err(tokenizer_error)?;
+        let (_, encoding) = self.split(text)?;
         let mut ids: Vec<i64> = encoding.get_ids().iter().map(|&i| i as i64).collect();
         if ids.len() > self.max_length {
             ids.truncate(self.max_length - 1);
@@ -163,6 +159,28 @@ impl ClipTokenizer {
         }
         ids.resize(self.max_length, self.pad_id as i64);
         Ok(ids)
+    }
+
+    /// The end of `text` (after cleanup) that `encode` drops to fit `max_length`, if any:
+    /// the part of an over-long prompt the model never sees.
+    pub fn dropped_text(&self, text: &str) -> Result<Option<String>> {
+        let (cleaned, encoding) = self.split(text)?;
+        if encoding.len() <= self.max_length {
+            return Ok(None);
+        }
+        // After BOS, the token at `max_length - 1` is the first one EOS replaces.
+        let (start, _) = encoding.get_offsets()[self.max_length - 1];
+        Ok(cleaned.get(start..).map(|rest| rest.trim().to_string()))
+    }
+
+    /// The cleaned text and its tokens, with BOS and EOS, before truncation.
+    fn split(&self, text: &str) -> Result<(String, Encoding)> {
+        let cleaned = clean_text(text);
+        let encoding = self
+            .inner
+            .encode(cleaned.as_str(), true)
+            .map_err(tokenizer_error)?;
+        Ok((cleaned, encoding))
     }
 }
 

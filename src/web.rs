@@ -134,7 +134,7 @@ impl App {
     /// Generates. `params`: {prompt, negativePrompt, steps, guidanceScale, seed, scheduler,
     /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery}. `on_step` gets
     /// {step, total, timestep, stepMs, live: {width, height, rgba}, preview: {...}}.
-    /// Resolves to {png, width, height, rgba, seed, scheduler, timings}.
+    /// Resolves to {png, width, height, rgba, seed, scheduler, timings, warnings}.
     pub fn generate(&self, params: JsValue, on_step: Function) -> js_sys::Promise {
         let state = self.state.clone();
         future_to_promise(async move {
@@ -379,6 +379,8 @@ async fn run_generation(
     }
     set(&timings, "unetStepMs", steps);
     set(&result, "timings", timings);
+    let warnings: js_sys::Array = generated.warnings.iter().map(JsValue::from).collect();
+    set(&result, "warnings", warnings);
     Ok(result.into())
 }
 

@@ -64,3 +64,20 @@ fn output_is_always_the_model_length() {
         assert_eq!(ids[0], 49406);
     }
 }
+
+#[test]
+fn names_the_part_of_an_over_long_prompt_that_is_dropped() {
+    let tokenizer = tokenizer();
+    assert_eq!(tokenizer.dropped_text("a red 7 on blue").unwrap(), None);
+    // One token per word: BOS, 75 words and EOS fill the 77; the last 25 words are dropped.
+    let words: Vec<&str> = (0..100).map(|i| ["red", "green", "blue"][i % 3]).collect();
+    let prompt = format!("{}  ", words.join(" "));
+    assert_eq!(
+        tokenizer.dropped_text(&prompt).unwrap().as_deref(),
+        Some(words[75..].join(" ").as_str())
+    );
+    assert_eq!(
+        tokenizer.encode(&words[..75].join(" ")).unwrap(),
+        tokenizer.encode(&prompt).unwrap()
+    );
+}

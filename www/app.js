@@ -184,7 +184,8 @@ async function generate(event) {
     if (t.vaeEncoderMs > 0) rows.splice(2, 0, ["VAE encode", `${t.vaeEncoderMs.toFixed(0)} ms`]);
     $("timings").replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement("dt"), { textContent: k }),
       Object.assign(document.createElement("dd"), { textContent: v })]));
-    $("step-status").textContent = `Done: seed ${result.seed}, ${result.scheduler}.`;
+    const notes = Array.from(result.warnings, (warning) => ` Note: ${warning}.`).join("");
+    $("step-status").textContent = `Done: seed ${result.seed}, ${result.scheduler}.${notes}`;
   } catch (error) {
     $("step-status").textContent = "";
     showMessage(error);

@@ -93,8 +93,11 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.click("#generate");
   await page.locator("#message", { hasText: "leaves no steps" }).waitFor({ timeout: 60_000 });
   await page.locator("#strength").fill("0.5");
+  // A prompt past the model's context: the result says which words were ignored.
+  await page.fill("#prompt", `a red 7 on a blue background${", sharp".repeat(40)}, clean edges`);
   await page.click("#generate");
   await page.locator("#step-status", { hasText: /^Done:/ }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#step-status").innerText(), /Note: the prompt is longer than the model's \d+ tokens; ignored: ".*sharp, clean edges"/);
   assert.equal(await page.locator("#message").isVisible(), false);
   assert.deepEqual(problems, []);
 }));

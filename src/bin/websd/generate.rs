@@ -124,6 +124,9 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         .await
         .map_err(|e| e.to_string())?;
     eprintln!();
+    for warning in &generated.warnings {
+        eprintln!("warning: {warning}");
+    }
     let t = &generated.timings;
     let unet_total: f64 = t.unet_step_ms.iter().sum();
     eprintln!(

@@ -37,6 +37,9 @@ STEPS_PD = [8, 4]  # student step counts; the first teacher runs twice as many
 GUIDANCE = 7.5
 GUIDANCE_RANGE = (1.0, 10.0)
 TIME_COND_DIM = 32
+# Captions are at most 12 tokens with BOS and EOS; a 16-token context (tokenizer and text
+# encoder alike) costs the text encoder and every cross-attention a fifth of CLIP's 77.
+MAX_TOKENS = 16
 # GLYPH_SMOKE=1 runs every stage for two optimiser steps: a quick check that the code runs.
 SMOKE = bool(os.environ.get("GLYPH_SMOKE"))
 
@@ -56,20 +59,24 @@ def make_vae():
 
 def make_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
+    # Plain matmul attention: on this CPU it beats SDPA's flash kernel for such small heads.
     return CLIPTextModel(CLIPTextConfig(
         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, hidden_size=32, intermediate_size=64,
-        num_attention_heads=2, num_hidden_layers=3, vocab_size=49408, max_position_embeddings=77,
-        projection_dim=32))
+        num_attention_heads=2, num_hidden_layers=3, vocab_size=49408, max_position_embeddings=MAX_TOKENS,
+        projection_dim=32, attn_implementation="eager"))
 
 
 def make_unet(time_cond_proj_dim=None):
     from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(
+    from diffusers.models.attention_processor import AttnProcessor
+    unet = UNet2DConditionModel(
         block_out_channels=(48, 96), layers_per_block=1, sample_size=glyph_data.SIZE // 4, in_channels=4,
         out_channels=4, norm_num_groups=16, cross_attention_dim=32, attention_head_dim=4,
         time_cond_proj_dim=time_cond_proj_dim,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    unet.set_attn_processor(AttnProcessor())  # as the text encoder: faster here than SDPA
+    return unet
 
 
 def make_scheduler():
@@ -124,7 +131,7 @@ def tokenizer(work):
     if not os.path.exists(os.path.join(folder, "vocab.json")):
         write_clip_tokenizer(folder)
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                         pad_token="<|endoftext|>", model_max_length=77)
+                         pad_token="<|endoftext|>", model_max_length=MAX_TOKENS)
 
 
 # ---------------------------------------------------------------- helpers
@@ -206,7 +213,7 @@ class TextTable:
         triples = glyph_data.all_triples()
         self.index = {t: i for i, t in enumerate(triples)}
         captions = [glyph_data.caption(t, k) for t in triples for k in range(len(glyph_data.TEMPLATES))]
-        self.ids = tok(captions + [""], padding="max_length", max_length=77, return_tensors="pt").input_ids
+        self.ids = tok(captions + [""], padding="max_length", return_tensors="pt").input_ids
         self.empty = len(captions)
 
     def rows(self, labels, templates):
@@ -282,11 +289,11 @@ def load_vae(work):
     return AutoencoderKL.from_pretrained(os.path.join(work, "vae")).eval()
 
 
-def stage_classifier(work, steps=6000, batch=128, round_trips=30000):
+def stage_classifier(work, steps=3000, batch=128, round_trips=30000):
     """Trained on real renders and on VAE round trips of them (computed once), so it reads
-    decoded images as fairly as clean ones. Batch norm (folded away for export), 6000 steps
-    and 30 000 round trips took it from 95% to 99.5% of fresh renders' glyphs (87% -> 97%
-    after a round trip); on renders the misreadings left are O/0, round trips add M/N/H."""
+    decoded images as fairly as clean ones. Batch norm (folded away for export) and 30 000
+    round trips took it from 95% to 99.5% of fresh renders' glyphs (87% -> 97% after a round
+    trip); on renders the misreadings left are O/0, round trips add M/N/H."""
     torch.manual_seed(0)
     images, labels, _ = dataset(work, "train")
     vae = load_vae(work)
@@ -365,58 +372,65 @@ def one_cycle(params, lr, steps, warmup=0.05):
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=budget(steps), pct_start=warmup)
 
 
-# (steps, peak learning rate, min-SNR gamma or None) per cycle. From the third cycle on the
-# loss is weighted by min(SNR, gamma) / (SNR + 1) (Hang et al. 2023, "min-SNR" for
-# v-prediction): less effort on nearly clean latents, more on the noise levels where the
-# glyph's shape is decided.
-TEACHER_CYCLES = [(1800, 1e-3, None), (2000, 5e-4, None), (4000, 5e-4, 5.0), (4000, 4e-4, 5.0)]
-
-
 def min_snr_weight(t, gamma):
-    """Per-sample loss weight of min-SNR-gamma for a v-prediction loss."""
+    """Per-sample loss weight of min-SNR-gamma (Hang et al. 2023) for a v-prediction loss:
+    min(SNR, gamma) / (SNR + 1), small on nearly clean and on nearly pure-noise latents."""
     snr = ALPHAS[t] / (1 - ALPHAS[t])
-    return (snr.clamp(max=gamma) / (snr + 1)).view(-1, 1, 1, 1)
+    return snr.clamp(max=gamma) / (snr + 1)
 
 
-def stage_teacher(work, batch=128):
-    """Text encoder and UNet trained together (no pretrained CLIP here); 10% empty captions
-    teach the unconditional prediction that classifier-free guidance needs. One-cycle
-    learning-rate schedules with a warm restart from the first cycle's EMA weights; each
-    cycle's result is kept, so a rerun resumes after the last finished cycle."""
+def min_snr_timesteps(batch, gamma, uniform=0.25):
+    """Timesteps drawn in proportion to their min-SNR weight (plus `uniform` of plain uniform
+    draws, so every noise level is still visited), with the loss weights (weight over
+    probability, mean 1) that keep the min-SNR objective. The same expected loss as weighting
+    uniform draws, but uniform draws spend compute on timesteps weighted near zero: at
+    gamma 5 the batch's effective size goes from 56% of it to 93%."""
+    w = min_snr_weight(torch.arange(1000), gamma)
+    p = (1 - uniform) * w / w.sum() + uniform / 1000
+    t = torch.multinomial(p, batch, replacement=True)
+    return t, (w[t] / (p[t] * w.sum())).view(-1, 1, 1, 1)
+
+
+def encode_rows(te, table, rows):
+    """Text encoder hidden states for caption rows, each distinct row encoded once (a tenth
+    of every batch is the empty prompt)."""
+    distinct, index = rows.unique(return_inverse=True)
+    return te(table.ids[distinct])[0][index]
+
+
+def stage_teacher(work, steps=4500, lr=2e-3, gamma=5.0, batch=128):
+    """Text encoder and UNet trained together from scratch (no pretrained CLIP here) on the
+    min-SNR objective; 10% empty captions teach the unconditional prediction that
+    classifier-free guidance needs. One one-cycle learning-rate schedule, gradients clipped
+    to norm 1; the EMA of the weights is kept.
+
+    Measured on the benchmark (teacher at 50 steps, 200 prompts): this recipe reads 85.5% of
+    glyphs in 37 min. With peak 1e-3, no clipping and 10% uniform timesteps, 53%; the
+    earlier recipe (uniform timesteps, 77-token context, four cycles) needed 11 800 steps
+    and 2 h 20 min for 86%."""
     data = Batches(work)
     torch.manual_seed(0)
     te, unet = make_text_encoder(), make_unet()
-    for cycle, (steps, lr, gamma) in enumerate(TEACHER_CYCLES):
-        te_path, unet_path = (os.path.join(work, f"{name}-cycle{cycle}.pt") for name in ("text_encoder", "teacher"))
-        if cycle > 0:
-            te.load_state_dict(torch.load(os.path.join(work, f"text_encoder-cycle{cycle - 1}.pt")))
-            unet.load_state_dict(torch.load(os.path.join(work, f"teacher-cycle{cycle - 1}.pt")))
-        if os.path.exists(unet_path) and os.path.exists(te_path):
-            log(f"teacher cycle {cycle}: done before")
-            continue
-        if cycle > 0:
-            torch.manual_seed(cycle)
-        opt, sched = one_cycle(list(te.parameters()) + list(unet.parameters()), lr, steps)
-        ema_te, ema_unet = Ema(te, 0.995), Ema(unet, 0.995)
-        for step in range(budget(steps)):
-            x0, rows = data.draw(batch, drop=0.1)
-            t = torch.randint(0, 1000, (batch,))
-            z, v = noised(x0, t)
-            pred = unet(z, t, te(data.table.ids[rows])[0]).sample
-            weight = 1.0 if gamma is None else min_snr_weight(t, gamma)
-            loss = (weight * (pred - v) ** 2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            ema_te.update(te)
-            ema_unet.update(unet)
-            if step % 100 == 0 or step == budget(steps) - 1:
-                log(f"teacher cycle {cycle} {step} loss {loss.item():.4f}")
-        torch.save(ema_te.shadow, te_path)
-        torch.save(ema_unet.shadow, unet_path)
-    shutil.copy(te_path, os.path.join(work, "text_encoder.pt"))
-    shutil.copy(unet_path, os.path.join(work, "teacher.pt"))
+    params = list(te.parameters()) + list(unet.parameters())
+    opt, sched = one_cycle(params, lr, steps)
+    ema_te, ema_unet = Ema(te, 0.995), Ema(unet, 0.995)
+    for step in range(budget(steps)):
+        x0, rows = data.draw(batch, drop=0.1)
+        t, weight = min_snr_timesteps(batch, gamma)
+        z, v = noised(x0, t)
+        pred = unet(z, t, encode_rows(te, data.table, rows)).sample
+        loss = (weight * (pred - v) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        ema_te.update(te)
+        ema_unet.update(unet)
+        if step % 100 == 0 or step == budget(steps) - 1:
+            log(f"teacher {step} loss {loss.item():.4f}")
+    torch.save(ema_te.shadow, os.path.join(work, "text_encoder.pt"))
+    torch.save(ema_unet.shadow, os.path.join(work, "teacher.pt"))
 
 
 def guided_v(unet, z, t, cond, uncond, w):
@@ -556,9 +570,8 @@ def stage_eval(work, which=("teacher@50", "teacher@4", "pd@4", "guided@4")):
     classifier = load(Classifier(), os.path.join(work, "classifier.pt")).eval()
     prompts = glyph_data.eval_prompts()
     with torch.no_grad():
-        cond = te(tok([p["prompt"] for p in prompts], padding="max_length", max_length=77,
-                      return_tensors="pt").input_ids)[0]
-        uncond = te(tok([""], padding="max_length", max_length=77, return_tensors="pt").input_ids)[0]
+        cond = te(tok([p["prompt"] for p in prompts], padding="max_length", return_tensors="pt").input_ids)[0]
+        uncond = te(tok([""], padding="max_length", return_tensors="pt").input_ids)[0]
     seeds = [p["seed"] for p in prompts]
     w = torch.full((len(prompts),), GUIDANCE)
     results = {}
@@ -675,6 +688,10 @@ if __name__ == "__main__":
     os.makedirs(work, exist_ok=True)
     stages = ["data", "vae", "classifier", "teacher", "pd", "guided", "eval", "export"]
     chosen = stages if sys.argv[2] == "all" else sys.argv[2:]
+    begin = time.time()
     for stage in chosen:
         log("stage", stage)
+        start = time.time()
         globals()["stage_" + stage](work)
+        log(f"stage {stage} took {(time.time() - start) / 60:.1f} min")
+    log(f"all stages took {(time.time() - begin) / 60:.1f} min")

@@ -217,6 +217,56 @@ def binding_split_cases():
             initializers=[("w", x(20, 30)), ("c", x(20))])
     op_case("split_softmax_last", "Softmax", [("x", x(3, 7, 200) * 5)])
     op_case("split_gather_table", "Gather", [("table", x(300, 24)), ("i", i64([[0, 299, -1, 150], [77, -300, 5, 200]]))])
+    conv_padding_cases()
+    reduction_split_cases()
+
+
+def conv_padding_cases():
+    """ops/conv_pads_*: every way ONNX pads a convolution, begin and end apart (what graph
+    optimizers write when they fold a Pad into the Conv after it). Own random stream."""
+    local = np.random.default_rng(78)
+    x = lambda *shape: local.uniform(-2.0, 2.0, shape).astype(np.float32)
+    op_case("conv_pads_asymmetric", "Conv", [("x", x(1, 3, 9, 8))], {"pads": [1, 1, 2, 2]},
+            initializers=[("w", x(4, 3, 3, 3)), ("b", x(4))])
+    op_case("conv_pads_stride2_right_bottom", "Conv", [("x", x(2, 4, 10, 10))], {"strides": [2, 2], "pads": [0, 0, 1, 1]},
+            initializers=[("w", x(5, 4, 3, 3))])
+    op_case("conv_pads_grouped_dilated_strided", "Conv", [("x", x(1, 6, 13, 11))],
+            {"group": 3, "dilations": [2, 1], "strides": [2, 3], "pads": [0, 2, 3, 1]},
+            initializers=[("w", x(9, 2, 3, 3)), ("b", x(9))])
+    for mode in ["SAME_UPPER", "SAME_LOWER"]:
+        op_case(f"conv_pads_{mode.lower()}", "Conv", [("x", x(1, 3, 10, 7))], {"auto_pad": mode, "strides": [2, 2]},
+                initializers=[("w", x(4, 3, 4, 3))])
+    op_case("conv_pads_valid", "Conv", [("x", x(1, 3, 10, 7))], {"auto_pad": "VALID", "strides": [1, 2]},
+            initializers=[("w", x(2, 3, 3, 2))])
+
+
+def reduction_split_cases():
+    """ops/split_reduce_*, split_argmax_*, split_softmax_*, split_conv_group*: the families
+    that run past one binding by combining parts (reductions over any axes, ArgMax, softmax
+    over a middle axis or a row longer than a binding, grouped convolution), sized past the
+    16 KiB limit of tests/ops.rs. Own random stream."""
+    local = np.random.default_rng(79)
+    x = lambda *shape: local.uniform(-2.0, 2.0, shape).astype(np.float32)
+    i64 = lambda v: np.array(v, dtype=np.int64)
+    op_case("split_reduce_sum_axis0", "ReduceSum", [("x", x(40, 300))], {"keepdims": 0}, initializers=[("ax", i64([0]))])
+    op_case("split_reduce_mean_middle", "ReduceMean", [("x", x(2, 3000, 3))], {"keepdims": 1}, initializers=[("ax", i64([1]))])
+    op_case("split_reduce_mean_two_axes", "ReduceMean", [("x", x(3, 50, 40))], {"keepdims": 0}, initializers=[("ax", i64([0, 2]))])
+    op_case("split_reduce_max_all", "ReduceMax", [("x", x(70, 90))], {"keepdims": 0})
+    op_case("split_reduce_min_kept_outer", "ReduceMin", [("x", x(10, 20, 30))], {"keepdims": 1}, initializers=[("ax", i64([2]))])
+    op_case("split_argmax_axis0", "ArgMax", [("x", x(5000, 3))], {"axis": 0, "keepdims": 0})
+    op_case("split_argmax_middle", "ArgMax", [("x", x(3, 3000, 2))], {"axis": 1, "keepdims": 1})
+    op_case("split_argmax_ties_last", "ArgMax", [("x", local.integers(0, 4, (6000,)).astype(np.int64))],
+            {"axis": 0, "keepdims": 0, "select_last_index": 1})
+    op_case("split_softmax_middle_blocks", "Softmax", [("x", x(6, 50, 30) * 5)], {"axis": 1})
+    op_case("split_softmax_middle_long", "Softmax", [("x", x(2, 3000, 3) * 5)], {"axis": 1})
+    op_case("split_softmax_long_row", "Softmax", [("x", x(2, 5000) * 5)], {"axis": -1})
+    op_case("split_conv_grouped", "Conv", [("x", x(2, 16, 12, 12))], {"group": 2, "pads": [1, 1, 1, 1]},
+            initializers=[("w", x(8, 8, 3, 3)), ("b", x(8))])
+    op_case("split_conv_grouped_dilated_strided", "Conv", [("x", x(1, 12, 20, 20))],
+            {"group": 3, "dilations": [2, 2], "strides": [2, 2], "pads": [1, 2, 2, 1]},
+            initializers=[("w", x(6, 4, 3, 3)), ("b", x(6))])
+    op_case("split_conv_depthwise", "Conv", [("x", x(1, 32, 12, 12))], {"group": 32, "pads": [1, 1, 1, 1]},
+            initializers=[("w", x(32, 1, 3, 3))])
 
 
 def symbolic_models():
@@ -235,6 +285,11 @@ def symbolic_models():
              mk("Mul", ["s", "scale"], ["ss"]), mk("Softmax", ["ss"], ["p"], axis=-1), mk("MatMul", ["p", "v"], ["y"])]
     graph = helper.make_graph(nodes, "attention", io[:3], io[3:], [numpy_helper.from_array(np.array(0.35, np.float32), "scale")])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), os.path.join(ROOT, "attention_symbolic.onnx"))
+    # The index of the maximum of `n` values, for reductions past the device's binding.
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])
+    y = helper.make_tensor_value_info("y", TensorProto.INT64, [])
+    graph = helper.make_graph([helper.make_node("ArgMax", ["x"], ["y"], axis=0, keepdims=0)], "argmax", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), os.path.join(ROOT, "argmax_symbolic.onnx"))
 
 
 def graph_case(name, nodes, inputs, initializers=(), opset=18):

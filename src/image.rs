@@ -4,6 +4,24 @@
 use crate::engine::HostTensor;
 use crate::error::{Error, Result, invalid};
 
+/// An encoded PNG and what of its metadata had to be left out.
+#[derive(Clone, Debug)]
+pub struct Png {
+    pub bytes: Vec<u8>,
+    pub warnings: Vec<String>,
+}
+
+/// PNG keywords: 1-79 printable Latin-1 characters without leading, trailing or double
+/// spaces (PNG spec 11.3.4.2).
+fn is_png_keyword(key: &str) -> bool {
+    let printable = |c: char| (' '..='~').contains(&c) || ('\u{a1}'..='\u{ff}').contains(&c);
+    (1..=79).contains(&key.chars().count())
+        && key.chars().all(printable)
+        && !key.starts_with(' ')
+        && !key.ends_with(' ')
+        && !key.contains("  ")
+}
+
 /// An 8-bit RGBA image, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RgbaImage {
@@ -92,24 +110,58 @@ impl RgbaImage {
         }
     }
 
-    /// PNG bytes, with `text` as tEXt chunks (key, value): the generation parameters.
-    pub fn to_png(&self, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    /// PNG bytes with `text` (key, value) as text chunks: the generation parameters. Values
+    /// that Latin-1 can hold go in tEXt chunks, others (most prompts outside Western
+    /// European scripts) in UTF-8 iTXt chunks. Metadata never costs the picture: a chunk
+    /// the encoder refuses is left out and named in `Png::warnings`.
+    pub fn to_png(&self, text: &[(&str, String)]) -> Result<Png> {
+        let mut warnings = Vec::new();
+        let usable: Vec<&(&str, String)> = text
+            .iter()
+            .filter(|(key, _)| {
+                let ok = is_png_keyword(key);
+                if !ok {
+                    warnings.push(format!(
+                        "PNG text chunk `{key}` left out: not a PNG keyword"
+                    ));
+                }
+                ok
+            })
+            .collect();
+        match self.encode_png(&usable) {
+            Ok(bytes) => Ok(Png { bytes, warnings }),
+            Err(e) if !usable.is_empty() => {
+                let keys: Vec<&str> = usable.iter().map(|(key, _)| *key).collect();
+                warnings.push(format!(
+                    "PNG text chunks left out ({}): {e}",
+                    keys.join(", ")
+                ));
+                let bytes = self
+                    .encode_png(&[])
+                    .map_err(|e| Error::Invalid(format!("PNG: {e}")))?;
+                Ok(Png { bytes, warnings })
+            }
+            Err(e) => Err(Error::Invalid(format!("PNG: {e}"))),
+        }
+    }
+
+    fn encode_png(
+        &self,
+        text: &[&(&str, String)],
+    ) -> std::result::Result<Vec<u8>, png::EncodingError> {
         let mut out = Vec::new();
         {
             let mut encoder = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
             encoder.set_color(png::ColorType::Rgba);
             encoder.set_depth(png::BitDepth::Eight);
             for (key, value) in text {
-                encoder
-                    .add_text_chunk(key.to_string(), value.clone())
-                    .map_err(|e| Error::Invalid(format!("PNG text chunk `{key}`: {e}")))?;
+                if value.chars().all(|c| (c as u32) < 0x100) {
+                    encoder.add_text_chunk(key.to_string(), value.clone())?;
+                } else {
+                    encoder.add_itxt_chunk(key.to_string(), value.clone())?;
+                }
             }
-            let mut writer = encoder
-                .write_header()
-                .map_err(|e| Error::Invalid(format!("PNG: {e}")))?;
-            writer
-                .write_image_data(&self.pixels)
-                .map_err(|e| Error::Invalid(format!("PNG: {e}")))?;
+            encoder.write_header()?.write_image_data(&self.pixels)?;
         }
         Ok(out)
     }

@@ -4,7 +4,7 @@
 //! repeated -> VAE decode. Tensors stay on the GPU between steps.
 
 use crate::clock::now_ms;
-use crate::engine::{DType, Gpu, GpuTensor, HostTensor, Model, Session};
+use crate::engine::{DType, Gpu, GpuTensor, HostTensor, Model, Session, ShapePlan};
 use crate::error::{Error, Result, invalid};
 use crate::image::RgbaImage;
 use crate::model::{self, ModelConfig, ModelFiles};
@@ -215,6 +215,76 @@ impl StableDiffusion {
         Ok((width, height))
     }
 
+    /// Refuses a size whose largest tensor would not fit one GPU buffer, before anything is
+    /// allocated, naming the largest size that would fit.
+    fn check_size(&self, width: usize, height: usize, batch: usize, img2img: bool) -> Result<()> {
+        let limit = self.gpu.limits.max_buffer_size;
+        let (part, name, bytes) = self.largest_tensor(width, height, batch, img2img)?;
+        if bytes <= limit {
+            return Ok(());
+        }
+        // Activations grow with the pixel count: shrink both sides by the square root of
+        // the excess, in steps every UNet level divides, until the largest tensor fits.
+        let step = 8 * self.config.vae_scale_factor;
+        let scale = (limit as f64 / bytes as f64).sqrt();
+        let fit = |side: usize| (side as f64 * scale) as usize / step * step;
+        let (mut w, mut h) = (fit(width), fit(height));
+        while w > step && h > step && self.largest_tensor(w, h, batch, img2img)?.2 > limit {
+            (w, h) = (w - step, h - step);
+        }
+        let mib = |b: u64| b >> 20;
+        invalid(format!(
+            "{width}x{height} is too large for this GPU: the {part} would need a {} MiB tensor \
+             (`{name}`), and the largest buffer the GPU allows is {} MiB; the largest size \
+             that fits is about {w}x{h}",
+            mib(bytes),
+            mib(limit)
+        ))
+    }
+
+    /// The largest tensor any model part computes for an image of `width`x`height`
+    /// (the part, the tensor and its bytes), by shape inference: nothing is allocated.
+    fn largest_tensor(
+        &self,
+        width: usize,
+        height: usize,
+        batch: usize,
+        img2img: bool,
+    ) -> Result<(&'static str, String, u64)> {
+        let plan = |model: &Model, shapes: &[(&str, &[usize])]| -> Result<ShapePlan> {
+            Ok(model.plan(&model.dims_for_shapes(shapes)?)?)
+        };
+        let ids_input = self.text_encoder.input_names()[0];
+        let text = plan(
+            &self.text_encoder,
+            &[(ids_input, &[1, self.tokenizer.max_length()])],
+        )?;
+        let hidden_name = match text.outputs.contains_key("last_hidden_state") {
+            true => "last_hidden_state",
+            false => self.text_encoder.output_names()[0],
+        };
+        let hidden = &text.outputs[hidden_name];
+        let context = [batch, hidden[1], hidden[2]];
+        let factor = self.config.vae_scale_factor;
+        let latents = [1, self.config.latent_channels, height / factor, width / factor];
+        let sample = [batch, latents[1], latents[2], latents[3]];
+        let cond = self.config.time_cond_proj_dim.map(|d| [batch, d]);
+        let unet = plan(&self.unet, &unet_inputs(&sample, &context, cond.as_ref()))?;
+        let decoder_input = self.vae_decoder.input_names()[0];
+        let decoder = plan(&self.vae_decoder, &[(decoder_input, &latents)])?;
+        let mut parts = vec![("UNet", unet.largest), ("VAE decoder", decoder.largest)];
+        if let Some(encoder) = self.vae_encoder.as_ref().filter(|_| img2img) {
+            let pixels = [1, 3, height, width];
+            let planned = plan(encoder, &[(encoder.input_names()[0], &pixels)])?;
+            parts.push(("VAE encoder", planned.largest));
+        }
+        let (part, (name, bytes)) = parts
+            .into_iter()
+            .max_by_key(|(_, (_, bytes))| *bytes)
+            .expect("two parts at least");
+        Ok((part, name, bytes))
+    }
+
     /// Runs the text encoder on one prompt: `[1, 77, hidden]`.
     async fn encode_text(&mut self, text: &str) -> Result<GpuTensor> {
         let ids = self.tokenizer.encode(text)?;
@@ -308,6 +378,8 @@ impl StableDiffusion {
         let guidance = (request.guidance_scale > 1.0 && guidance_embedding.is_none())
             .then_some(request.guidance_scale as f32);
 
+        let batch = if guidance.is_some() { 2 } else { 1 };
+        self.check_size(width, height, batch, request.init_image.is_some())?;
         let warnings = self.prompt_warnings(request, guidance.is_some())?;
         let t0 = now_ms();
         let context = self.encode_prompts(request, guidance.is_some()).await?;
@@ -326,16 +398,9 @@ impl StableDiffusion {
             .initial_latents(request, scheduler.as_ref(), &mut rng, &shape, &mut timings)
             .await?;
 
-        let batch = if guidance.is_some() { 2 } else { 1 };
         let sample_shape = [batch, shape[1], shape[2], shape[3]];
-        let mut shapes: Vec<(&str, &[usize])> = vec![
-            ("sample", &sample_shape),
-            ("encoder_hidden_states", &context.shape),
-        ];
         let cond_shape = guidance_embedding.as_ref().map(|e| [batch, e.len()]);
-        if let Some(s) = &cond_shape {
-            shapes.push(("timestep_cond", s));
-        }
+        let shapes = unet_inputs(&sample_shape, &context.shape, cond_shape.as_ref());
         let unet = self
             .unet_session
             .get(&self.gpu, &self.unet, &shapes)
@@ -481,6 +546,20 @@ impl StableDiffusion {
         let clean = GpuTensor::from_host(&self.gpu, &clean);
         Ok((start, scheduler.add_noise(&clean, &noise, start)?))
     }
+}
+
+/// The UNet's inputs for a batch of `sample`s with text `context` (and, for a
+/// guidance-distilled UNet, the guidance embedding `cond`).
+fn unet_inputs<'a>(
+    sample: &'a [usize],
+    context: &'a [usize],
+    cond: Option<&'a [usize; 2]>,
+) -> Vec<(&'static str, &'a [usize])> {
+    let mut shapes = vec![("sample", sample), ("encoder_hidden_states", context)];
+    if let Some(c) = cond {
+        shapes.push(("timestep_cond", c.as_slice()));
+    }
+    shapes
 }
 
 async fn decode_latents(

@@ -363,8 +363,14 @@ async fn run_generation(
         ("model", model),
     ];
     let png = generated.image.to_png(&text).map_err(js_error)?;
+    let warnings: js_sys::Array = generated
+        .warnings
+        .iter()
+        .chain(&png.warnings)
+        .map(JsValue::from)
+        .collect();
     let result = image_object(&generated.image);
-    set(&result, "png", Uint8Array::from(png.as_slice()));
+    set(&result, "png", Uint8Array::from(png.bytes.as_slice()));
     set(&result, "seed", request.seed as f64);
     set(&result, "scheduler", kind.name());
     let t = &generated.timings;
@@ -379,7 +385,6 @@ async fn run_generation(
     }
     set(&timings, "unetStepMs", steps);
     set(&result, "timings", timings);
-    let warnings: js_sys::Array = generated.warnings.iter().map(JsValue::from).collect();
     set(&result, "warnings", warnings);
     Ok(result.into())
 }

@@ -145,3 +145,28 @@ fn elementwise_past_the_device_binding_limit() {
     let n = (limit / 4) as usize + 1;
     check_long_add(n, &[0, n / 2 - 1, n / 2, n - 2, n - 1]);
 }
+
+/// A reduction past the device's own binding limit runs in parts that combine: the index
+/// of the maximum of one element more than a binding holds, wherever the maximum lies
+/// (before, at and after the seams between parts).
+#[test]
+fn argmax_past_the_device_binding_limit() {
+    let gpu = common::gpu();
+    let model = common::load_model(&common::fixtures().join("argmax_symbolic.onnx"));
+    let n = (gpu.limits.max_storage_buffer_binding_size / 4) as usize + 1;
+    let session = pollster::block_on(Session::new(
+        &gpu,
+        &model,
+        &HashMap::from([("n".to_string(), n)]),
+    ))
+    .unwrap();
+    assert!(session.launch_count > 1, "one launch over {n} elements");
+    let values: Vec<f32> = (0..n).map(|i| (i % 1000) as f32 / 1000.0).collect();
+    for peak in [3, n / 2 - 1, n / 2, n / 2 + 1, n - 1] {
+        let mut values = values.clone();
+        values[peak] = 2.0;
+        let x = HostTensor::f32(vec![n], values);
+        let out = pollster::block_on(session.run_host(&[("x", &x)])).unwrap();
+        assert_eq!(out["y"].to_i64()[0], peak as i64, "maximum at {peak}");
+    }
+}

@@ -158,6 +158,14 @@ fn previews_cancel_and_bad_parameters() {
         ),
         (
             Request {
+                width: Some(65536),
+                height: Some(65536),
+                ..base.clone()
+            },
+            "too large for this GPU",
+        ),
+        (
+            Request {
                 guidance_scale: f64::NAN,
                 ..base.clone()
             },
@@ -285,6 +293,55 @@ fn cli_generate_writes_the_image_and_grid() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scheduler `heun`"));
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A prompt outside Latin-1 keeps its image: the PNG carries it in a UTF-8 iTXt chunk.
+#[test]
+fn cli_unicode_prompt_writes_the_image_with_its_prompt() {
+    let dir = std::env::temp_dir().join(format!("websd-unicode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("out.png");
+    let prompt = "東京の夜景 🌃, ночь";
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_websd"))
+        .args(["generate", "--prompt", prompt, "--steps", "1", "--model"])
+        .arg(common::tiny_sd())
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let png = std::fs::read(&out).unwrap();
+    let reader = png::Decoder::new(std::io::Cursor::new(&png))
+        .read_info()
+        .unwrap();
+    let prompts: Vec<String> = reader
+        .info()
+        .utf8_text
+        .iter()
+        .filter(|t| t.keyword == "prompt")
+        .map(|t| t.get_text().unwrap())
+        .collect();
+    assert_eq!(prompts, [prompt]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Metadata never costs the picture: a chunk PNG cannot carry is left out with a warning.
+#[test]
+fn png_metadata_that_cannot_be_written_is_left_out() {
+    let image = RgbaImage {
+        width: 2,
+        height: 1,
+        pixels: vec![255; 8],
+    };
+    let png = image
+        .to_png(&[("", "x".into()), ("seed", "7".into())])
+        .unwrap();
+    assert_eq!(RgbaImage::decode(&png.bytes).unwrap(), image);
+    assert!(png.warnings[0].contains("left out"), "{:?}", png.warnings);
 }
 
 /// A guidance-distilled UNet (`timestep_cond`: the guidance scale is an input) runs one pass

@@ -343,6 +343,7 @@ pub struct ConvGeometry {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],
     pub dilation: [usize; 2],
+    /// Padding before each spatial axis; the padding after only sets the output size.
     pub pad: [usize; 2],
     pub out_h: usize,
     pub out_w: usize,
@@ -393,7 +394,7 @@ pub fn conv_geometry(attrs: &ConvAttrs, x: &[usize], w: &[usize]) -> InferResult
             }
             "VALID" => (0, 0),
             "SAME_UPPER" | "SAME_LOWER" => {
-                let o = x[2 + i].div_ceil(stride[i]);
+                let o = x[2 + i].div_ceil(stride[i]).max(1);
                 let total = ((o - 1) * stride[i] + extent).saturating_sub(x[2 + i]);
                 let small = total / 2;
                 if attrs.auto_pad == "SAME_UPPER" {
@@ -404,9 +405,6 @@ pub fn conv_geometry(attrs: &ConvAttrs, x: &[usize], w: &[usize]) -> InferResult
             }
             other => return Err(format!("auto_pad `{other}`")),
         };
-        if begin != end {
-            return Err(format!("asymmetric padding {begin}/{end} is not supported"));
-        }
         let padded = x[2 + i] + begin + end;
         if padded < extent {
             return Err(format!("kernel {kernel:?} larger than padded input {x:?}"));

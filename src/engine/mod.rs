@@ -23,5 +23,5 @@ mod tensor;
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuTensor, SharedGpu};
 pub use loader::{ExternalDataSource, external_data_locations};
-pub use session::{Model, Session};
+pub use session::{Model, Session, ShapePlan};
 pub use tensor::{DType, HostTensor, Storage};

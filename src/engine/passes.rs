@@ -10,11 +10,28 @@ use super::fold;
 use super::graph::{Dim, Graph, Value, ValueId};
 use super::infer::{self, InputInfo};
 use super::ops::{BinaryOp, Op, UnaryOp, broadcast_shapes};
-use super::tensor::{DType, HostTensor};
+use super::tensor::{DType, HostTensor, numel};
 
 pub fn prepare(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
+    prepare_folding(graph, dims, usize::MAX)
+}
+
+/// `prepare`, folding only small constants (the shape arithmetic shapes depend on): every
+/// shape a session would compute, without the host work and memory of folding weights.
+pub fn infer_shapes(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
+    prepare_folding(graph, dims, SHAPE_FOLD_LIMIT)
+}
+
+/// Elements up to which `infer_shapes` folds a constant result.
+const SHAPE_FOLD_LIMIT: usize = 4096;
+
+fn prepare_folding(
+    graph: &mut Graph,
+    dims: &HashMap<String, usize>,
+    fold_limit: usize,
+) -> Result<()> {
     bind_inputs(graph, dims)?;
-    infer_and_fold(graph)?;
+    infer_and_fold(graph, fold_limit)?;
     fuse_silu(graph);
     fuse_group_norm(graph);
     fuse_attention(graph);
@@ -41,7 +58,9 @@ fn bind_inputs(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
     Ok(())
 }
 
-fn infer_and_fold(graph: &mut Graph) -> Result<()> {
+/// Infers shapes and types node by node, folding nodes whose inputs are all constant (and
+/// whose outputs have at most `fold_limit` elements) into constants.
+fn infer_and_fold(graph: &mut Graph, fold_limit: usize) -> Result<()> {
     for value in &mut graph.values {
         if let Some(c) = &value.constant {
             value.shape = c.shape.clone();
@@ -71,8 +90,9 @@ fn infer_and_fold(graph: &mut Graph) -> Result<()> {
             .collect();
         let outputs = infer::infer(&node.op, &infos, node.outputs.len()).map_err(node_error)?;
         let all_constant = infos.iter().flatten().all(|i| i.constant.is_some());
-        let foldable =
-            (all_constant && fold::can_fold(&node.op)) || matches!(node.op, Op::Shape { .. });
+        let small = outputs.iter().all(|(_, shape)| numel(shape) <= fold_limit);
+        let foldable = (all_constant && fold::can_fold(&node.op) && small)
+            || matches!(node.op, Op::Shape { .. });
         let folded = if foldable {
             Some(fold::fold(&node.op, &infos, &outputs).map_err(node_error)?)
         } else {

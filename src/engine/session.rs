@@ -69,6 +69,28 @@ impl Model {
             .map(|v| v.dtype)
     }
 
+    /// The shapes a session for `dims` would compute, without allocating or uploading
+    /// anything: lets a caller refuse a size before trying it.
+    pub fn plan(&self, dims: &HashMap<String, usize>) -> Result<ShapePlan> {
+        let mut graph = self.graph.clone();
+        passes::infer_shapes(&mut graph, dims)?;
+        let outputs = graph
+            .outputs
+            .iter()
+            .map(|&v| (graph.values[v].name.clone(), graph.values[v].shape.clone()))
+            .collect();
+        let largest = graph
+            .nodes
+            .iter()
+            .flat_map(|node| &node.outputs)
+            .chain(&graph.inputs)
+            .map(|&v| &graph.values[v])
+            .map(|v| (v.name.clone(), 4 * numel(&v.shape) as u64))
+            .max_by_key(|(_, bytes)| *bytes)
+            .unwrap_or_default();
+        Ok(ShapePlan { outputs, largest })
+    }
+
     /// Values for the symbolic dimensions, read off concrete input shapes (as onnxruntime
     /// does when given tensors): `[("sample", [2, 4, 64, 64])]` binds `batch_size`, `height`
     /// and `width` of an optimum UNet. Inputs not listed bind nothing.
@@ -124,6 +146,15 @@ impl Model {
         }
         Ok(dims)
     }
+}
+
+/// What a session for given dimensions would compute, found by shape inference alone.
+#[derive(Clone, Debug)]
+pub struct ShapePlan {
+    /// Each graph output's shape, by name.
+    pub outputs: HashMap<String, Vec<usize>>,
+    /// The largest tensor the GPU would compute: its name and bytes.
+    pub largest: (String, u64),
 }
 
 /// Where a launch finds each of its buffers.

@@ -85,6 +85,26 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.click("#cancel");
   await page.locator("#message", { hasText: "cancelled" }).waitFor({ timeout: 60_000 });
   assert.equal(await page.locator("#generate").isDisabled(), false);
+  // A size no GPU buffer holds is refused at once, with the size that would fit.
+  await page.fill("#width", "65536");
+  await page.fill("#height", "65536");
+  await page.click("#generate");
+  await page.locator("#message", { hasText: /too large for this GPU.*largest size that fits is about \d+x\d+/ }).waitFor({ timeout: 60_000 });
+  assert.equal(await page.locator("#generate").isDisabled(), false);
+  await page.fill("#width", "32");
+  await page.fill("#height", "32");
+  // A prompt outside Latin-1: the download carries it in a UTF-8 iTXt chunk.
+  const unicodePrompt = "東京の夜景 🌃, ночь";
+  await page.fill("#prompt", unicodePrompt);
+  await page.fill("#steps", "2");
+  await page.click("#generate");
+  await page.locator("#step-status", { hasText: /^Done:/ }).waitFor({ timeout: 120_000 });
+  const [unicodeDownload] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
+  const unicodeFile = path.join(outDir, "download-unicode.png");
+  await unicodeDownload.saveAs(unicodeFile);
+  const unicodePng = fs.readFileSync(unicodeFile);
+  assert.ok(unicodePng.includes(Buffer.concat([Buffer.from("iTXtprompt\0\0\0\0\0"), Buffer.from(unicodePrompt)])),
+    "the PNG lacks the prompt's iTXt chunk");
   // img2img: a strength that leaves no steps is explained; a usable one generates.
   await page.fill("#steps", "4");
   await page.selectOption("#scheduler", "euler");

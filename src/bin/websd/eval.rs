@@ -101,7 +101,8 @@ pub async fn eval(args: EvalArgs) -> Result<(), String> {
         let png = RgbaImage::row(&images)
             .and_then(|g| g.to_png(&[]))
             .map_err(|e| e.to_string())?;
-        std::fs::write(path, png).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        std::fs::write(path, png.bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
 }

@@ -147,18 +147,24 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         ("guidance_scale", args.guidance_scale.to_string()),
         ("model", args.model.display().to_string()),
     ];
-    let png = generated.image.to_png(&text).map_err(|e| e.to_string())?;
-    std::fs::write(&args.out, png)
-        .map_err(|e| format!("cannot write {}: {e}", args.out.display()))?;
-    eprintln!("wrote {}", args.out.display());
+    write_png(&generated.image, &text, &args.out)?;
     if let Some(grid) = &args.grid {
         previews.push(generated.image.clone());
-        let png = RgbaImage::row(&previews)
-            .and_then(|g| g.to_png(&text))
-            .map_err(|e| e.to_string())?;
-        std::fs::write(grid, png).map_err(|e| format!("cannot write {}: {e}", grid.display()))?;
-        eprintln!("wrote {} ({} images)", grid.display(), previews.len());
+        let grid_image = RgbaImage::row(&previews).map_err(|e| e.to_string())?;
+        write_png(&grid_image, &text, grid)?;
+        eprintln!("({} images in the grid)", previews.len());
     }
+    Ok(())
+}
+
+/// Writes `image` as a PNG with `text` in its metadata, warning about metadata left out.
+fn write_png(image: &RgbaImage, text: &[(&str, String)], path: &Path) -> Result<(), String> {
+    let png = image.to_png(text).map_err(|e| e.to_string())?;
+    for warning in &png.warnings {
+        eprintln!("warning: {warning}");
+    }
+    std::fs::write(path, png.bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    eprintln!("wrote {}", path.display());
     Ok(())
 }
 

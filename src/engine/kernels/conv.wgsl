@@ -22,6 +22,8 @@ struct Params {
     groups: u32,
     has_bias: u32,
     accumulate: u32,
+    in_base: u32,
+    out_base: u32,
 }
 
 @group(0) @binding(0) var<storage, read> p: Params;
@@ -30,8 +32,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> weight: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
-var<private> image_base: u32;
-var<private> out_base: u32;
+var<private> image_start: u32;
+var<private> out_start: u32;
 var<private> first_out_channel: u32;
 
 fn group_out_channels() -> u32 { return p.out_channels / p.groups; }
@@ -40,9 +42,9 @@ fn group_in_channels() -> u32 { return p.in_channels / p.groups; }
 fn begin(batch_group: u32) {
     let image_index = batch_group / p.groups;
     let group = batch_group % p.groups;
-    image_base = (image_index * p.in_channels + group * group_in_channels()) * p.in_h * p.in_w;
+    image_start = p.in_base + (image_index * p.in_channels + group * group_in_channels()) * p.in_h * p.in_w;
     first_out_channel = group * group_out_channels();
-    out_base = (image_index * p.out_channels + first_out_channel) * p.out_h * p.out_w;
+    out_start = p.out_base + (image_index * p.out_channels + first_out_channel) * p.out_h * p.out_w;
 }
 
 fn gemm_m() -> u32 { return group_out_channels(); }
@@ -62,7 +64,7 @@ fn load_b(k: u32, n: u32) -> f32 {
     if y < 0 || x < 0 || y >= i32(p.in_h) || x >= i32(p.in_w) {
         return 0.0;
     }
-    return image[image_base + (channel * p.in_h + u32(y)) * p.in_w + u32(x)];
+    return image[image_start + (channel * p.in_h + u32(y)) * p.in_w + u32(x)];
 }
 
 fn store(m: u32, n: u32, value: f32) {
@@ -70,7 +72,7 @@ fn store(m: u32, n: u32, value: f32) {
     if p.has_bias != 0u {
         v += bias[first_out_channel + m];
     }
-    let index = out_base + m * p.out_h * p.out_w + n;
+    let index = out_start + m * p.out_h * p.out_w + n;
     if p.accumulate != 0u {
         v += out[index];
     }

@@ -139,14 +139,13 @@ impl<'g> Lowering<'g> {
                     self.shape(x()?).len(),
                     *noop_with_empty_axes,
                 )?;
-                launches(vec![self.reduce(*op as u32, out, x()?, &axes, false)?])
+                launches(self.reduce(*op, out, x()?, &axes, false)?)
             }
             Op::ArgMax {
                 axis, select_last, ..
             } => {
                 let axis = normalize_axis(*axis, self.shape(x()?).len())?;
-                let op = ReduceOp::ArgMax as u32;
-                launches(vec![self.reduce(op, out, x()?, &[axis], *select_last)?])
+                launches(self.reduce(ReduceOp::ArgMax, out, x()?, &[axis], *select_last)?)
             }
             Op::Resize { mode, coordinates } => launches(self.resize(node, *mode, *coordinates)?),
             Op::Attention { scale } => launches(self.attention(node, *scale)?),
@@ -189,6 +188,13 @@ impl<'g> Lowering<'g> {
             .step_by(per)
             .map(|start| start..(start + per).min(units))
             .collect())
+    }
+
+    /// A binding that holds elements `range` of `value`: it starts at the aligned offset at
+    /// or before `range.start`, and the kernel skips the returned number of elements.
+    fn windowed(&self, value: ValueId, range: &Range<usize>) -> (Operand, usize) {
+        let start = range.start / self.align * self.align;
+        (Operand::Part(value, start..range.end), range.start - start)
     }
 
     /// Elements `run` of `value` when the launch is one of several, else all of it.

@@ -269,6 +269,28 @@ def reduction_split_cases():
             initializers=[("w", x(32, 1, 3, 3))])
 
 
+def external_constant_case():
+    """graphs/constant_external_data: a Constant node whose value lives in the external-data
+    file, as optimum's exports of SD UNets write their large Constant attributes (onnx saves
+    attribute tensors externally with convert_attribute=True). Own random stream."""
+    local = np.random.default_rng(80)
+    c = local.uniform(-2, 2, (4, 64)).astype(np.float32)
+    x = local.uniform(-2, 2, (3, 4, 64)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c, "c_value")),
+             helper.make_node("Mul", ["x", "c"], ["y"])]
+    graph = helper.make_graph(nodes, "constant_external", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    folder = os.path.join(ROOT, "graphs", "constant_external_data")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "model.onnx")
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data",
+              size_threshold=0, convert_attribute=True)
+    assert onnx.load(path, load_external_data=False).graph.node[0].attribute[0].t.data_location == TensorProto.EXTERNAL
+    feeds = {"x": x}
+    save_case(folder, feeds, run_ort(path, feeds))
+
+
 def symbolic_models():
     """Models with symbolic dimensions, for tests that pick sizes at run time."""
     # y = a + b with a of length `n`.
@@ -340,6 +362,7 @@ def attention_cases():
         mk("Softmax", ["s"], ["p"], axis=-1),
         mk("MatMul", ["p", "v"], ["y"]),
     ], [("q", f32(1, 9, 200, low=-0.2, high=0.2)), ("kt", f32(1, 200, 11)), ("v", f32(1, 11, 200))])
+    external_constant_case()
 
 
 if __name__ == "__main__":

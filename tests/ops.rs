@@ -87,6 +87,24 @@ fn fp16_weights_match_onnxruntime() {
     }
 }
 
+/// A `Constant` whose value is external data (every fp32 SD UNet export has them) loads,
+/// and the browser's fetch list names its file.
+#[test]
+fn constant_in_external_data_matches_onnxruntime() {
+    let gpu = common::gpu();
+    let dir = common::fixtures().join("graphs/constant_external_data");
+    let bytes = std::fs::read(dir.join("model.onnx")).unwrap();
+    assert_eq!(
+        websd::engine::external_data_locations(bytes.into()).unwrap(),
+        ["model.onnx_data"]
+    );
+    let model = common::load_model(&dir.join("model.onnx"));
+    let outputs = common::run_case(&gpu, &model, &HashMap::new(), &dir).unwrap();
+    for (name, expected) in common::tensors(&dir, "out_") {
+        common::compare(&name, &outputs[&name], &expected, 2e-5).unwrap();
+    }
+}
+
 /// The binding limit the split cases (ops/split_*, from scripts/make_fixtures.py) are sized
 /// against: every one of them exceeds it.
 const SPLIT_CASE_BINDING: u64 = 16 * 1024;

@@ -17,15 +17,18 @@ use super::tensor::{DType, HostData, HostTensor, Storage};
 /// to the model's folder). Natively this reads a file; in the browser, fetched bytes.
 pub type ExternalDataSource<'a> = dyn FnMut(&str) -> std::result::Result<Bytes, String> + 'a;
 
-/// The external-data files a model names (to fetch before loading), in first-use order.
+/// The external-data files a model names (to fetch before loading), in first-use order:
+/// initializers' and tensor attributes' (exporters move large `Constant` values there too).
 pub fn external_data_locations(model_bytes: Bytes) -> Result<Vec<String>> {
-    let model = onnx::ModelProto::decode(model_bytes).map_err(|e| {
-        Error::parse(format!(
-            "protobuf decoding failed ({e}); is this an .onnx file?"
-        ))
-    })?;
+    let model = decode_model(model_bytes)?;
+    let graph = model.graph.unwrap_or_default();
+    let attribute_tensors = graph
+        .node
+        .iter()
+        .flat_map(|n| &n.attribute)
+        .filter_map(|a| a.t.as_ref());
     let mut locations: Vec<String> = Vec::new();
-    for tensor in model.graph.iter().flat_map(|g| &g.initializer) {
+    for tensor in graph.initializer.iter().chain(attribute_tensors) {
         if tensor.data_location == DATA_LOCATION_EXTERNAL {
             let location = tensor
                 .external_data
@@ -40,13 +43,17 @@ pub fn external_data_locations(model_bytes: Bytes) -> Result<Vec<String>> {
     Ok(locations)
 }
 
-/// Decodes a model. `external` is asked once per distinct external-data file.
-pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Result<Graph> {
-    let model = onnx::ModelProto::decode(model_bytes).map_err(|e| {
+fn decode_model(model_bytes: Bytes) -> Result<onnx::ModelProto> {
+    onnx::ModelProto::decode(model_bytes).map_err(|e| {
         Error::parse(format!(
             "protobuf decoding failed ({e}); is this an .onnx file?"
         ))
-    })?;
+    })
+}
+
+/// Decodes a model. `external` is asked once per distinct external-data file.
+pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Result<Graph> {
+    let model = decode_model(model_bytes)?;
     let opset = model
         .opset_import
         .iter()
@@ -92,7 +99,7 @@ pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Resu
             });
         }
         if proto.op_type == "Constant" {
-            let tensor = constant_node_value(proto)?;
+            let tensor = constant_node_value(proto, &mut files)?;
             let output = proto
                 .output
                 .first()
@@ -238,10 +245,10 @@ fn value_type(info: &onnx::ValueInfoProto) -> Result<(DType, Vec<Dim>)> {
     Ok((storage.dtype(), dims))
 }
 
-fn constant_node_value(node: &onnx::NodeProto) -> Result<HostTensor> {
+fn constant_node_value(node: &onnx::NodeProto, files: &mut ExternalFiles) -> Result<HostTensor> {
     let a = Attributes::new(node);
     if let Some(t) = a.tensor("value") {
-        return tensor_from_proto(t, None);
+        return tensor_from_proto(t, Some(files));
     }
     if let Some(v) = a.floats("value_floats") {
         return Ok(HostTensor::f32(vec![v.len()], v));

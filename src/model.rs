@@ -37,10 +37,18 @@ pub struct Directory(pub std::path::PathBuf);
 
 #[cfg(not(target_arch = "wasm32"))]
 impl ModelFiles for Directory {
+    /// Maps the file instead of reading it: a model's gigabytes of weights stay in the
+    /// operating system's page cache (read as they are uploaded, dropped under memory
+    /// pressure) instead of being copied onto the heap.
     fn read(&mut self, path: &str) -> std::result::Result<Bytes, String> {
-        std::fs::read(self.0.join(path))
-            .map(Bytes::from)
-            .map_err(|e| e.to_string())
+        let file = std::fs::File::open(self.0.join(path)).map_err(|e| e.to_string())?;
+        if file.metadata().map_err(|e| e.to_string())?.len() == 0 {
+            return Ok(Bytes::new());
+        }
+        // SAFETY: the mapping is read-only; like every program that maps model weights,
+        // websd assumes the files are not truncated or rewritten while a model is loaded.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
+        Ok(Bytes::from_owner(map))
     }
 
     fn exists(&self, path: &str) -> bool {

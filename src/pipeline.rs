@@ -158,6 +158,20 @@ impl StableDiffusion {
         })
     }
 
+    /// GPU memory the built sessions hold (weights and activations), in bytes.
+    pub fn gpu_memory_bytes(&self) -> u64 {
+        [
+            &self.text_session,
+            &self.unet_session,
+            &self.decoder_session,
+            &self.encoder_session,
+        ]
+        .iter()
+        .filter_map(|cached| cached.session.as_ref())
+        .map(|session| session.memory_bytes)
+        .sum()
+    }
+
     /// Whether the folder has the VAE encoder img2img needs.
     pub fn has_vae_encoder(&self) -> bool {
         self.vae_encoder.is_some()
@@ -219,17 +233,29 @@ impl StableDiffusion {
     /// allocated, naming the largest size that would fit.
     fn check_size(&self, width: usize, height: usize, batch: usize, img2img: bool) -> Result<()> {
         let limit = self.gpu.limits.max_buffer_size;
-        let (part, name, bytes) = self.largest_tensor(width, height, batch, img2img)?;
+        // Activations grow with the pixel count (attention is fused: no tensor grows
+        // faster), so sizes are first judged from a plan at the model's own size; planning
+        // a huge size itself could overflow 32-bit sizes in WebAssembly.
+        let own = self.config.default_image_size();
+        let (own_part, own_name, own_bytes) = self.largest_tensor(own, own, batch, img2img)?;
+        let scaled = |w: usize, h: usize| {
+            let bytes = own_bytes as u128 * w as u128 * h as u128 / (own * own).max(1) as u128;
+            u64::try_from(bytes).unwrap_or(u64::MAX)
+        };
+        let (part, name, bytes) = match scaled(width, height) {
+            estimate if estimate > limit => (own_part, own_name, estimate),
+            _ => self.largest_tensor(width, height, batch, img2img)?,
+        };
         if bytes <= limit {
             return Ok(());
         }
-        // Activations grow with the pixel count: shrink both sides by the square root of
-        // the excess, in steps every UNet level divides, until the largest tensor fits.
+        // Shrink both sides by the square root of the excess, in steps every UNet level
+        // divides, until the estimate fits.
         let step = 8 * self.config.vae_scale_factor;
-        let scale = (limit as f64 / bytes as f64).sqrt();
-        let fit = |side: usize| (side as f64 * scale) as usize / step * step;
+        let ratio = (limit as f64 / bytes as f64).sqrt();
+        let fit = |side: usize| (side as f64 * ratio) as usize / step * step;
         let (mut w, mut h) = (fit(width), fit(height));
-        while w > step && h > step && self.largest_tensor(w, h, batch, img2img)?.2 > limit {
+        while w > step && h > step && scaled(w, h) > limit {
             (w, h) = (w - step, h - step);
         }
         let mib = |b: u64| b >> 20;
@@ -266,7 +292,12 @@ impl StableDiffusion {
         let hidden = &text.outputs[hidden_name];
         let context = [batch, hidden[1], hidden[2]];
         let factor = self.config.vae_scale_factor;
-        let latents = [1, self.config.latent_channels, height / factor, width / factor];
+        let latents = [
+            1,
+            self.config.latent_channels,
+            height / factor,
+            width / factor,
+        ];
         let sample = [batch, latents[1], latents[2], latents[3]];
         let cond = self.config.time_cond_proj_dim.map(|d| [batch, d]);
         let unet = plan(&self.unet, &unet_inputs(&sample, &context, cond.as_ref()))?;

@@ -7,6 +7,12 @@ use super::error::{Error, Result};
 use super::kernels::Pipelines;
 use super::tensor::{DType, HostTensor, numel};
 
+/// Elements converted and written per queue write when uploading a tensor (16 MiB).
+const UPLOAD_CHUNK_ELEMENTS: usize = 4 << 20;
+
+/// Bytes of uploads staged natively before they are submitted and waited for.
+const UPLOAD_FLUSH_BYTES: usize = 32 << 20;
+
 /// The device every session runs on. Cheap to clone: clones share one device.
 #[derive(Clone)]
 pub struct Gpu(Arc<SharedGpu>);
@@ -149,6 +155,29 @@ impl Gpu {
         })
     }
 
+    /// A storage buffer holding `tensor`, written a chunk at a time. Natively the queue
+    /// stages every write until the next submission, so after every
+    /// `UPLOAD_FLUSH_BYTES` the staged writes are submitted and waited for: a multi-gigabyte
+    /// model never has a second copy of its weights on the host. (The browser copies each
+    /// write out of WebAssembly memory at once.)
+    pub(crate) fn upload(&self, label: &str, tensor: &HostTensor) -> wgpu::Buffer {
+        let n = tensor.len();
+        let buffer = self.storage_buffer(label, 4 * n as u64);
+        let mut staged = 0;
+        for start in (0..n).step_by(UPLOAD_CHUNK_ELEMENTS) {
+            let end = (start + UPLOAD_CHUNK_ELEMENTS).min(n);
+            let bytes = tensor.gpu_bytes(start..end);
+            self.queue.write_buffer(&buffer, 4 * start as u64, &bytes);
+            staged += bytes.len();
+            if staged >= UPLOAD_FLUSH_BYTES {
+                self.queue.submit([]);
+                self.wait();
+                staged = 0;
+            }
+        }
+        buffer
+    }
+
     /// A storage buffer holding `words`. Written through the queue rather than mapped at
     /// creation: mapping panics in wgpu when the device has been lost, a queue write reports
     /// an error instead.
@@ -178,7 +207,7 @@ pub struct GpuTensor {
 impl GpuTensor {
     /// Uploads a host tensor.
     pub fn from_host(gpu: &Gpu, tensor: &HostTensor) -> GpuTensor {
-        let buffer = gpu.storage_buffer_with("tensor", &tensor.to_gpu_words());
+        let buffer = gpu.upload("tensor", tensor);
         GpuTensor {
             gpu: gpu.clone(),
             buffer,

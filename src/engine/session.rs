@@ -79,12 +79,22 @@ impl Model {
             .iter()
             .map(|&v| (graph.values[v].name.clone(), graph.values[v].shape.clone()))
             .collect();
-        let largest = graph
-            .nodes
-            .iter()
-            .flat_map(|node| &node.outputs)
-            .chain(&graph.inputs)
-            .map(|&v| &graph.values[v])
+        // Only what the inputs flow into: weights (and unfolded casts of them) do not grow
+        // with the input sizes a caller checks.
+        let mut from_inputs = vec![false; graph.values.len()];
+        for &v in &graph.inputs {
+            from_inputs[v] = true;
+        }
+        for node in &graph.nodes {
+            if node.inputs.iter().flatten().any(|&v| from_inputs[v]) {
+                for &v in &node.outputs {
+                    from_inputs[v] = true;
+                }
+            }
+        }
+        let largest = (0..graph.values.len())
+            .filter(|&v| from_inputs[v])
+            .map(|v| &graph.values[v])
             .map(|v| (v.name.clone(), 4 * numel(&v.shape) as u64))
             .max_by_key(|(_, bytes)| *bytes)
             .unwrap_or_default();
@@ -153,7 +163,7 @@ impl Model {
 pub struct ShapePlan {
     /// Each graph output's shape, by name.
     pub outputs: HashMap<String, Vec<usize>>,
-    /// The largest tensor the GPU would compute: its name and bytes.
+    /// The largest tensor computed from the inputs: its name and bytes.
     pub largest: (String, u64),
 }
 
@@ -505,7 +515,7 @@ impl<'g> Builder<'g> {
             if let Some(c) = &value.constant {
                 if self.root[v] == v && (last_use[v].is_some() || is_output(v)) {
                     self.check_buffer(v)?;
-                    let buffer = self.gpu.storage_buffer_with(&value.name, &c.to_gpu_words());
+                    let buffer = self.gpu.upload(&value.name, c);
                     self.memory_bytes += buffer.size();
                     self.buffers.insert(v, buffer);
                 }
@@ -594,8 +604,7 @@ impl<'g> Builder<'g> {
                     let buffer = match self.constants.get(&Arc::as_ptr(c)) {
                         Some(buffer) => buffer.clone(),
                         None => {
-                            let buffer =
-                                self.gpu.storage_buffer_with("constant", &c.to_gpu_words());
+                            let buffer = self.gpu.upload("constant", c);
                             self.memory_bytes += buffer.size();
                             self.constants.insert(Arc::as_ptr(c), buffer.clone());
                             buffer

@@ -210,6 +210,37 @@ impl HostTensor {
         }
     }
 
+    /// The GPU's bytes of elements `range`: the model's own bytes when it stores f32 (no
+    /// copy), else those elements converted. Uploads go through this a chunk at a time, so
+    /// no whole converted copy of a large weight ever exists on the host.
+    pub fn gpu_bytes(&self, range: std::ops::Range<usize>) -> Cow<'_, [u8]> {
+        if let HostData::Raw {
+            storage: Storage::F32,
+            bytes,
+        } = &self.data
+        {
+            return Cow::Borrowed(&bytes[4 * range.start..4 * range.end]);
+        }
+        let words: Vec<u32> = match &self.data {
+            HostData::F32(v) => v[range].iter().map(|x| x.to_bits()).collect(),
+            HostData::I64(v) => v[range].iter().map(|&x| gpu_int(x) as u32).collect(),
+            HostData::Bool(v) => v[range].iter().map(|&x| u32::from(x)).collect(),
+            HostData::Raw { storage, bytes } => {
+                let size = storage.size();
+                let part = &bytes[size * range.start..size * range.end];
+                match storage.dtype() {
+                    DType::F32 => decode(*storage, part, |x| (x as f32).to_bits()),
+                    DType::I64 => decode_int(*storage, part)
+                        .into_iter()
+                        .map(|x| gpu_int(x) as u32)
+                        .collect(),
+                    DType::Bool => decode(*storage, part, |x| u32::from(x != 0.0)),
+                }
+            }
+        };
+        Cow::Owned(words.into_iter().flat_map(u32::to_le_bytes).collect())
+    }
+
     /// Rebuilds a host tensor from the GPU's 32-bit words.
     pub fn from_gpu_words(dtype: DType, shape: Vec<usize>, words: &[u32]) -> HostTensor {
         match dtype {

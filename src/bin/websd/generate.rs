@@ -7,6 +7,8 @@ use clap::Args;
 use websd::engine::Gpu;
 use websd::image::RgbaImage;
 use websd::model::{self, Directory};
+
+use crate::memory::report_memory;
 use websd::pipeline::{Control, Request, StableDiffusion, StepEvent};
 use websd::scheduler::SchedulerKind;
 
@@ -127,6 +129,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
     for warning in &generated.warnings {
         eprintln!("warning: {warning}");
     }
+    report_memory(pipeline.gpu_memory_bytes());
     let t = &generated.timings;
     let unet_total: f64 = t.unet_step_ms.iter().sum();
     eprintln!(

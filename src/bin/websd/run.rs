@@ -5,18 +5,22 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use websd::engine::{Gpu, HostTensor, Model, Session};
+use websd::model::{Directory, ModelFiles};
 use websd::npy;
 
-/// Reads an .onnx file and, on demand, the external-data files it names.
+use crate::memory::report_memory;
+
+/// Reads an .onnx file and, on demand, the external-data files it names (both mapped, not
+/// copied: see `Directory`).
 fn load_model(path: &Path) -> Result<Model, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-    Model::from_bytes(bytes, &mut |location| {
-        std::fs::read(folder.join(location))
-            .map(Into::into)
-            .map_err(|e| e.to_string())
-    })
-    .map_err(|e| format!("{}: {e}", path.display()))
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut files = Directory(folder);
+    let bytes = files
+        .read(&name)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Model::from_bytes(bytes, &mut |location| files.read(location))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 pub struct RunOptions {
@@ -85,6 +89,7 @@ pub async fn run(
         session.run_host(&feeds).await.map_err(|e| e.to_string())?;
         eprintln!("run {}: {:.2?}", i + 1, started.elapsed());
     }
+    report_memory(session.memory_bytes);
     if options.profile {
         let times = session.profile();
         let total: f64 = times.iter().map(|(_, t)| t.as_secs_f64()).sum();

@@ -291,6 +291,42 @@ def external_constant_case():
     save_case(folder, feeds, run_ort(path, feeds))
 
 
+def fp16_cases():
+    """graphs/fp16_io and graphs/fp16_cast_edges: fp16 graphs as `optimum-cli export onnx
+    --dtype fp16` writes them (fp16 inputs, weights and outputs) and as onnxruntime's float16
+    converter with keep_io_types writes them (f32 edges, Casts around an fp16 body).
+    out_y.npy is onnxruntime on the fp16 graph, ref_y.npy on the same graph in fp32: their
+    difference is onnxruntime's own fp16 error. Own random stream."""
+    local = np.random.default_rng(81)
+    w = local.uniform(-0.5, 0.5, (6, 4, 3, 3)).astype(np.float16)
+    b = local.uniform(-0.5, 0.5, (6,)).astype(np.float16)
+    x = local.uniform(-2, 2, (1, 4, 8, 8)).astype(np.float32)
+    mk = helper.make_node
+    body = [mk("Conv", ["x16", "w", "b"], ["c"], pads=[1, 1, 1, 1]), mk("Sigmoid", ["c"], ["s"]), mk("Mul", ["c", "s"], ["y16"])]
+    variants = {
+        "fp16_io": ([mk("Identity", ["x"], ["x16"])] + body + [mk("Identity", ["y16"], ["y"])], TensorProto.FLOAT16, x.astype(np.float16)),
+        "fp16_cast_edges": ([mk("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16)] + body + [mk("Cast", ["y16"], ["y"], to=TensorProto.FLOAT)],
+                            TensorProto.FLOAT, x),
+    }
+    for name, (nodes, io_type, feed) in variants.items():
+        folder = os.path.join(ROOT, "graphs", name)
+        os.makedirs(folder, exist_ok=True)
+        outputs = {}
+        for key, dtype, init_type in [("out", io_type, np.float16), ("ref", TensorProto.FLOAT, np.float32)]:
+            inits = [numpy_helper.from_array(w.astype(init_type), "w"), numpy_helper.from_array(b.astype(init_type), "b")]
+            graph_nodes = nodes if init_type == np.float16 else [
+                mk("Identity", [n.input[0]], [n.output[0]]) if n.op_type == "Cast" else n for n in nodes]
+            graph = helper.make_graph(graph_nodes, name, [helper.make_tensor_value_info("x", dtype, x.shape)],
+                                      [helper.make_tensor_value_info("y", dtype, [1, 6, 8, 8])], inits)
+            model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+            path = os.path.join(folder, "model.onnx" if key == "out" else "reference.onnx")
+            onnx.save(model, path)
+            outputs[key] = run_ort(path, {"x": feed if key == "out" else feed.astype(np.float32)})["y"]
+        os.remove(os.path.join(folder, "reference.onnx"))
+        save_case(folder, {"x": feed}, {"y": outputs["out"]})
+        np.save(os.path.join(folder, "ref_y.npy"), outputs["ref"])
+
+
 def symbolic_models():
     """Models with symbolic dimensions, for tests that pick sizes at run time."""
     # y = a + b with a of length `n`.
@@ -363,6 +399,7 @@ def attention_cases():
         mk("MatMul", ["p", "v"], ["y"]),
     ], [("q", f32(1, 9, 200, low=-0.2, high=0.2)), ("kt", f32(1, 200, 11)), ("v", f32(1, 11, 200))])
     external_constant_case()
+    fp16_cases()
 
 
 if __name__ == "__main__":

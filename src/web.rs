@@ -488,8 +488,11 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
         ..
     } = place;
     let window = web_sys::window().ok_or_else(|| js_error("no window"))?;
-    let report = |loaded: f64, total: f64, cached: bool| {
+    let report = |loaded: f64, total: f64, cached: bool, note: Option<&str>| {
         let info = Object::new();
+        if let Some(note) = note {
+            set(&info, "note", note);
+        }
         set(&info, "file", path.as_str());
         set(&info, "loaded", loaded);
         set(&info, "total", total);
@@ -518,7 +521,7 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
         let body = Uint8Array::new(&JsFuture::from(response.array_buffer()?).await?);
         place.check_fits(body.length() as f64)?;
         if Some(body.length() as usize) == expected {
-            report(body.length() as f64, body.length() as f64, true);
+            report(body.length() as f64, body.length() as f64, true, None);
             return Ok(Some(Bytes::from(body.to_vec())));
         }
         // Short or damaged: drop it and download again.
@@ -542,17 +545,20 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     place.check_fits(total)?;
-    let bytes = read_body(&response, place, |loaded| report(loaded, total, false)).await?;
+    let bytes = read_body(&response, place, |loaded| report(loaded, total, false, None)).await?;
     if total > 0.0 && bytes.len() as f64 != total {
         return Err(js_error(format!(
             "{url}: received {} of {total} bytes",
             bytes.len()
         )));
     }
-    if let Some(cache) = &cache {
-        store(cache, url, &bytes)
-            .await
-            .map_err(|e| js_error(format!("could not cache {path}: {e}")))?;
+    // A cache that refuses the file (quota, internal error) costs the next visit a
+    // download, never this load: the file is used uncached, with a note.
+    if let Some(cache) = &cache
+        && let Err(e) = store(cache, url, &bytes).await
+    {
+        let size = bytes.len() as f64;
+        report(size, size, false, Some(&format!("not cached ({e})")));
     }
     Ok(Some(Bytes::from(bytes)))
 }

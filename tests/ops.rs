@@ -87,6 +87,25 @@ fn fp16_weights_match_onnxruntime() {
     }
 }
 
+/// fp16 graphs, as optimum's `--dtype fp16` (fp16 inputs and outputs) and onnxruntime's
+/// float16 converter (Casts at f32 edges) write them, run in f32: they match onnxruntime on
+/// the same graph in fp32 (ref_y), and its fp16 result (out_y) within onnxruntime's own
+/// fp16-vs-fp32 error.
+#[test]
+fn fp16_graphs_match_onnxruntime() {
+    let gpu = common::gpu();
+    for case in ["fp16_io", "fp16_cast_edges"] {
+        let dir = common::fixtures().join("graphs").join(case);
+        let model = common::load_model(&dir.join("model.onnx"));
+        let y = &common::run_case(&gpu, &model, &HashMap::new(), &dir).unwrap()["y"];
+        let reference = &common::tensors(&dir, "ref_")["y"];
+        let fp16 = &common::tensors(&dir, "out_")["y"];
+        common::compare(case, y, reference, 2e-5).unwrap();
+        let own_error = common::compare(case, fp16, reference, 1.0).unwrap();
+        common::compare(case, y, fp16, own_error + 2e-5).unwrap();
+    }
+}
+
 /// A `Constant` whose value is external data (every fp32 SD UNet export has them) loads,
 /// and the browser's fetch list names its file.
 #[test]

@@ -50,6 +50,7 @@ function onProgress(event) {
   const mb = (n) => (n / 1048576).toFixed(1);
   item.textContent = event.cached ? `${event.file}: from cache (${mb(event.loaded)} MB)`
     : `${event.file}: ${mb(event.loaded)}${event.total ? " / " + mb(event.total) : ""} MB`;
+  if (event.note) item.textContent += `, ${event.note}`;
   const bar = $("total-progress");
   bar.hidden = false;
   bar.max = event.fileCount;

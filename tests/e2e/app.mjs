@@ -122,6 +122,16 @@ await step("generates with the bundled model, previews, download, cache", () => 
   assert.deepEqual(problems, []);
 }));
 
+await step("loads uncached when the cache refuses a file", () => withPage(["--enable-unsafe-webgpu"], async (page, problems) => {
+  await page.addInitScript(() => {
+    Cache.prototype.put = () => Promise.reject(new DOMException("Failed to execute 'put' on 'Cache'", "UnknownError"));
+  });
+  await page.goto(site);
+  await page.locator("#model-status", { hasText: /^Loaded / }).waitFor({ timeout: 120_000 });
+  assert.match(await page.locator("#file-progress").innerText(), /unet\/model\.onnx: .*not cached \(.*UnknownError/);
+  assert.deepEqual(problems, []);
+}));
+
 await step("explains a missing WebGPU", () => withPage(["--disable-features=WebGPU"], async (page) => {
   await page.goto(site);
   await page.locator("#message", { hasText: "WebGPU" }).waitFor({ timeout: 60_000 });

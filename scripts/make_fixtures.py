@@ -327,6 +327,40 @@ def fp16_cases():
         np.save(os.path.join(folder, "ref_y.npy"), outputs["ref"])
 
 
+LARGE_N, LARGE_LAYERS = 4096, 8
+
+
+def large_weight(k):
+    """Layer k's [4096, 4096] weight of graphs/large_external_data: a formula that
+    tests/memory.rs computes too, so the 512 MiB file is written by the test, not stored."""
+    i = np.arange(LARGE_N, dtype=np.int64)[:, None]
+    j = np.arange(LARGE_N, dtype=np.int64)[None, :]
+    return (((i * 31 + j * 17 + k * 7) % 23).astype(np.float32) - 11.0) / np.float32(2048.0)
+
+
+def large_external_data_case():
+    """graphs/large_external_data: y = x W0 W1 ... W7 with 512 MiB of f32 weights in one
+    external-data file `weights.bin` (tensors at offsets up to 448 MiB), for the test that
+    loading it keeps host memory bounded. Only the model and its input/output are kept."""
+    folder = os.path.join(ROOT, "graphs", "large_external_data")
+    os.makedirs(folder, exist_ok=True)
+    nodes, inits, prev = [], [], "x"
+    for k in range(LARGE_LAYERS):
+        inits.append(numpy_helper.from_array(large_weight(k), f"w{k}"))
+        out = "y" if k == LARGE_LAYERS - 1 else f"h{k}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{k}"], [out]))
+        prev = out
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, LARGE_N]) for n in ["x", "y"]]
+    model = helper.make_model(helper.make_graph(nodes, "large_external_data", io[:1], io[1:], inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    path = os.path.join(folder, "model.onnx")
+    onnx.save(model, path, save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=0)
+    x = np.random.default_rng(82).uniform(-1, 1, (1, LARGE_N)).astype(np.float32)
+    save_case(folder, {"x": x}, run_ort(path, {"x": x}))
+    os.remove(os.path.join(folder, "weights.bin"))
+
+
 def symbolic_models():
     """Models with symbolic dimensions, for tests that pick sizes at run time."""
     # y = a + b with a of length `n`.
@@ -400,6 +434,7 @@ def attention_cases():
     ], [("q", f32(1, 9, 200, low=-0.2, high=0.2)), ("kt", f32(1, 200, 11)), ("v", f32(1, 11, 200))])
     external_constant_case()
     fp16_cases()
+    large_external_data_case()
 
 
 if __name__ == "__main__":

@@ -545,7 +545,10 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     place.check_fits(total)?;
-    let bytes = read_body(&response, place, |loaded| report(loaded, total, false, None)).await?;
+    let bytes = read_body(&response, place, |loaded| {
+        report(loaded, total, false, None)
+    })
+    .await?;
     if total > 0.0 && bytes.len() as f64 != total {
         return Err(js_error(format!(
             "{url}: received {} of {total} bytes",

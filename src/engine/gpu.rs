@@ -1,5 +1,6 @@
 //! The shared GPU: one `wgpu::Device` used by every session, and GPU-resident tensors.
 
+use std::borrow::Cow;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -160,19 +161,28 @@ impl Gpu {
     /// `UPLOAD_FLUSH_BYTES` the staged writes are submitted and waited for: a multi-gigabyte
     /// model never has a second copy of its weights on the host. (The browser copies each
     /// write out of WebAssembly memory at once.)
+    ///
+    /// Weights read straight from a model's bytes (f32 files, mapped natively) are handed
+    /// back to the operating system once written, so a mapped file's pages do not stay
+    /// resident beside the GPU's copy.
     pub(crate) fn upload(&self, label: &str, tensor: &HostTensor) -> wgpu::Buffer {
         let n = tensor.len();
         let buffer = self.storage_buffer(label, 4 * n as u64);
-        let mut staged = 0;
+        let mut staged = Vec::new();
+        let mut staged_bytes = 0;
         for start in (0..n).step_by(UPLOAD_CHUNK_ELEMENTS) {
             let end = (start + UPLOAD_CHUNK_ELEMENTS).min(n);
             let bytes = tensor.gpu_bytes(start..end);
             self.queue.write_buffer(&buffer, 4 * start as u64, &bytes);
-            staged += bytes.len();
-            if staged >= UPLOAD_FLUSH_BYTES {
+            staged_bytes += bytes.len();
+            if let Cow::Borrowed(model_bytes) = bytes {
+                staged.push(model_bytes);
+            }
+            if staged_bytes >= UPLOAD_FLUSH_BYTES || end == n {
                 self.queue.submit([]);
                 self.wait();
-                staged = 0;
+                staged.drain(..).for_each(release_pages);
+                staged_bytes = 0;
             }
         }
         buffer
@@ -189,6 +199,25 @@ impl Gpu {
         buffer
     }
 }
+
+/// Tells the operating system that `bytes` will not be read soon: pages of a mapped file
+/// leave the process's resident memory (they are read again from the file if needed). A
+/// hint only (`MADV_PAGEOUT`): heap memory keeps its contents.
+#[cfg(target_os = "linux")]
+fn release_pages(bytes: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
+    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+    if end > start {
+        // SAFETY: the range lies inside `bytes`, and MADV_PAGEOUT never changes what
+        // memory holds, only where it is kept.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn release_pages(_bytes: &[u8]) {}
 
 pub(crate) fn words_as_bytes(words: &[u32]) -> &[u8] {
     // SAFETY: u32 has no padding and any byte pattern is a valid u8.

@@ -1,6 +1,5 @@
 //! The shared GPU: one `wgpu::Device` used by every session, and GPU-resident tensors.
 
-use std::borrow::Cow;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -162,9 +161,9 @@ impl Gpu {
     /// model never has a second copy of its weights on the host. (The browser copies each
     /// write out of WebAssembly memory at once.)
     ///
-    /// Weights read straight from a model's bytes (f32 files, mapped natively) are handed
-    /// back to the operating system once written, so a mapped file's pages do not stay
-    /// resident beside the GPU's copy.
+    /// The model's bytes of each chunk (files are mapped natively) are handed back to the
+    /// operating system once written, so a mapped file's pages do not stay resident beside
+    /// the GPU's copy.
     pub(crate) fn upload(&self, label: &str, tensor: &HostTensor) -> wgpu::Buffer {
         let n = tensor.len();
         let buffer = self.storage_buffer(label, 4 * n as u64);
@@ -175,9 +174,7 @@ impl Gpu {
             let bytes = tensor.gpu_bytes(start..end);
             self.queue.write_buffer(&buffer, 4 * start as u64, &bytes);
             staged_bytes += bytes.len();
-            if let Cow::Borrowed(model_bytes) = bytes {
-                staged.push(model_bytes);
-            }
+            staged.extend(tensor.stored_bytes(start..end));
             if staged_bytes >= UPLOAD_FLUSH_BYTES || end == n {
                 self.queue.submit([]);
                 self.wait();

@@ -64,8 +64,9 @@ impl From<Shader> for KernelKey {
     }
 }
 
-/// A buffer a launch binds: a graph value, part of one, or a constant the lowering made up
-/// (zero bias, a slice of a weight).
+/// A buffer a launch binds: a graph value, part of one, or a buffer the lowering made up,
+/// uploaded once per `Arc` (zero bias, a slice of a weight, the scratch rows that
+/// reductions and softmax past one binding carry between their launches).
 #[derive(Clone, Debug)]
 pub enum Operand {
     Value(ValueId),

@@ -241,6 +241,17 @@ impl HostTensor {
         Cow::Owned(words.into_iter().flat_map(u32::to_le_bytes).collect())
     }
 
+    /// The model's own bytes of elements `range`, when the tensor is stored as read from
+    /// the model (an initializer) rather than computed.
+    pub fn stored_bytes(&self, range: std::ops::Range<usize>) -> Option<&[u8]> {
+        match &self.data {
+            HostData::Raw { storage, bytes } => {
+                Some(&bytes[storage.size() * range.start..storage.size() * range.end])
+            }
+            _ => None,
+        }
+    }
+
     /// Rebuilds a host tensor from the GPU's 32-bit words.
     pub fn from_gpu_words(dtype: DType, shape: Vec<usize>, words: &[u32]) -> HostTensor {
         match dtype {

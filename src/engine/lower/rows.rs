@@ -211,7 +211,7 @@ impl Lowering<'_> {
         let local_axes: Vec<usize> = axes.iter().filter(|&&a| a >= s).map(|&a| a - s).collect();
         let mut launches = Vec::new();
         // Argmax's running maxima, one buffer per window of outputs.
-        let mut best_values: Vec<(usize, Operand)> = Vec::new();
+        let mut maxima: Vec<(usize, Operand)> = Vec::new();
         let unused = Operand::Constant(Arc::new(HostTensor::f32(vec![1], vec![0.0])));
         for outer in 0..numel(&shape[..s]) {
             let index: Vec<usize> = unravel(outer, &shape[..s]);
@@ -238,7 +238,7 @@ impl Lowering<'_> {
                 let (input_window, in_base) = self.windowed(x, &inputs);
                 let (output_window, out_base) = self.windowed(out, &outputs);
                 let best = match op {
-                    ReduceOp::ArgMax => self.best_values(&mut best_values, &outputs),
+                    ReduceOp::ArgMax => best_values(&mut maxima, &outputs),
                     _ => unused.clone(),
                 };
                 let params = reduce.params(
@@ -263,17 +263,16 @@ impl Lowering<'_> {
     }
 }
 
-impl Lowering<'_> {
-    /// The running-maxima buffer of the argmax launches that write `outputs`.
-    fn best_values(&self, list: &mut Vec<(usize, Operand)>, outputs: &Range<usize>) -> Operand {
-        if let Some((_, b)) = list.iter().find(|(start, _)| *start == outputs.start) {
-            return b.clone();
-        }
-        let n = outputs.len().max(1);
-        let b = Operand::Constant(Arc::new(HostTensor::f32(vec![n], vec![0.0; n])));
-        list.push((outputs.start, b.clone()));
-        b
+/// The running-maxima buffer of the argmax launches that write `outputs` (made on first
+/// use; `list` holds one per window of outputs, by its start).
+fn best_values(list: &mut Vec<(usize, Operand)>, outputs: &Range<usize>) -> Operand {
+    if let Some((_, b)) = list.iter().find(|(start, _)| *start == outputs.start) {
+        return b.clone();
     }
+    let n = outputs.len().max(1);
+    let b = Operand::Constant(Arc::new(HostTensor::f32(vec![n], vec![0.0; n])));
+    list.push((outputs.start, b.clone()));
+    b
 }
 
 /// Output elements one index of axis `s` covers when `s` is reduced: the kept axes after it.

@@ -134,7 +134,8 @@ impl App {
     /// Generates. `params`: {prompt, negativePrompt, steps, guidanceScale, seed, scheduler,
     /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery}. `on_step` gets
     /// {step, total, timestep, stepMs, live: {width, height, rgba}, preview: {...}}.
-    /// Resolves to {png, width, height, rgba, seed, scheduler, timings, warnings}.
+    /// Resolves to {png, width, height, rgba, seed, scheduler, timings (per stage, and the
+    /// GPU memory the sessions hold), warnings}.
     pub fn generate(&self, params: JsValue, on_step: Function) -> js_sys::Promise {
         let state = self.state.clone();
         future_to_promise(async move {
@@ -379,6 +380,11 @@ async fn run_generation(
     set(&timings, "vaeEncoderMs", t.vae_encoder_ms);
     set(&timings, "vaeDecoderMs", t.vae_decoder_ms);
     set(&timings, "totalMs", t.total_ms);
+    set(
+        &timings,
+        "gpuMemoryBytes",
+        pipeline.gpu_memory_bytes() as f64,
+    );
     let steps = js_sys::Array::new();
     for ms in &t.unet_step_ms {
         steps.push(&(*ms).into());

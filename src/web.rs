@@ -551,7 +551,7 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
     place.check_fits(total)?;
-    let bytes = read_body(&response, place, |loaded| {
+    let bytes = read_body(&response, place, total as usize, |loaded| {
         report(loaded, total, false, None)
     })
     .await?;
@@ -577,6 +577,7 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
 async fn read_body(
     response: &web_sys::Response,
     place: &Place,
+    expected_len: usize,
     mut progress: impl FnMut(f64),
 ) -> Result<Vec<u8>, JsValue> {
     let Some(body) = response.body() else {
@@ -585,7 +586,10 @@ async fn read_body(
         return Ok(buffer.to_vec());
     };
     let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().dyn_into()?;
+    // Capacity is reserved exactly: a Vec's usual doubling asks for 2 GiB once a file
+    // passes 1 GiB, which wasm32 cannot address (a trap, not an error).
     let mut bytes = Vec::new();
+    reserve(&mut bytes, expected_len, place)?;
     loop {
         let chunk = JsFuture::from(reader.read()).await?;
         if Reflect::get(&chunk, &"done".into())?
@@ -596,12 +600,31 @@ async fn read_body(
         }
         let value: Uint8Array = Reflect::get(&chunk, &"value".into())?.dyn_into()?;
         let start = bytes.len();
-        place.check_fits((start + value.length() as usize) as f64)?;
-        bytes.resize(start + value.length() as usize, 0);
+        let end = start + value.length() as usize;
+        place.check_fits(end as f64)?;
+        if end > bytes.capacity() {
+            // Past the announced length (or none was given): grow by a quarter at least.
+            reserve(&mut bytes, end.max(start + start / 4), place)?;
+        }
+        bytes.resize(end, 0);
         value.copy_to(&mut bytes[start..]);
         progress(bytes.len() as f64);
     }
     Ok(bytes)
+}
+
+/// Makes room for `len` bytes in all, exactly, or says that memory ran out.
+fn reserve(bytes: &mut Vec<u8>, len: usize, place: &Place) -> Result<(), JsValue> {
+    bytes
+        .try_reserve_exact(len.saturating_sub(bytes.len()))
+        .map_err(|_| {
+            js_error(format!(
+                "out of memory while downloading {}: {:.1} GiB do not fit in WebAssembly memory beside the {:.1} GiB before it",
+                place.path,
+                len as f64 / (1u64 << 30) as f64,
+                place.used / (1u64 << 30) as f64
+            ))
+        })
 }
 
 /// Puts a file into the cache with its length; a full quota becomes a readable message.

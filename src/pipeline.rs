@@ -244,6 +244,7 @@ impl StableDiffusion {
         };
         let (part, name, bytes) = match scaled(width, height) {
             estimate if estimate > limit => (own_part, own_name, estimate),
+            _ if (width, height) == (own, own) => (own_part, own_name, own_bytes),
             _ => self.largest_tensor(width, height, batch, img2img)?,
         };
         if bytes <= limit {

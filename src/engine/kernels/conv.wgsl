@@ -51,30 +51,63 @@ fn gemm_m() -> u32 { return group_out_channels(); }
 fn gemm_n() -> u32 { return p.out_h * p.out_w; }
 fn gemm_k() -> u32 { return group_in_channels() * p.kernel_h * p.kernel_w; }
 
-fn load_a(m: u32, k: u32) -> f32 {
-    return weight[(first_out_channel + m) * gemm_k() + k];
+fn load_a4(m: u32, k: u32) -> vec4<f32> {
+    var v = vec4<f32>();
+    let row = (first_out_channel + m) * gemm_k();
+    for (var j = 0u; j < 4u; j++) {
+        if k + j < gemm_k() {
+            v[j] = weight[row + k + j];
+        }
+    }
+    return v;
 }
 
-fn load_b(k: u32, n: u32) -> f32 {
+// Top-left input coordinates (before the tap offset) of the 4 staged output columns, and
+// which of them exist.
+var<private> column_y: vec4<i32>;
+var<private> column_x: vec4<i32>;
+var<private> column_live: vec4<bool>;
+
+fn begin_columns(n: u32) {
+    for (var j = 0u; j < 4u; j++) {
+        let pixel = n + j;
+        column_live[j] = pixel < gemm_n();
+        column_y[j] = i32((pixel / p.out_w) * p.stride_h) - i32(p.pad_h);
+        column_x[j] = i32((pixel % p.out_w) * p.stride_w) - i32(p.pad_w);
+    }
+}
+
+fn load_b4(k: u32) -> vec4<f32> {
     let taps = p.kernel_h * p.kernel_w;
     let channel = k / taps;
     let tap = k % taps;
-    let y = i32((n / p.out_w) * p.stride_h + (tap / p.kernel_w) * p.dilation_h) - i32(p.pad_h);
-    let x = i32((n % p.out_w) * p.stride_w + (tap % p.kernel_w) * p.dilation_w) - i32(p.pad_w);
-    if y < 0 || x < 0 || y >= i32(p.in_h) || x >= i32(p.in_w) {
-        return 0.0;
+    let dy = i32((tap / p.kernel_w) * p.dilation_h);
+    let dx = i32((tap % p.kernel_w) * p.dilation_w);
+    let plane = image_start + channel * p.in_h * p.in_w;
+    var v = vec4<f32>();
+    for (var j = 0u; j < 4u; j++) {
+        let y = column_y[j] + dy;
+        let x = column_x[j] + dx;
+        if column_live[j] && y >= 0 && x >= 0 && y < i32(p.in_h) && x < i32(p.in_w) {
+            v[j] = image[plane + u32(y) * p.in_w + u32(x)];
+        }
     }
-    return image[image_start + (channel * p.in_h + u32(y)) * p.in_w + u32(x)];
+    return v;
 }
 
-fn store(m: u32, n: u32, value: f32) {
-    var v = value;
+fn store4(m: u32, n: u32, values: vec4<f32>) {
+    var bias_value = 0.0;
     if p.has_bias != 0u {
-        v += bias[first_out_channel + m];
+        bias_value = bias[first_out_channel + m];
     }
-    let index = out_start + m * p.out_h * p.out_w + n;
-    if p.accumulate != 0u {
-        v += out[index];
+    let row = out_start + m * p.out_h * p.out_w;
+    for (var j = 0u; j < 4u; j++) {
+        if n + j < gemm_n() {
+            var v = values[j] + bias_value;
+            if p.accumulate != 0u {
+                v += out[row + n + j];
+            }
+            out[row + n + j] = v;
+        }
     }
-    out[index] = v;
 }

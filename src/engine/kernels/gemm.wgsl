@@ -1,67 +1,101 @@
 // Tiled GEMM core shared by MatMul/Gemm (matmul.wgsl) and Conv (conv.wgsl), which are
-// appended to this file and supply `load_a(m, k)`, `load_b(k, n)`, `store(m, n, value)` and
-// `begin(batch)` (setting per-batch offsets) plus the sizes `gemm_m()`, `gemm_n()`, `gemm_k()`.
+// appended to this file and supply:
+// - `begin(batch)`: per-batch offsets; `gemm_m()`, `gemm_n()`, `gemm_k()`: the sizes;
+// - `load_a4(m, k)`: A[m, k..k+3] for a row m in range, zero past `gemm_k()`;
+// - `begin_columns(n)`: per-thread setup for the 4 columns n..n+3 it stages of B (the
+//   convolution resolves their pixel coordinates once, not per element);
+// - `load_b4(k)`: B[k, n..n+3] for those columns, zero past `gemm_n()`;
+// - `store4(m, n, values)`: C[m, n..n+3], writing only columns below `gemm_n()`.
 //
-// Each workgroup computes a 64x64 output tile; each of its 16x16 threads a 4x4 block. The K
-// loop stages 16-deep slices of A and B in workgroup memory.
+// Each workgroup of 8x8 threads computes a 64x64 output tile, each thread an 8x8 block
+// (rows 4y..4y+3 and 32+4y.., columns 4x.. and 32+4x..: split so that neighbouring threads
+// read neighbouring workgroup words) held in sixteen vec4 accumulators. Named variables,
+// not an array: dynamically indexed arrays spill to memory on CPU adapters (llvmpipe,
+// SwiftShader). The K loop stages 16-deep slices of A and B in workgroup memory as vec4s,
+// so the inner loop does 64 vector multiply-adds per 16 vector loads.
 
 const TILE: u32 = 64u;
 const DEPTH: u32 = 16u;
+const A_STRIDE: u32 = 5u; // vec4s per staged row of A: DEPTH / 4, padded against bank conflicts
 
-var<workgroup> tile_a: array<f32, 1024>; // [DEPTH][TILE], k-major
-var<workgroup> tile_b: array<f32, 1024>; // [DEPTH][TILE], k-major
+var<workgroup> tile_a: array<vec4<f32>, 320>; // [TILE m][A_STRIDE]: 4 consecutive k per vector
+var<workgroup> tile_b: array<vec4<f32>, 256>; // [DEPTH k][TILE / 4]: 4 consecutive n per vector
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(8, 8)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
     begin(wg.z);
     let m_size = gemm_m();
-    let n_size = gemm_n();
     let k_size = gemm_k();
     let row0 = wg.y * TILE;
     let col0 = wg.x * TILE;
-    var acc: array<f32, 16>;
+    // What this thread stages per slice: 4 k of rows a_m + 16r, 4 n of rows b_k + 4r.
+    let a_k = (lane % 4u) * 4u;
+    let a_m = lane / 4u;
+    let b_k = lane / 16u;
+    let b_n = (lane % 16u) * 4u;
+    begin_columns(col0 + b_n);
+    var c00 = vec4<f32>(); var c01 = vec4<f32>();
+    var c10 = vec4<f32>(); var c11 = vec4<f32>();
+    var c20 = vec4<f32>(); var c21 = vec4<f32>();
+    var c30 = vec4<f32>(); var c31 = vec4<f32>();
+    var c40 = vec4<f32>(); var c41 = vec4<f32>();
+    var c50 = vec4<f32>(); var c51 = vec4<f32>();
+    var c60 = vec4<f32>(); var c61 = vec4<f32>();
+    var c70 = vec4<f32>(); var c71 = vec4<f32>();
     for (var k0 = 0u; k0 < k_size; k0 += DEPTH) {
-        for (var e = lane; e < TILE * DEPTH; e += 256u) {
-            // A: consecutive lanes walk k (contiguous in row-major A and in conv weights).
-            let am = e / DEPTH;
-            let ak = e % DEPTH;
-            var va = 0.0;
-            if row0 + am < m_size && k0 + ak < k_size {
-                va = load_a(row0 + am, k0 + ak);
+        for (var r = 0u; r < 4u; r++) {
+            let m = a_m + 16u * r;
+            var va = vec4<f32>();
+            if row0 + m < m_size {
+                va = load_a4(row0 + m, k0 + a_k);
             }
-            tile_a[ak * TILE + am] = va;
-            // B: consecutive lanes walk n (contiguous in row-major B and in images).
-            let bk = e / TILE;
-            let bn = e % TILE;
-            var vb = 0.0;
-            if k0 + bk < k_size && col0 + bn < n_size {
-                vb = load_b(k0 + bk, col0 + bn);
+            tile_a[m * A_STRIDE + a_k / 4u] = va;
+            var vb = vec4<f32>();
+            let kb = k0 + b_k + 4u * r;
+            if kb < k_size {
+                vb = load_b4(kb);
             }
-            tile_b[bk * TILE + bn] = vb;
+            tile_b[(b_k + 4u * r) * 16u + b_n / 4u] = vb;
         }
         workgroupBarrier();
-        for (var k = 0u; k < DEPTH; k++) {
-            let a4 = vec4<f32>(tile_a[k * TILE + lid.y * 4u], tile_a[k * TILE + lid.y * 4u + 1u],
-                               tile_a[k * TILE + lid.y * 4u + 2u], tile_a[k * TILE + lid.y * 4u + 3u]);
-            let b4 = vec4<f32>(tile_b[k * TILE + lid.x * 4u], tile_b[k * TILE + lid.x * 4u + 1u],
-                               tile_b[k * TILE + lid.x * 4u + 2u], tile_b[k * TILE + lid.x * 4u + 3u]);
-            for (var i = 0u; i < 4u; i++) {
-                acc[i * 4u] += a4[i] * b4.x;
-                acc[i * 4u + 1u] += a4[i] * b4.y;
-                acc[i * 4u + 2u] += a4[i] * b4.z;
-                acc[i * 4u + 3u] += a4[i] * b4.w;
+        for (var q = 0u; q < DEPTH / 4u; q++) {
+            let r0 = lid.y * 4u * A_STRIDE + q;
+            let r4 = (32u + lid.y * 4u) * A_STRIDE + q;
+            let a0 = tile_a[r0];
+            let a1 = tile_a[r0 + A_STRIDE];
+            let a2 = tile_a[r0 + 2u * A_STRIDE];
+            let a3 = tile_a[r0 + 3u * A_STRIDE];
+            let a4 = tile_a[r4];
+            let a5 = tile_a[r4 + A_STRIDE];
+            let a6 = tile_a[r4 + 2u * A_STRIDE];
+            let a7 = tile_a[r4 + 3u * A_STRIDE];
+            for (var j = 0u; j < 4u; j++) {
+                let k = q * 4u + j;
+                let b0 = tile_b[k * 16u + lid.x];
+                let b1 = tile_b[k * 16u + 8u + lid.x];
+                c00 += a0[j] * b0; c01 += a0[j] * b1;
+                c10 += a1[j] * b0; c11 += a1[j] * b1;
+                c20 += a2[j] * b0; c21 += a2[j] * b1;
+                c30 += a3[j] * b0; c31 += a3[j] * b1;
+                c40 += a4[j] * b0; c41 += a4[j] * b1;
+                c50 += a5[j] * b0; c51 += a5[j] * b1;
+                c60 += a6[j] * b0; c61 += a6[j] * b1;
+                c70 += a7[j] * b0; c71 += a7[j] * b1;
             }
         }
         workgroupBarrier();
     }
-    for (var i = 0u; i < 4u; i++) {
-        for (var j = 0u; j < 4u; j++) {
-            let m = row0 + lid.y * 4u + i;
-            let n = col0 + lid.x * 4u + j;
-            if m < m_size && n < n_size {
-                store(m, n, acc[i * 4u + j]);
-            }
-        }
-    }
+    let m = row0 + lid.y * 4u;
+    let n = col0 + lid.x * 4u;
+    let m2 = m + 32u;
+    let n2 = n + 32u;
+    if m < m_size { store4(m, n, c00); store4(m, n2, c01); }
+    if m + 1u < m_size { store4(m + 1u, n, c10); store4(m + 1u, n2, c11); }
+    if m + 2u < m_size { store4(m + 2u, n, c20); store4(m + 2u, n2, c21); }
+    if m + 3u < m_size { store4(m + 3u, n, c30); store4(m + 3u, n2, c31); }
+    if m2 < m_size { store4(m2, n, c40); store4(m2, n2, c41); }
+    if m2 + 1u < m_size { store4(m2 + 1u, n, c50); store4(m2 + 1u, n2, c51); }
+    if m2 + 2u < m_size { store4(m2 + 2u, n, c60); store4(m2 + 2u, n2, c61); }
+    if m2 + 3u < m_size { store4(m2 + 3u, n, c70); store4(m2 + 3u, n2, c71); }
 }

@@ -32,6 +32,14 @@ struct Params {
 var<private> a_base: u32;
 var<private> b_base: u32;
 var<private> out_base: u32;
+// Strides read from the parameters once: on CPU adapters each parameter read is a
+// bounds-checked memory load, and the staging loops read them per element.
+var<private> a_m_stride: u32;
+var<private> a_k_stride: u32;
+var<private> b_k_stride: u32;
+var<private> b_n_stride: u32;
+// The first of the 4 columns of B this thread stages.
+var<private> first_column: u32;
 
 fn begin(batch: u32) {
     a_base = 0u;
@@ -44,24 +52,51 @@ fn begin(batch: u32) {
         b_base += index * p.b_batch_strides[d];
     }
     out_base = batch * p.m * p.n;
+    a_m_stride = p.a_m;
+    a_k_stride = p.a_k;
+    b_k_stride = p.b_k;
+    b_n_stride = p.b_n;
 }
 
 fn gemm_m() -> u32 { return p.m; }
 fn gemm_n() -> u32 { return p.n; }
 fn gemm_k() -> u32 { return p.k; }
 
-fn load_a(m: u32, k: u32) -> f32 {
-    return a[a_base + m * p.a_m + k * p.a_k];
-}
-
-fn load_b(k: u32, n: u32) -> f32 {
-    return b[b_base + k * p.b_k + n * p.b_n];
-}
-
-fn store(m: u32, n: u32, value: f32) {
-    var v = p.alpha * value;
-    if p.has_bias != 0u {
-        v += p.beta * bias[m * p.bias_m + n * p.bias_n];
+fn load_a4(m: u32, k: u32) -> vec4<f32> {
+    var v = vec4<f32>();
+    let row = a_base + m * a_m_stride;
+    for (var j = 0u; j < 4u; j++) {
+        if k + j < p.k {
+            v[j] = a[row + (k + j) * a_k_stride];
+        }
     }
-    out[out_base + m * p.n + n] = v;
+    return v;
+}
+
+fn begin_columns(n: u32) {
+    first_column = n;
+}
+
+fn load_b4(k: u32) -> vec4<f32> {
+    var v = vec4<f32>();
+    let row = b_base + k * b_k_stride;
+    for (var j = 0u; j < 4u; j++) {
+        let n = first_column + j;
+        if n < p.n {
+            v[j] = b[row + n * b_n_stride];
+        }
+    }
+    return v;
+}
+
+fn store4(m: u32, n: u32, values: vec4<f32>) {
+    for (var j = 0u; j < 4u; j++) {
+        if n + j < p.n {
+            var v = p.alpha * values[j];
+            if p.has_bias != 0u {
+                v += p.beta * bias[m * p.bias_m + (n + j) * p.bias_n];
+            }
+            out[out_base + m * p.n + n + j] = v;
+        }
+    }
 }

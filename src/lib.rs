@@ -3,6 +3,7 @@
 //! [`engine`] runs ONNX graphs on wgpu and knows nothing of diffusion; [`scheduler`],
 //! [`rng`] and the pipeline modules know nothing of WebGPU.
 
+pub mod bench;
 pub mod clock;
 pub mod engine;
 pub mod error;

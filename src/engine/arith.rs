@@ -170,7 +170,7 @@ fn launch_combine(terms: &[(f32, &GpuTensor)], clamp: Option<(f32, f32)>) -> Gpu
         params = params.f(terms.get(k).map_or(0.0, |t| t.0));
     }
     let out = gpu.storage_buffer("combined", first.byte_len());
-    let params = gpu.storage_buffer_with("params", &params.0);
+    let params = gpu.params_buffer(&params.0);
     let mut buffers = vec![
         params.as_entire_buffer_binding(),
         out.as_entire_buffer_binding(),

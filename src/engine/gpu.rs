@@ -185,6 +185,25 @@ impl Gpu {
         buffer
     }
 
+    /// A kernel's parameters: usable as a uniform buffer (the kernels whose parameters are
+    /// all scalars or vec4s read them as uniforms, which every adapter caches and CPU
+    /// adapters load once per workgroup rather than per lane) or as a storage buffer.
+    pub(crate) fn params_buffer(&self, words: &[u32]) -> wgpu::Buffer {
+        // Uniform bindings are read in 16-byte rows.
+        let mut padded = words.to_vec();
+        padded.resize(words.len().next_multiple_of(4).max(4), 0);
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: 4 * padded.len() as u64,
+            usage: wgpu::BufferUsages::UNIFORM
+                | wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        self.queue.write_buffer(&buffer, 0, words_as_bytes(&padded));
+        buffer
+    }
+
     /// A storage buffer holding `words`. Written through the queue rather than mapped at
     /// creation: mapping panics in wgpu when the device has been lost, a queue write reports
     /// an error instead.

@@ -6,6 +6,8 @@
 //! groups, dispatch).
 
 mod arith;
+mod builder;
+pub mod ceiling;
 mod error;
 mod fold;
 mod gpu;
@@ -20,6 +22,7 @@ mod passes;
 mod session;
 mod tensor;
 
+pub use builder::{Attr, GraphBuilder};
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuTensor, SharedGpu};
 pub use loader::{ExternalDataSource, external_data_locations};

@@ -78,6 +78,12 @@ pub struct AttributeProto {
     pub ints: Vec<i64>,
 }
 
+/// `TensorProto.DataType` values the engine writes (see `Storage::from_onnx` for those it
+/// reads).
+pub mod data_type {
+    pub const FLOAT: i32 = 1;
+}
+
 /// `AttributeProto.AttributeType` values the engine distinguishes.
 pub mod attribute_type {
     pub const FLOAT: i32 = 1;

@@ -589,7 +589,7 @@ impl<'g> Builder<'g> {
         launch: &Launch,
         pipeline: &wgpu::ComputePipeline,
     ) -> Result<wgpu::BindGroup> {
-        let params = self.gpu.storage_buffer_with("params", &launch.params);
+        let params = self.gpu.params_buffer(&launch.params);
         let mut bound = vec![(params, None, "parameters".to_string())];
         for op in std::iter::once(&launch.output).chain(&launch.inputs) {
             let value = |v: ValueId, range: Range<usize>| {

@@ -1,5 +1,6 @@
 //! The native command-line shell over the websd core (in the browser, `web.rs` is the shell).
 //!
+//! - `websd bench [--filter TEXT] [--graph MODEL.onnx --dim NAME=N] [--json]`
 //! - `websd run MODEL.onnx [--dim NAME=N]... [--input NAME=FILE.npy]... --output-dir DIR [--bench N]`
 //! - `websd generate --model DIR --prompt P [...] --out OUT.png`
 //! - `websd tokenize --model DIR TEXT`
@@ -8,6 +9,8 @@
 #[cfg(target_arch = "wasm32")]
 fn main() {}
 
+#[cfg(not(target_arch = "wasm32"))]
+mod bench;
 #[cfg(not(target_arch = "wasm32"))]
 mod eval;
 #[cfg(not(target_arch = "wasm32"))]
@@ -29,6 +32,7 @@ mod cli {
 
     use clap::{Parser, Subcommand};
 
+    use crate::bench::BenchArgs;
     use crate::eval::EvalArgs;
     use crate::generate::GenerateArgs;
     use crate::run::RunOptions;
@@ -66,6 +70,9 @@ mod cli {
             #[arg(long)]
             profile: bool,
         },
+        /// Measures the adapter's peak throughput and bandwidth, then times each kernel
+        /// family at Stable Diffusion 1.5's shapes (512x512, guidance) against them.
+        Bench(BenchArgs),
         /// Generates an image from a prompt with a Stable Diffusion model folder.
         Generate(GenerateArgs),
         /// Scores a model on a benchmark: generates its prompts and classifies the images.
@@ -78,7 +85,7 @@ mod cli {
         },
     }
 
-    fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String> {
+    pub fn parse_pair<T: std::str::FromStr>(s: &str) -> Result<(String, T), String> {
         let (name, value) = s.split_once('=').ok_or("expected NAME=VALUE")?;
         let value = value
             .parse()
@@ -106,6 +113,7 @@ mod cli {
                     options,
                 ))
             }
+            Command::Bench(args) => pollster::block_on(crate::bench::bench(args)),
             Command::Generate(args) => pollster::block_on(crate::generate::generate(args)),
             Command::Eval(args) => pollster::block_on(crate::eval::eval(args)),
             Command::Tokenize { model, text } => crate::generate::tokenize(&model, &text),

@@ -12,7 +12,7 @@ use crate::memory::report_memory;
 
 /// Reads an .onnx file and, on demand, the external-data files it names (both mapped, not
 /// copied: see `Directory`).
-fn load_model(path: &Path) -> Result<Model, String> {
+pub fn load_model(path: &Path) -> Result<Model, String> {
     let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let mut files = Directory(folder);

@@ -26,7 +26,7 @@ struct Params {
     out_base: u32,
 }
 
-@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(2) var<storage, read> image: array<f32>;
 @group(0) @binding(3) var<storage, read> weight: array<f32>;

@@ -5,7 +5,7 @@ struct Params {
     value: u32,
 }
 
-@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<u32>;
 
 @compute @workgroup_size(256)

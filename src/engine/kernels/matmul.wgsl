@@ -18,12 +18,12 @@ struct Params {
     _pad0: u32,
     _pad1: u32,
     _pad2: u32,
-    batch_shape: array<u32, 4>,
-    a_batch_strides: array<u32, 4>,
-    b_batch_strides: array<u32, 4>,
+    batch_shape: vec4<u32>,
+    a_batch_strides: vec4<u32>,
+    b_batch_strides: vec4<u32>,
 }
 
-@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(2) var<storage, read> a: array<f32>;
 @group(0) @binding(3) var<storage, read> b: array<f32>;

@@ -18,7 +18,7 @@ struct Params {
     _pad: u32,
 }
 
-@group(0) @binding(0) var<storage, read> p: Params;
+@group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(2) var<storage, read> x: array<f32>;
 // Per row: running maximum, then running sum of exp(x - maximum). Phases 1 and 2 only.

@@ -327,6 +327,41 @@ def fp16_cases():
         np.save(os.path.join(folder, "ref_y.npy"), outputs["ref"])
 
 
+def fp16_matmul_case():
+    """graphs/fp16_matmul: fp16 weights read by MatMul (2-D, odd element count; batched 3-D)
+    and Gemm (transB, with a bias): websd keeps them as packed halves on the GPU. out_y is
+    onnxruntime in fp16, ref_y the same graph in fp32. Own random stream."""
+    local = np.random.default_rng(82)
+    x = local.uniform(-1, 1, (2, 3, 9)).astype(np.float16)
+    weights = {
+        "w1": local.uniform(-0.5, 0.5, (9, 5)),
+        "w2": local.uniform(-0.5, 0.5, (2, 5, 7)),
+        "w3": local.uniform(-0.5, 0.5, (4, 7)),
+        "c": local.uniform(-0.5, 0.5, (4,)),
+    }
+    mk = helper.make_node
+    nodes = [
+        mk("MatMul", ["x", "w1"], ["y1"]),
+        mk("MatMul", ["y1", "w2"], ["y2"]),
+        mk("Flatten", ["y2"], ["f"], axis=2),
+        mk("Gemm", ["f", "w3", "c"], ["y"], transB=1, alpha=0.5),
+    ]
+    folder = os.path.join(ROOT, "graphs", "fp16_matmul")
+    os.makedirs(folder, exist_ok=True)
+    outputs = {}
+    for key, elem, dtype in [("out", TensorProto.FLOAT16, np.float16), ("ref", TensorProto.FLOAT, np.float32)]:
+        inits = [numpy_helper.from_array(v.astype(np.float16).astype(dtype), k) for k, v in weights.items()]
+        graph = helper.make_graph(nodes, "fp16_matmul", [helper.make_tensor_value_info("x", elem, x.shape)],
+                                  [helper.make_tensor_value_info("y", elem, [6, 4])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        path = os.path.join(folder, "model.onnx" if key == "out" else "reference.onnx")
+        onnx.save(model, path)
+        outputs[key] = run_ort(path, {"x": x.astype(dtype)})["y"]
+    os.remove(os.path.join(folder, "reference.onnx"))
+    save_case(folder, {"x": x}, {"y": outputs["out"]})
+    np.save(os.path.join(folder, "ref_y.npy"), outputs["ref"])
+
+
 LARGE_N, LARGE_LAYERS = 4096, 8
 
 
@@ -434,6 +469,7 @@ def attention_cases():
     ], [("q", f32(1, 9, 200, low=-0.2, high=0.2)), ("kt", f32(1, 200, 11)), ("v", f32(1, 11, 200))])
     external_constant_case()
     fp16_cases()
+    fp16_matmul_case()
     large_external_data_case()
 
 

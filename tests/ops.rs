@@ -6,7 +6,8 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use websd::engine::{Gpu, HostTensor, Model, Session};
+use websd::bench::noise;
+use websd::engine::{Gpu, GraphBuilder, HostTensor, Model, Session};
 
 /// Runs a case folder's model on its inputs and compares every output within 2e-5.
 fn matches_onnxruntime(gpu: &Gpu, model: &Model, dir: &Path) -> Result<(), String> {
@@ -94,7 +95,7 @@ fn fp16_weights_match_onnxruntime() {
 #[test]
 fn fp16_graphs_match_onnxruntime() {
     let gpu = common::gpu();
-    for case in ["fp16_io", "fp16_cast_edges"] {
+    for case in ["fp16_io", "fp16_cast_edges", "fp16_matmul"] {
         let dir = common::fixtures().join("graphs").join(case);
         let model = common::load_model(&dir.join("model.onnx"));
         let y = &common::run_case(&gpu, &model, &HashMap::new(), &dir).unwrap()["y"];
@@ -104,6 +105,37 @@ fn fp16_graphs_match_onnxruntime() {
         let own_error = common::compare(case, fp16, reference, 1.0).unwrap();
         common::compare(case, y, fp16, own_error + 2e-5).unwrap();
     }
+}
+
+/// fp16 weights read by MatMul stay packed halves on the GPU: the session holds about half
+/// the bytes of the same weights in f32 and computes the same product.
+#[test]
+fn fp16_weights_take_half_the_gpu_memory() {
+    let gpu = common::gpu();
+    let (rows, k, n) = (4, 1024, 512);
+    let w: Vec<f32> = noise(k * n, 3, 0.05)
+        .into_iter()
+        .map(|v| half::f16::from_f32(v).to_f32())
+        .collect();
+    let x = HostTensor::f32(vec![rows, k], noise(rows * k, 4, 1.0));
+    let run = |halves: bool| {
+        let graph = GraphBuilder::new(17).input("x", &[rows, k]);
+        let graph = match halves {
+            true => graph.weight_f16("w", &[k, n], &w),
+            false => graph.weight("w", &[k, n], &w),
+        };
+        let model = graph.node("MatMul", &["x", "w"], &["y"], &[]).output("y").build().unwrap();
+        let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
+        let y = pollster::block_on(session.run_host(&[("x", &x)])).unwrap().remove("y").unwrap();
+        (session.memory_bytes, y)
+    };
+    let ((half_bytes, y_half), (full_bytes, y_full)) = (run(true), run(false));
+    let weight_bytes = (4 * k * n) as u64;
+    assert!(
+        full_bytes >= weight_bytes && half_bytes <= full_bytes - weight_bytes / 2,
+        "GPU memory with f16 weights {half_bytes} B, with f32 weights {full_bytes} B"
+    );
+    common::compare("y", &y_half, &y_full, 1e-6).unwrap();
 }
 
 /// A `Constant` whose value is external data (every fp32 SD UNet export has them) loads,

@@ -58,14 +58,28 @@ impl GraphBuilder {
         self
     }
 
-    /// A float initializer.
-    pub fn weight(mut self, name: &str, shape: &[usize], values: &[f32]) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "{name}");
+    /// A float initializer, stored as f32.
+    pub fn weight(self, name: &str, shape: &[usize], values: &[f32]) -> Self {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, shape, values.len(), onnx::data_type::FLOAT, raw)
+    }
+
+    /// A float initializer, stored as f16 (as fp16 exports store their weights).
+    pub fn weight_f16(self, name: &str, shape: &[usize], values: &[f32]) -> Self {
+        let raw = values
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        self.initializer(name, shape, values.len(), onnx::data_type::FLOAT16, raw)
+    }
+
+    fn initializer(mut self, name: &str, shape: &[usize], len: usize, data_type: i32, raw_data: bytes::Bytes) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), len, "{name}");
         self.graph.initializer.push(onnx::TensorProto {
             name: name.into(),
             dims: shape.iter().map(|&d| d as i64).collect(),
-            data_type: onnx::data_type::FLOAT,
-            raw_data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            data_type,
+            raw_data,
             ..Default::default()
         });
         self

@@ -60,6 +60,7 @@ async fn time_launches(gpu: &Gpu, op: u32, threads: usize, iterations: usize) ->
     let key = KernelKey {
         shader: Shader::Peak,
         op: Some(op),
+        half_weights: false,
     };
     let [x, y, z] = grid(
         threads.div_ceil(WORKGROUP),

@@ -1,5 +1,6 @@
 //! The shared GPU: one `wgpu::Device` used by every session, and GPU-resident tensors.
 
+use std::borrow::Cow;
 use std::ops::Deref;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -164,15 +165,24 @@ impl Gpu {
     /// The model's bytes of each chunk (files are mapped natively) are handed back to the
     /// operating system once written, so a mapped file's pages do not stay resident beside
     /// the GPU's copy.
-    pub(crate) fn upload(&self, label: &str, tensor: &HostTensor) -> wgpu::Buffer {
+    ///
+    /// With `halves`, an f16 tensor is uploaded as it is stored: packed f16 pairs.
+    pub(crate) fn upload(&self, label: &str, tensor: &HostTensor, halves: bool) -> wgpu::Buffer {
+        debug_assert!(!halves || tensor.is_stored_f16());
         let n = tensor.len();
-        let buffer = self.storage_buffer(label, 4 * n as u64);
+        let size = if halves { 2 } else { 4 };
+        let buffer = self.storage_buffer(label, (size * n) as u64);
         let mut staged = Vec::new();
         let mut staged_bytes = 0;
         for start in (0..n).step_by(UPLOAD_CHUNK_ELEMENTS) {
             let end = (start + UPLOAD_CHUNK_ELEMENTS).min(n);
-            let bytes = tensor.gpu_bytes(start..end);
-            self.queue.write_buffer(&buffer, 4 * start as u64, &bytes);
+            let bytes = match tensor.stored_bytes(start..end).filter(|_| halves) {
+                // Queue writes are whole words: an odd count of halves gets a zero pad.
+                Some(raw) if raw.len() % 4 != 0 => Cow::Owned([raw, &[0, 0]].concat()),
+                Some(raw) => Cow::Borrowed(raw),
+                None => tensor.gpu_bytes(start..end),
+            };
+            self.queue.write_buffer(&buffer, (size * start) as u64, &bytes);
             staged_bytes += bytes.len();
             staged.extend(tensor.stored_bytes(start..end));
             if staged_bytes >= UPLOAD_FLUSH_BYTES || end == n {
@@ -252,7 +262,7 @@ pub struct GpuTensor {
 impl GpuTensor {
     /// Uploads a host tensor.
     pub fn from_host(gpu: &Gpu, tensor: &HostTensor) -> GpuTensor {
-        let buffer = gpu.upload("tensor", tensor);
+        let buffer = gpu.upload("tensor", tensor, false);
         GpuTensor {
             gpu: gpu.clone(),
             buffer,

@@ -53,16 +53,22 @@ impl Shader {
     }
 }
 
-/// A shader specialised by its `OP` override constant, if it has one.
+/// A shader specialised by its override constants: `OP`, if it has one, and for MatMul and
+/// Conv `HALF_WEIGHTS` (B, or the filter, stored as packed f16 pairs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {
     pub shader: Shader,
     pub op: Option<u32>,
+    pub half_weights: bool,
 }
 
 impl From<Shader> for KernelKey {
     fn from(shader: Shader) -> Self {
-        KernelKey { shader, op: None }
+        KernelKey {
+            shader,
+            op: None,
+            half_weights: false,
+        }
     }
 }
 
@@ -154,8 +160,11 @@ impl Pipelines {
                     source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
                 })
             });
-            let constants: Vec<(&str, f64)> =
+            let mut constants: Vec<(&str, f64)> =
                 key.op.map(|op| ("OP", op as f64)).into_iter().collect();
+            if key.half_weights {
+                constants.push(("HALF_WEIGHTS", 1.0));
+            }
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("{key:?}")),
                 layout: None,

@@ -82,6 +82,7 @@ pub struct AttributeProto {
 /// reads).
 pub mod data_type {
     pub const FLOAT: i32 = 1;
+    pub const FLOAT16: i32 = 10;
 }
 
 /// `AttributeProto.AttributeType` values the engine distinguishes.

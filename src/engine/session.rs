@@ -12,7 +12,7 @@ use super::gpu::{Gpu, GpuTensor};
 use super::graph::{Dim, Graph, ValueId};
 use super::kernels::{KernelKey, Launch, Operand, bind_buffers};
 use super::loader::{ExternalDataSource, load_graph};
-use super::lower::{Lowered, Lowering};
+use super::lower::{Lowered, Lowering, half_weights};
 use super::passes;
 use super::tensor::{DType, HostTensor, numel};
 
@@ -402,6 +402,8 @@ struct Builder<'g> {
     /// a constant shared by several launches (every image of a batch, every run of rows)
     /// is uploaded once.
     constants: HashMap<*const HostTensor, wgpu::Buffer>,
+    /// Per value: an fp16 weight kept as packed halves (`lower::half_weights`).
+    halves: Vec<bool>,
     memory_bytes: u64,
 }
 
@@ -413,12 +415,18 @@ impl<'g> Builder<'g> {
             root: (0..graph.values.len()).collect(),
             buffers: HashMap::new(),
             constants: HashMap::new(),
+            halves: half_weights(graph),
             memory_bytes: 0,
         }
     }
 
+    /// Bytes per element of a value's buffer.
+    fn element_bytes(&self, v: ValueId) -> u64 {
+        if self.halves[v] { 2 } else { 4 }
+    }
+
     fn bytes_of(&self, v: ValueId) -> u64 {
-        4 * numel(&self.graph.values[v].shape) as u64
+        self.element_bytes(v) * numel(&self.graph.values[v].shape) as u64
     }
 
     /// A value's buffer must fit the device's largest buffer; launches bind it whole or in
@@ -437,7 +445,7 @@ impl<'g> Builder<'g> {
     }
 
     fn build(mut self) -> Result<Session> {
-        let lowering = Lowering::new(self.graph, &self.gpu.limits);
+        let lowering = Lowering::new(self.graph, &self.halves, &self.gpu.limits);
         let mut per_node = Vec::with_capacity(self.graph.nodes.len());
         for node in &self.graph.nodes {
             let lowered = lowering.lower(node).map_err(|reason| Error::Node {
@@ -515,7 +523,7 @@ impl<'g> Builder<'g> {
             if let Some(c) = &value.constant {
                 if self.root[v] == v && (last_use[v].is_some() || is_output(v)) {
                     self.check_buffer(v)?;
-                    let buffer = self.gpu.upload(&value.name, c);
+                    let buffer = self.gpu.upload(&value.name, c, self.halves[v]);
                     self.memory_bytes += buffer.size();
                     self.buffers.insert(v, buffer);
                 }
@@ -594,7 +602,10 @@ impl<'g> Builder<'g> {
         for op in std::iter::once(&launch.output).chain(&launch.inputs) {
             let value = |v: ValueId, range: Range<usize>| {
                 let name = self.graph.values[v].name.clone();
-                (self.buffers[&self.root[v]].clone(), Some(range), name)
+                let size = self.element_bytes(self.root[v]);
+                // Bindings are whole words (an odd count of halves takes the pad word).
+                let bytes = (size * range.start as u64)..(size * range.end.max(range.start + 1) as u64).next_multiple_of(4);
+                (self.buffers[&self.root[v]].clone(), Some(bytes), name)
             };
             bound.push(match op {
                 // A pooled buffer may be larger than the value it holds: bind only the value.
@@ -604,7 +615,7 @@ impl<'g> Builder<'g> {
                     let buffer = match self.constants.get(&Arc::as_ptr(c)) {
                         Some(buffer) => buffer.clone(),
                         None => {
-                            let buffer = self.gpu.upload("constant", c);
+                            let buffer = self.gpu.upload("constant", c, false);
                             self.memory_bytes += buffer.size();
                             self.constants.insert(Arc::as_ptr(c), buffer.clone());
                             buffer
@@ -618,7 +629,7 @@ impl<'g> Builder<'g> {
         let mut bindings = Vec::with_capacity(bound.len());
         for (buffer, range, name) in &bound {
             let (offset, bytes) = match range {
-                Some(r) => (4 * r.start as u64, 4 * r.len().max(1) as u64),
+                Some(r) => (r.start, r.end - r.start),
                 None => (0, buffer.size()),
             };
             if bytes > limit {

@@ -2,7 +2,8 @@
 //! inputs/outputs exchanged with the caller.
 //!
 //! The engine distinguishes three logical element types. Every floating-point ONNX type is
-//! computed in f32 (f16 weights are upcast on upload), every integer type is an `I64` on the
+//! computed in f32 (f16 weights read by MatMul, Gemm and Conv stay packed f16 pairs on the
+//! GPU, see `lower::half_weights`; other f16 tensors are upcast on upload), every integer type is an `I64` on the
 //! host and an i32 on the GPU, and booleans are 32-bit words on the GPU.
 
 use std::borrow::Cow;
@@ -239,6 +240,17 @@ impl HostTensor {
             }
         };
         Cow::Owned(words.into_iter().flat_map(u32::to_le_bytes).collect())
+    }
+
+    /// Whether the tensor is an initializer stored as f16.
+    pub fn is_stored_f16(&self) -> bool {
+        matches!(
+            self.data,
+            HostData::Raw {
+                storage: Storage::F16,
+                ..
+            }
+        )
     }
 
     /// The model's own bytes of elements `range`, when the tensor is stored as read from

@@ -29,8 +29,19 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(2) var<storage, read> image: array<f32>;
-@group(0) @binding(3) var<storage, read> weight: array<f32>;
+@group(0) @binding(3) var<storage, read> weight: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+// The filter stored as packed f16 pairs (an fp16 model's weights, kept at half size on the
+// GPU and read without the shader-f16 feature). Products and sums stay f32.
+override HALF_WEIGHTS: bool = false;
+
+fn weight_at(i: u32) -> f32 {
+    if HALF_WEIGHTS {
+        return unpack2x16float(weight[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(weight[i]);
+}
 
 var<private> image_start: u32;
 var<private> out_start: u32;
@@ -56,7 +67,7 @@ fn load_a4(m: u32, k: u32) -> vec4<f32> {
     let row = (first_out_channel + m) * gemm_k();
     for (var j = 0u; j < 4u; j++) {
         if k + j < gemm_k() {
-            v[j] = weight[row + k + j];
+            v[j] = weight_at(row + k + j);
         }
     }
     return v;

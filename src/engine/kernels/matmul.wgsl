@@ -26,18 +26,23 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
 @group(0) @binding(2) var<storage, read> a: array<f32>;
-@group(0) @binding(3) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read> b: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
+
+// B stored as packed f16 pairs (an fp16 model's weights, kept at half size on the GPU and
+// read without the shader-f16 feature). Products and sums stay f32.
+override HALF_WEIGHTS: bool = false;
+
+fn b_at(i: u32) -> f32 {
+    if HALF_WEIGHTS {
+        return unpack2x16float(b[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(b[i]);
+}
 
 var<private> a_base: u32;
 var<private> b_base: u32;
 var<private> out_base: u32;
-// Strides read from the parameters once: on CPU adapters each parameter read is a
-// bounds-checked memory load, and the staging loops read them per element.
-var<private> a_m_stride: u32;
-var<private> a_k_stride: u32;
-var<private> b_k_stride: u32;
-var<private> b_n_stride: u32;
 // The first of the 4 columns of B this thread stages.
 var<private> first_column: u32;
 
@@ -52,10 +57,6 @@ fn begin(batch: u32) {
         b_base += index * p.b_batch_strides[d];
     }
     out_base = batch * p.m * p.n;
-    a_m_stride = p.a_m;
-    a_k_stride = p.a_k;
-    b_k_stride = p.b_k;
-    b_n_stride = p.b_n;
 }
 
 fn gemm_m() -> u32 { return p.m; }
@@ -64,10 +65,10 @@ fn gemm_k() -> u32 { return p.k; }
 
 fn load_a4(m: u32, k: u32) -> vec4<f32> {
     var v = vec4<f32>();
-    let row = a_base + m * a_m_stride;
+    let row = a_base + m * p.a_m;
     for (var j = 0u; j < 4u; j++) {
         if k + j < p.k {
-            v[j] = a[row + (k + j) * a_k_stride];
+            v[j] = a[row + (k + j) * p.a_k];
         }
     }
     return v;
@@ -79,11 +80,11 @@ fn begin_columns(n: u32) {
 
 fn load_b4(k: u32) -> vec4<f32> {
     var v = vec4<f32>();
-    let row = b_base + k * b_k_stride;
+    let row = b_base + k * p.b_k;
     for (var j = 0u; j < 4u; j++) {
         let n = first_column + j;
         if n < p.n {
-            v[j] = b[row + n * b_n_stride];
+            v[j] = b_at(row + n * p.b_n);
         }
     }
     return v;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::super::graph::{Node, ValueId};
 use super::super::infer::{self, ConvGeometry};
-use super::super::kernels::{Launch, Operand, Params, Shader};
+use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader};
 use super::super::ops::ConvAttrs;
 use super::super::tensor::{HostTensor, numel};
 use super::{LowerResult, Lowering};
@@ -62,8 +62,12 @@ impl Lowering<'_> {
             Operand::Value(weight),
             Operand::Value(bias.unwrap_or(weight)),
         ];
+        let kernel = KernelKey {
+            half_weights: self.halves[weight],
+            ..Shader::Conv.into()
+        };
         Ok(vec![self.launch(
-            Shader::Conv.into(),
+            kernel,
             params,
             out,
             inputs,

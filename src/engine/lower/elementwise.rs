@@ -37,6 +37,7 @@ impl Lowering<'_> {
         let key = KernelKey {
             shader: Shader::Elementwise,
             op: Some(op),
+            half_weights: false,
         };
         let runs = self.runs(n, &[1], usize::MAX, "element")?;
         let split = runs.len() > 1;

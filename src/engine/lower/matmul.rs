@@ -1,7 +1,7 @@
 //! Matrix products: MatMul and Gemm (matmul.wgsl), and the fused attention (attention.wgsl).
 
 use super::super::graph::Node;
-use super::super::kernels::{Launch, Operand, Params, Shader};
+use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader};
 use super::super::ops::{broadcast_shapes, broadcast_strides, contiguous_strides};
 use super::super::tensor::numel;
 use super::{LowerResult, Lowering};
@@ -103,6 +103,10 @@ impl Lowering<'_> {
             .iter()
             .flatten()
             .all(|&v| numel(self.shape(v)) <= self.max_binding);
+        let kernel = KernelKey {
+            half_weights: self.halves[b],
+            ..Shader::MatMul.into()
+        };
         if fits {
             let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32];
             let inputs = vec![
@@ -111,7 +115,7 @@ impl Lowering<'_> {
                 Operand::Value(bias.unwrap_or(a)),
             ];
             return Ok(vec![self.launch(
-                Shader::MatMul.into(),
+                kernel,
                 params(m, &batch_shape),
                 out,
                 inputs,
@@ -138,16 +142,17 @@ impl Lowering<'_> {
                 b_base += coordinate * b_batch[d];
             }
             let (a_base, b_base, out_base) = (a_base as usize, b_base as usize, index * m * n);
-            if ![a_base, b_base, out_base]
-                .iter()
-                .all(|o| o.is_multiple_of(self.align))
+            // A B of halves starts at half the offset: twice the alignment in elements.
+            let b_align = if self.halves[b] { 2 } else { 1 } * self.align;
+            if ![a_base, out_base].iter().all(|o| o.is_multiple_of(self.align))
+                || !b_base.is_multiple_of(b_align)
             {
                 return Err("matrices of this size cannot be split at aligned offsets".into());
             }
             for run in &runs {
                 let rows = Operand::Part(a, a_base + run.start * k..a_base + run.end * k);
                 launches.push(Launch {
-                    kernel: Shader::MatMul.into(),
+                    kernel,
                     params: params(run.len(), &[]).0,
                     output: Operand::Part(out, out_base + run.start * n..out_base + run.end * n),
                     inputs: vec![

@@ -32,6 +32,8 @@ type LowerResult<T> = std::result::Result<T, String>;
 
 pub struct Lowering<'g> {
     graph: &'g Graph,
+    /// Per value: an fp16 weight the GPU keeps as packed halves (see `half_weights`).
+    halves: &'g [bool],
     max_groups: u32,
     /// Elements one storage binding may hold.
     max_binding: usize,
@@ -54,10 +56,38 @@ fn check_rank(rank: usize) -> LowerResult<()> {
     }
 }
 
+/// Per value: whether it is an fp16 weight the GPU keeps as packed f16 pairs, at half the
+/// memory of f32. That is every f16 initializer read only as MatMul's or Gemm's B or as
+/// Conv's filter (the kernels that read halves); any other reader gets f32 as before.
+pub fn half_weights(graph: &Graph) -> Vec<bool> {
+    let mut halves: Vec<bool> = graph
+        .values
+        .iter()
+        .map(|v| v.constant.as_ref().is_some_and(|c| c.is_stored_f16()))
+        .collect();
+    for node in &graph.nodes {
+        let reads_halves = |i: usize| {
+            i == 1 && matches!(node.op, Op::MatMul | Op::Gemm { .. } | Op::Conv(_))
+        };
+        for (i, v) in node.inputs.iter().enumerate() {
+            if let Some(v) = v
+                && !reads_halves(i)
+            {
+                halves[*v] = false;
+            }
+        }
+    }
+    for &v in &graph.outputs {
+        halves[v] = false;
+    }
+    halves
+}
+
 impl<'g> Lowering<'g> {
-    pub fn new(graph: &'g Graph, limits: &wgpu::Limits) -> Self {
+    pub fn new(graph: &'g Graph, halves: &'g [bool], limits: &wgpu::Limits) -> Self {
         Lowering {
             graph,
+            halves,
             max_groups: limits.max_compute_workgroups_per_dimension,
             max_binding: (limits.max_storage_buffer_binding_size / 4) as usize,
             align: (limits.min_storage_buffer_offset_alignment / 4).max(1) as usize,

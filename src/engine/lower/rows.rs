@@ -306,6 +306,7 @@ impl ReduceLaunch {
         KernelKey {
             shader: Shader::Reduce,
             op: Some(self.op as u32),
+            half_weights: false,
         }
     }
 

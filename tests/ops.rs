@@ -124,9 +124,16 @@ fn fp16_weights_take_half_the_gpu_memory() {
             true => graph.weight_f16("w", &[k, n], &w),
             false => graph.weight("w", &[k, n], &w),
         };
-        let model = graph.node("MatMul", &["x", "w"], &["y"], &[]).output("y").build().unwrap();
+        let model = graph
+            .node("MatMul", &["x", "w"], &["y"], &[])
+            .output("y")
+            .build()
+            .unwrap();
         let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
-        let y = pollster::block_on(session.run_host(&[("x", &x)])).unwrap().remove("y").unwrap();
+        let y = pollster::block_on(session.run_host(&[("x", &x)]))
+            .unwrap()
+            .remove("y")
+            .unwrap();
         (session.memory_bytes, y)
     };
     let ((half_bytes, y_half), (full_bytes, y_full)) = (run(true), run(false));

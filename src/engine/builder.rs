@@ -73,7 +73,14 @@ impl GraphBuilder {
         self.initializer(name, shape, values.len(), onnx::data_type::FLOAT16, raw)
     }
 
-    fn initializer(mut self, name: &str, shape: &[usize], len: usize, data_type: i32, raw_data: bytes::Bytes) -> Self {
+    fn initializer(
+        mut self,
+        name: &str,
+        shape: &[usize],
+        len: usize,
+        data_type: i32,
+        raw_data: bytes::Bytes,
+    ) -> Self {
         assert_eq!(shape.iter().product::<usize>(), len, "{name}");
         self.graph.initializer.push(onnx::TensorProto {
             name: name.into(),

@@ -182,7 +182,8 @@ impl Gpu {
                 Some(raw) => Cow::Borrowed(raw),
                 None => tensor.gpu_bytes(start..end),
             };
-            self.queue.write_buffer(&buffer, (size * start) as u64, &bytes);
+            self.queue
+                .write_buffer(&buffer, (size * start) as u64, &bytes);
             staged_bytes += bytes.len();
             staged.extend(tensor.stored_bytes(start..end));
             if staged_bytes >= UPLOAD_FLUSH_BYTES || end == n {

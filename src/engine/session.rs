@@ -604,7 +604,8 @@ impl<'g> Builder<'g> {
                 let name = self.graph.values[v].name.clone();
                 let size = self.element_bytes(self.root[v]);
                 // Bindings are whole words (an odd count of halves takes the pad word).
-                let bytes = (size * range.start as u64)..(size * range.end.max(range.start + 1) as u64).next_multiple_of(4);
+                let bytes = (size * range.start as u64)
+                    ..(size * range.end.max(range.start + 1) as u64).next_multiple_of(4);
                 (self.buffers[&self.root[v]].clone(), Some(bytes), name)
             };
             bound.push(match op {

@@ -66,13 +66,7 @@ impl Lowering<'_> {
             half_weights: self.halves[weight],
             ..Shader::Conv.into()
         };
-        Ok(vec![self.launch(
-            kernel,
-            params,
-            out,
-            inputs,
-            groups,
-        )])
+        Ok(vec![self.launch(kernel, params, out, inputs, groups)])
     }
 
     /// A convolution whose image, output or weights exceed one binding (the VAE decoder's

@@ -144,7 +144,9 @@ impl Lowering<'_> {
             let (a_base, b_base, out_base) = (a_base as usize, b_base as usize, index * m * n);
             // A B of halves starts at half the offset: twice the alignment in elements.
             let b_align = if self.halves[b] { 2 } else { 1 } * self.align;
-            if ![a_base, out_base].iter().all(|o| o.is_multiple_of(self.align))
+            if ![a_base, out_base]
+                .iter()
+                .all(|o| o.is_multiple_of(self.align))
                 || !b_base.is_multiple_of(b_align)
             {
                 return Err("matrices of this size cannot be split at aligned offsets".into());

@@ -66,9 +66,8 @@ pub fn half_weights(graph: &Graph) -> Vec<bool> {
         .map(|v| v.constant.as_ref().is_some_and(|c| c.is_stored_f16()))
         .collect();
     for node in &graph.nodes {
-        let reads_halves = |i: usize| {
-            i == 1 && matches!(node.op, Op::MatMul | Op::Gemm { .. } | Op::Conv(_))
-        };
+        let reads_halves =
+            |i: usize| i == 1 && matches!(node.op, Op::MatMul | Op::Gemm { .. } | Op::Conv(_));
         for (i, v) in node.inputs.iter().enumerate() {
             if let Some(v) = v
                 && !reads_halves(i)

@@ -3,10 +3,15 @@
 // memory is O(N * E), which is what lets 64x64-latent SD (N = M = 4096) fit WebGPU limits.
 // One thread owns one query row; the workgroup streams keys and values through workgroup
 // memory 16 at a time. Operands are strided, so K may arrive transposed or not.
+//
+// The head dimension is walked 4 channels at a time: the query row, the accumulator and the
+// staged keys and values are vec4 arrays (channels past d read as zero), so each dynamically
+// indexed access (which spills to memory on CPU adapters and to local memory on GPUs) moves
+// 4 channels, and a score is a chain of vec4 dot products.
 
 const ROWS: u32 = 64u;
 const KEYS: u32 = 16u;
-const MAX_DIM: u32 = 160u; // keep equal to kernels::ATTENTION_MAX_HEAD_DIM
+const MAX_QUADS: u32 = 40u; // MAX_DIM / 4; keep MAX_DIM equal to kernels::ATTENTION_MAX_HEAD_DIM
 
 struct Params {
     n: u32,
@@ -31,49 +36,74 @@ struct Params {
 @group(0) @binding(3) var<storage, read> kt: array<f32>;
 @group(0) @binding(4) var<storage, read> v: array<f32>;
 
-var<workgroup> keys: array<f32, 2560>;   // [KEYS][MAX_DIM]
-var<workgroup> values: array<f32, 2560>; // [KEYS][MAX_DIM]
+var<workgroup> keys: array<vec4<f32>, 640>;   // [KEYS][MAX_QUADS]
+var<workgroup> values: array<vec4<f32>, 640>; // [KEYS][MAX_QUADS]
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let batch = wg.z;
     let row = wg.x * ROWS + lane;
     let live = row < p.n;
-    var query: array<f32, MAX_DIM>;
-    var acc: array<f32, MAX_DIM>;
+    let d_quads = (p.d + 3u) / 4u;
+    let e_quads = (p.e + 3u) / 4u;
+    var query: array<vec4<f32>, MAX_QUADS>;
+    var acc: array<vec4<f32>, MAX_QUADS>;
     if live {
         let base = batch * p.q_batch + row * p.q_row;
-        for (var c = 0u; c < p.d; c++) {
-            query[c] = q[base + c * p.q_col] * p.scale;
+        for (var c4 = 0u; c4 < d_quads; c4++) {
+            var quad = vec4<f32>();
+            for (var i = 0u; i < 4u; i++) {
+                let c = c4 * 4u + i;
+                if c < p.d {
+                    quad[i] = q[base + c * p.q_col] * p.scale;
+                }
+            }
+            query[c4] = quad;
         }
     }
     var running_max = -3.4e38;
     var running_sum = 0.0;
     for (var j0 = 0u; j0 < p.m; j0 += KEYS) {
         let count = min(KEYS, p.m - j0);
-        for (var t = lane; t < count * p.d; t += ROWS) {
-            let j = t / p.d;
-            let c = t % p.d;
-            keys[j * MAX_DIM + c] = kt[batch * p.k_batch + c * p.k_dim + (j0 + j) * p.k_key];
+        // Stage KEYS keys and values, one channel quad per thread per pass; keys past the
+        // end and channels past d stage as zero.
+        for (var t = lane; t < KEYS * d_quads; t += ROWS) {
+            let j = t / d_quads;
+            let c4 = t % d_quads;
+            var quad = vec4<f32>();
+            for (var i = 0u; i < 4u; i++) {
+                let c = c4 * 4u + i;
+                if j < count && c < p.d {
+                    quad[i] = kt[batch * p.k_batch + c * p.k_dim + (j0 + j) * p.k_key];
+                }
+            }
+            keys[j * MAX_QUADS + c4] = quad;
         }
-        for (var t = lane; t < count * p.e; t += ROWS) {
-            let j = t / p.e;
-            let c = t % p.e;
-            values[j * MAX_DIM + c] = v[batch * p.v_batch + (j0 + j) * p.v_key + c * p.v_col];
+        for (var t = lane; t < KEYS * e_quads; t += ROWS) {
+            let j = t / e_quads;
+            let c4 = t % e_quads;
+            var quad = vec4<f32>();
+            for (var i = 0u; i < 4u; i++) {
+                let c = c4 * 4u + i;
+                if j < count && c < p.e {
+                    quad[i] = v[batch * p.v_batch + (j0 + j) * p.v_key + c * p.v_col];
+                }
+            }
+            values[j * MAX_QUADS + c4] = quad;
         }
         workgroupBarrier();
         if live {
             // Channel-outer loops with a fixed 16-key inner loop: the inner loop unrolls,
             // scores stay in registers, and each lane reads the same workgroup word
-            // (a broadcast). It also keeps the dynamic trip count per tile at D + E, under
-            // the loop-iteration guard of software rasterisers such as llvmpipe.
+            // (a broadcast). It also keeps the dynamic trip count per tile at (D + E) / 4,
+            // under the loop-iteration guard of software rasterisers such as llvmpipe.
             // Explicitly zeroed: a bare `var` in a loop was not re-zeroed per iteration on
             // Chromium (SwiftShader), which summed scores across tiles.
             var scores = array<f32, KEYS>();
-            for (var c = 0u; c < p.d; c++) {
-                let qc = query[c];
+            for (var c4 = 0u; c4 < d_quads; c4++) {
+                let quad = query[c4];
                 for (var j = 0u; j < KEYS; j++) {
-                    scores[j] += qc * keys[j * MAX_DIM + c];
+                    scores[j] += dot(quad, keys[j * MAX_QUADS + c4]);
                 }
             }
             var tile_max = running_max;
@@ -90,12 +120,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 tile_sum += weights[j];
             }
             running_sum = running_sum * correction + tile_sum;
-            for (var c = 0u; c < p.e; c++) {
-                var a = acc[c] * correction;
+            for (var c4 = 0u; c4 < e_quads; c4++) {
+                var a = acc[c4] * correction;
                 for (var j = 0u; j < KEYS; j++) {
-                    a += weights[j] * values[j * MAX_DIM + c];
+                    a += weights[j] * values[j * MAX_QUADS + c4];
                 }
-                acc[c] = a;
+                acc[c4] = a;
             }
             running_max = tile_max;
         }
@@ -104,8 +134,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if live {
         let base = (batch * p.n + row) * p.e;
         let inv = 1.0 / running_sum;
-        for (var c = 0u; c < p.e; c++) {
-            out[base + c] = acc[c] * inv;
+        for (var c4 = 0u; c4 < e_quads; c4++) {
+            let quad = acc[c4] * inv;
+            for (var i = 0u; i < 4u; i++) {
+                let c = c4 * 4u + i;
+                if c < p.e {
+                    out[base + c] = quad[i];
+                }
+            }
         }
     }
 }

@@ -66,40 +66,41 @@ async fn time_launches(gpu: &Gpu, op: u32, threads: usize, iterations: usize) ->
         threads.div_ceil(WORKGROUP),
         gpu.limits.max_compute_workgroups_per_dimension,
     );
-    // Round 0 (one launch) compiles the kernel and warms caches; it is not timed.
-    let mut launches = 1;
-    for round in 0.. {
-        let bind_group;
+    let pipeline = gpu.pipelines().get(&gpu.device, key).clone();
+    let bind_group = bind_buffers(
+        &gpu.device,
+        &pipeline,
+        &[
+            params.as_entire_buffer_binding(),
+            out.as_entire_buffer_binding(),
+            src.as_entire_buffer_binding(),
+        ],
+    );
+    let record = |launches: usize| {
         let mut encoder = gpu.device.create_command_encoder(&Default::default());
         {
-            let mut kernels = gpu.pipelines();
-            let pipeline = kernels.get(&gpu.device, key);
-            bind_group = bind_buffers(
-                &gpu.device,
-                pipeline,
-                &[
-                    params.as_entire_buffer_binding(),
-                    out.as_entire_buffer_binding(),
-                    src.as_entire_buffer_binding(),
-                ],
-            );
             let mut pass = encoder.begin_compute_pass(&Default::default());
-            pass.set_pipeline(pipeline);
+            pass.set_pipeline(&pipeline);
             pass.set_bind_group(0, &bind_group, &[]);
             for _ in 0..launches {
                 pass.dispatch_workgroups(x, y, z);
             }
         }
+        encoder.finish()
+    };
+    // One untimed launch compiles the kernel and warms caches.
+    gpu.queue.submit([record(1)]);
+    gpu.finish().await?;
+    let mut launches = 1;
+    loop {
+        let commands = record(launches);
         let start = crate::clock::now_ms();
-        gpu.queue.submit([encoder.finish()]);
+        gpu.queue.submit([commands]);
         gpu.finish().await?;
         let seconds = (crate::clock::now_ms() - start) / 1000.0;
         if seconds >= MIN_SECONDS {
             return Ok(seconds / launches as f64);
         }
-        if round > 0 {
-            launches *= 2;
-        }
+        launches *= 2;
     }
-    unreachable!("the rounds only end by returning")
 }

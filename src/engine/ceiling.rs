@@ -61,6 +61,7 @@ async fn time_launches(gpu: &Gpu, op: u32, threads: usize, iterations: usize) ->
         shader: Shader::Peak,
         op: Some(op),
         half_weights: false,
+        narrow: false,
     };
     let [x, y, z] = grid(
         threads.div_ceil(WORKGROUP),

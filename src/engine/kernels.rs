@@ -54,12 +54,21 @@ impl Shader {
 }
 
 /// A shader specialised by its override constants: `OP`, if it has one, and for MatMul and
-/// Conv `HALF_WEIGHTS` (B, or the filter, stored as packed f16 pairs).
+/// Conv `HALF_WEIGHTS` (B, or the filter, stored as packed f16 pairs) and `NARROW` (64x16
+/// output tiles, for products a few columns wide).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {
     pub shader: Shader,
     pub op: Option<u32>,
     pub half_weights: bool,
+    pub narrow: bool,
+}
+
+/// Output columns per workgroup of the GEMM core (gemm.wgsl), and whether a product `n`
+/// columns wide runs on the narrow tiles: those at most 32 wide, where 64-wide tiles would
+/// compute mostly padding.
+pub fn gemm_tile_columns(n: usize) -> (usize, bool) {
+    if n <= 32 { (16, true) } else { (64, false) }
 }
 
 impl From<Shader> for KernelKey {
@@ -68,6 +77,7 @@ impl From<Shader> for KernelKey {
             shader,
             op: None,
             half_weights: false,
+            narrow: false,
         }
     }
 }
@@ -164,6 +174,9 @@ impl Pipelines {
                 key.op.map(|op| ("OP", op as f64)).into_iter().collect();
             if key.half_weights {
                 constants.push(("HALF_WEIGHTS", 1.0));
+            }
+            if key.narrow {
+                constants.push(("NARROW", 1.0));
             }
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("{key:?}")),

@@ -7,34 +7,45 @@
 // - `load_b4(k)`: B[k, n..n+3] for those columns, zero past `gemm_n()`;
 // - `store4(m, n, values)`: C[m, n..n+3], writing only columns below `gemm_n()`.
 //
-// Each workgroup of 8x8 threads computes a 64x64 output tile, each thread an 8x8 block
+// Each workgroup of 64 threads computes a 64x64 output tile, each thread an 8x8 block
 // (rows 4y..4y+3 and 32+4y.., columns 4x.. and 32+4x..: split so that neighbouring threads
 // read neighbouring workgroup words) held in sixteen vec4 accumulators. Named variables,
 // not an array: dynamically indexed arrays spill to memory on CPU adapters (llvmpipe,
 // SwiftShader). The K loop stages 16-deep slices of A and B in workgroup memory as vec4s,
 // so the inner loop does 64 vector multiply-adds per 16 vector loads.
+//
+// NARROW: a 64x16 tile, each thread a 4x4 block, for products only a few columns wide (the
+// deep, few-pixel levels of a UNet at small latents), where 64 columns would be mostly
+// padding computed for nothing.
 
-const TILE: u32 = 64u;
+const TILE: u32 = 64u; // rows of a tile; columns too unless NARROW
 const DEPTH: u32 = 16u;
 const A_STRIDE: u32 = 5u; // vec4s per staged row of A: DEPTH / 4, padded against bank conflicts
 
-var<workgroup> tile_a: array<vec4<f32>, 320>; // [TILE m][A_STRIDE]: 4 consecutive k per vector
-var<workgroup> tile_b: array<vec4<f32>, 256>; // [DEPTH k][TILE / 4]: 4 consecutive n per vector
+override NARROW: bool = false;
+override TILE_N: u32 = select(64u, 16u, NARROW);
+override B_QUADS: u32 = TILE_N / 4u; // vec4s per staged row of B
 
-@compute @workgroup_size(8, 8)
-fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>,
-        @builtin(local_invocation_index) lane: u32) {
+var<workgroup> tile_a: array<vec4<f32>, 320>; // [TILE m][A_STRIDE]: 4 consecutive k per vector
+var<workgroup> tile_b: array<vec4<f32>, 256>; // [DEPTH k][B_QUADS]: 4 consecutive n per vector
+
+@compute @workgroup_size(64)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     begin(wg.z);
     let m_size = gemm_m();
     let k_size = gemm_k();
     let row0 = wg.y * TILE;
-    let col0 = wg.x * TILE;
-    // What this thread stages per slice: 4 k of rows a_m + 16r, 4 n of rows b_k + 4r.
+    let col0 = wg.x * TILE_N;
+    // What this thread stages per slice: 4 k of rows a_m + 16r, 4 n of rows b_k + b_step r.
     let a_k = (lane % 4u) * 4u;
     let a_m = lane / 4u;
-    let b_k = lane / 16u;
-    let b_n = (lane % 16u) * 4u;
+    let b_k = lane / B_QUADS;
+    let b_n = (lane % B_QUADS) * 4u;
+    let b_step = 64u / B_QUADS;
     begin_columns(col0 + b_n);
+    // The thread's block: column quad x (and x + 8 unless NARROW), row quad y (and y + 8).
+    let x = lane % select(8u, 4u, NARROW);
+    let y = lane / select(8u, 4u, NARROW);
     var c00 = vec4<f32>(); var c01 = vec4<f32>();
     var c10 = vec4<f32>(); var c11 = vec4<f32>();
     var c20 = vec4<f32>(); var c21 = vec4<f32>();
@@ -51,49 +62,67 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid:
                 va = load_a4(row0 + m, k0 + a_k);
             }
             tile_a[m * A_STRIDE + a_k / 4u] = va;
+        }
+        for (var kb = b_k; kb < DEPTH; kb += b_step) {
             var vb = vec4<f32>();
-            let kb = k0 + b_k + 4u * r;
-            if kb < k_size {
-                vb = load_b4(kb);
+            if k0 + kb < k_size {
+                vb = load_b4(k0 + kb);
             }
-            tile_b[(b_k + 4u * r) * 16u + b_n / 4u] = vb;
+            tile_b[kb * B_QUADS + b_n / 4u] = vb;
         }
         workgroupBarrier();
         for (var q = 0u; q < DEPTH / 4u; q++) {
-            let r0 = lid.y * 4u * A_STRIDE + q;
-            let r4 = (32u + lid.y * 4u) * A_STRIDE + q;
+            let r0 = y * 4u * A_STRIDE + q;
             let a0 = tile_a[r0];
             let a1 = tile_a[r0 + A_STRIDE];
             let a2 = tile_a[r0 + 2u * A_STRIDE];
             let a3 = tile_a[r0 + 3u * A_STRIDE];
-            let a4 = tile_a[r4];
-            let a5 = tile_a[r4 + A_STRIDE];
-            let a6 = tile_a[r4 + 2u * A_STRIDE];
-            let a7 = tile_a[r4 + 3u * A_STRIDE];
-            for (var j = 0u; j < 4u; j++) {
-                let k = q * 4u + j;
-                let b0 = tile_b[k * 16u + lid.x];
-                let b1 = tile_b[k * 16u + 8u + lid.x];
-                c00 += a0[j] * b0; c01 += a0[j] * b1;
-                c10 += a1[j] * b0; c11 += a1[j] * b1;
-                c20 += a2[j] * b0; c21 += a2[j] * b1;
-                c30 += a3[j] * b0; c31 += a3[j] * b1;
-                c40 += a4[j] * b0; c41 += a4[j] * b1;
-                c50 += a5[j] * b0; c51 += a5[j] * b1;
-                c60 += a6[j] * b0; c61 += a6[j] * b1;
-                c70 += a7[j] * b0; c71 += a7[j] * b1;
+            if NARROW {
+                for (var j = 0u; j < 4u; j++) {
+                    let b0 = tile_b[(q * 4u + j) * B_QUADS + x];
+                    c00 += a0[j] * b0;
+                    c10 += a1[j] * b0;
+                    c20 += a2[j] * b0;
+                    c30 += a3[j] * b0;
+                }
+            } else {
+                let r4 = (32u + y * 4u) * A_STRIDE + q;
+                let a4 = tile_a[r4];
+                let a5 = tile_a[r4 + A_STRIDE];
+                let a6 = tile_a[r4 + 2u * A_STRIDE];
+                let a7 = tile_a[r4 + 3u * A_STRIDE];
+                for (var j = 0u; j < 4u; j++) {
+                    let k = q * 4u + j;
+                    let b0 = tile_b[k * B_QUADS + x];
+                    let b1 = tile_b[k * B_QUADS + 8u + x];
+                    c00 += a0[j] * b0; c01 += a0[j] * b1;
+                    c10 += a1[j] * b0; c11 += a1[j] * b1;
+                    c20 += a2[j] * b0; c21 += a2[j] * b1;
+                    c30 += a3[j] * b0; c31 += a3[j] * b1;
+                    c40 += a4[j] * b0; c41 += a4[j] * b1;
+                    c50 += a5[j] * b0; c51 += a5[j] * b1;
+                    c60 += a6[j] * b0; c61 += a6[j] * b1;
+                    c70 += a7[j] * b0; c71 += a7[j] * b1;
+                }
             }
         }
         workgroupBarrier();
     }
-    let m = row0 + lid.y * 4u;
-    let n = col0 + lid.x * 4u;
+    let m = row0 + y * 4u;
+    let n = col0 + x * 4u;
+    if m < m_size { store4(m, n, c00); }
+    if m + 1u < m_size { store4(m + 1u, n, c10); }
+    if m + 2u < m_size { store4(m + 2u, n, c20); }
+    if m + 3u < m_size { store4(m + 3u, n, c30); }
+    if NARROW {
+        return;
+    }
     let m2 = m + 32u;
     let n2 = n + 32u;
-    if m < m_size { store4(m, n, c00); store4(m, n2, c01); }
-    if m + 1u < m_size { store4(m + 1u, n, c10); store4(m + 1u, n2, c11); }
-    if m + 2u < m_size { store4(m + 2u, n, c20); store4(m + 2u, n2, c21); }
-    if m + 3u < m_size { store4(m + 3u, n, c30); store4(m + 3u, n2, c31); }
+    if m < m_size { store4(m, n2, c01); }
+    if m + 1u < m_size { store4(m + 1u, n2, c11); }
+    if m + 2u < m_size { store4(m + 2u, n2, c21); }
+    if m + 3u < m_size { store4(m + 3u, n2, c31); }
     if m2 < m_size { store4(m2, n, c40); store4(m2, n2, c41); }
     if m2 + 1u < m_size { store4(m2 + 1u, n, c50); store4(m2 + 1u, n2, c51); }
     if m2 + 2u < m_size { store4(m2 + 2u, n, c60); store4(m2 + 2u, n2, c61); }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::super::graph::{Node, ValueId};
 use super::super::infer::{self, ConvGeometry};
-use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader};
+use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader, gemm_tile_columns};
 use super::super::ops::ConvAttrs;
 use super::super::tensor::{HostTensor, numel};
 use super::{LowerResult, Lowering};
@@ -52,8 +52,9 @@ impl Lowering<'_> {
             return self.conv_in_parts(&g, image, weight, bias, out);
         }
         let params = conv_params(&g, bias.is_some(), false, [0, 0]);
+        let (tile_columns, narrow) = gemm_tile_columns(g.out_h * g.out_w);
         let groups = [
-            (g.out_h * g.out_w).div_ceil(64) as u32,
+            (g.out_h * g.out_w).div_ceil(tile_columns) as u32,
             (g.out_channels / g.group).div_ceil(64) as u32,
             (g.batch * g.group) as u32,
         ];
@@ -64,6 +65,7 @@ impl Lowering<'_> {
         ];
         let kernel = KernelKey {
             half_weights: self.halves[weight],
+            narrow,
             ..Shader::Conv.into()
         };
         Ok(vec![self.launch(kernel, params, out, inputs, groups)])

@@ -38,6 +38,7 @@ impl Lowering<'_> {
             shader: Shader::Elementwise,
             op: Some(op),
             half_weights: false,
+            narrow: false,
         };
         let runs = self.runs(n, &[1], usize::MAX, "element")?;
         let split = runs.len() > 1;

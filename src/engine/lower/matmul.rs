@@ -1,7 +1,7 @@
 //! Matrix products: MatMul and Gemm (matmul.wgsl), and the fused attention (attention.wgsl).
 
 use super::super::graph::Node;
-use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader};
+use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader, gemm_tile_columns};
 use super::super::ops::{broadcast_shapes, broadcast_strides, contiguous_strides};
 use super::super::tensor::numel;
 use super::{LowerResult, Lowering};
@@ -103,12 +103,18 @@ impl Lowering<'_> {
             .iter()
             .flatten()
             .all(|&v| numel(self.shape(v)) <= self.max_binding);
+        let (tile_columns, narrow) = gemm_tile_columns(n);
         let kernel = KernelKey {
             half_weights: self.halves[b],
+            narrow,
             ..Shader::MatMul.into()
         };
         if fits {
-            let groups = [n.div_ceil(64) as u32, m.div_ceil(64) as u32, batch as u32];
+            let groups = [
+                n.div_ceil(tile_columns) as u32,
+                m.div_ceil(64) as u32,
+                batch as u32,
+            ];
             let inputs = vec![
                 Operand::Value(a),
                 Operand::Value(b),
@@ -163,7 +169,11 @@ impl Lowering<'_> {
                         // An unused bias binding repeats A's rows.
                         bias.map_or(rows, Operand::Value),
                     ],
-                    workgroups: [n.div_ceil(64) as u32, run.len().div_ceil(64) as u32, 1],
+                    workgroups: [
+                        n.div_ceil(tile_columns) as u32,
+                        run.len().div_ceil(64) as u32,
+                        1,
+                    ],
                 });
             }
         }

@@ -307,6 +307,7 @@ impl ReduceLaunch {
             shader: Shader::Reduce,
             op: Some(self.op as u32),
             half_weights: false,
+            narrow: false,
         }
     }
 

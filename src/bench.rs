@@ -9,6 +9,7 @@ use crate::engine::ceiling::Ceilings;
 use crate::engine::{
     Attr, DType, Gpu, GpuTensor, GraphBuilder, HostTensor, Model, Result, Session,
 };
+use crate::rng::TorchRng;
 
 /// One op at one shape.
 #[derive(Clone, Debug)]
@@ -260,17 +261,15 @@ fn fan_in(n: usize) -> f32 {
     1.0 / (n as f32).sqrt()
 }
 
-/// `n` values in [-scale, scale) from a hash of (seed, index): cheap, deterministic, and
-/// far from the all-zero data some drivers special-case.
+/// `n` standard-normal values times `scale`, from the pipeline's seeded generator
+/// (`torch.randn`'s stream): deterministic, and far from the all-zero data some drivers
+/// special-case.
 pub fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    (0..n as u64)
-        .map(|i| {
-            let mut h = (i ^ (seed << 40)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            h ^= h >> 29;
-            h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            h ^= h >> 32;
-            ((h >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
+    TorchRng::new(seed)
+        .randn(&[n])
+        .to_f32()
+        .iter()
+        .map(|v| v * scale)
         .collect()
 }
 

@@ -10,6 +10,7 @@
 //! when the classifier's top class is the one the prompt asked for.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use serde::Deserialize;
 
@@ -55,10 +56,10 @@ pub struct Benchmark {
 }
 
 impl Benchmark {
-    pub fn load(files: &mut dyn ModelFiles) -> Result<Benchmark> {
-        let classifier = read_graph(files, "classifier")?;
-        let mut labels: HashMap<String, Vec<String>> = read_json(files, "labels.json")?;
-        let cases: Vec<Case> = read_json(files, "prompts.json")?;
+    pub async fn load(files: Rc<dyn ModelFiles>) -> Result<Benchmark> {
+        let classifier = read_graph(&files, "classifier").await?;
+        let mut labels: HashMap<String, Vec<String>> = read_json(&*files, "labels.json").await?;
+        let cases: Vec<Case> = read_json(&*files, "prompts.json").await?;
         let mut attributes = Vec::new();
         for name in classifier.output_names() {
             let classes = labels.remove(name).ok_or_else(|| {

@@ -3,54 +3,34 @@
 //! directory on disk and files fetched by the browser.
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+#[cfg(not(target_arch = "wasm32"))]
+pub use crate::engine::Directory;
+use crate::engine::{FileSource, read_all};
 use crate::error::{Error, Result, bad_file};
 use crate::scheduler::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::{ClipTokenizer, TokenizerFiles};
 
-/// Access to the files of a model folder by relative path (`unet/model.onnx`).
-pub trait ModelFiles {
-    fn read(&mut self, path: &str) -> std::result::Result<Bytes, String>;
+/// A model folder: its files by relative path (`unet/model.onnx`), read through the
+/// engine's [`FileSource`], so that graphs are opened without reading their weights.
+pub trait ModelFiles: FileSource {
     fn exists(&self, path: &str) -> bool;
 }
 
-/// Files already in memory (fetched by the browser, or for tests).
+/// Files already in memory (tests).
 impl ModelFiles for HashMap<String, Bytes> {
-    fn read(&mut self, path: &str) -> std::result::Result<Bytes, String> {
-        self.get(path)
-            .cloned()
-            .ok_or_else(|| format!("`{path}` was not supplied"))
-    }
-
     fn exists(&self, path: &str) -> bool {
         self.contains_key(path)
     }
 }
 
-/// A folder on the local file system.
-#[cfg(not(target_arch = "wasm32"))]
-pub struct Directory(pub std::path::PathBuf);
-
 #[cfg(not(target_arch = "wasm32"))]
 impl ModelFiles for Directory {
-    /// Maps the file instead of reading it: a model's gigabytes of weights stay in the
-    /// operating system's page cache (read as they are uploaded, dropped under memory
-    /// pressure) instead of being copied onto the heap.
-    fn read(&mut self, path: &str) -> std::result::Result<Bytes, String> {
-        let file = std::fs::File::open(self.0.join(path)).map_err(|e| e.to_string())?;
-        if file.metadata().map_err(|e| e.to_string())?.len() == 0 {
-            return Ok(Bytes::new());
-        }
-        // SAFETY: the mapping is read-only; like every program that maps model weights,
-        // websd assumes the files are not truncated or rewritten while a model is loaded.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| e.to_string())?;
-        Ok(Bytes::from_owner(map))
-    }
-
     fn exists(&self, path: &str) -> bool {
         self.0.join(path).is_file()
     }
@@ -86,17 +66,22 @@ pub struct ModelConfig {
 }
 
 /// The bytes of `path`; a file that cannot be read is a [`bad_file`] error naming it.
-fn read(files: &mut dyn ModelFiles, path: &str) -> Result<Bytes> {
-    files.read(path).map_err(|reason| bad_file(path, reason))
+async fn read(files: &dyn ModelFiles, path: &str) -> Result<Bytes> {
+    read_all(files, path)
+        .await
+        .map_err(|reason| bad_file(path, reason))
 }
 
 /// `path` parsed as JSON into any deserialisable type.
-pub(crate) fn read_json<T: DeserializeOwned>(files: &mut dyn ModelFiles, path: &str) -> Result<T> {
-    serde_json::from_slice(&read(files, path)?).map_err(|e| bad_file(path, e))
+pub(crate) async fn read_json<T: DeserializeOwned>(
+    files: &dyn ModelFiles,
+    path: &str,
+) -> Result<T> {
+    serde_json::from_slice(&read(files, path).await?).map_err(|e| bad_file(path, e))
 }
 
-fn text(files: &mut dyn ModelFiles, path: &str) -> Result<String> {
-    String::from_utf8(read(files, path)?.to_vec()).map_err(|_| bad_file(path, "not UTF-8"))
+async fn text(files: &dyn ModelFiles, path: &str) -> Result<String> {
+    String::from_utf8(read(files, path).await?.to_vec()).map_err(|_| bad_file(path, "not UTF-8"))
 }
 
 /// Fails with the list of required files the folder lacks.
@@ -117,9 +102,9 @@ pub fn check_files(files: &dyn ModelFiles, folder: &str) -> Result<()> {
 }
 
 impl ModelConfig {
-    pub fn read(files: &mut dyn ModelFiles) -> Result<ModelConfig> {
+    pub async fn read(files: &dyn ModelFiles) -> Result<ModelConfig> {
         let scheduler =
-            SchedulerConfig::from_json(&text(files, "scheduler/scheduler_config.json")?)?;
+            SchedulerConfig::from_json(&text(files, "scheduler/scheduler_config.json").await?)?;
         let class = scheduler
             .class_name()
             .unwrap_or("PNDMScheduler")
@@ -127,8 +112,8 @@ impl ModelConfig {
         let default_scheduler = SchedulerKind::from_class_name(&class).ok_or_else(|| {
             Error::Invalid(format!("the folder's scheduler {class} is not supported"))
         })?;
-        let vae: Value = read_json(files, "vae_decoder/config.json")?;
-        let unet: Value = read_json(files, "unet/config.json")?;
+        let vae: Value = read_json(files, "vae_decoder/config.json").await?;
+        let unet: Value = read_json(files, "unet/config.json").await?;
         let blocks = vae["block_out_channels"].as_array().map_or(4, |b| b.len());
         Ok(ModelConfig {
             scheduler,
@@ -147,11 +132,11 @@ impl ModelConfig {
     }
 }
 
-pub fn read_tokenizer(files: &mut dyn ModelFiles) -> Result<ClipTokenizer> {
-    let vocab = text(files, "tokenizer/vocab.json")?;
-    let merges = text(files, "tokenizer/merges.txt")?;
+pub async fn read_tokenizer(files: &dyn ModelFiles) -> Result<ClipTokenizer> {
+    let vocab = text(files, "tokenizer/vocab.json").await?;
+    let merges = text(files, "tokenizer/merges.txt").await?;
     let config = if files.exists("tokenizer/tokenizer_config.json") {
-        Some(text(files, "tokenizer/tokenizer_config.json")?)
+        Some(text(files, "tokenizer/tokenizer_config.json").await?)
     } else {
         None
     };
@@ -162,12 +147,12 @@ pub fn read_tokenizer(files: &mut dyn ModelFiles) -> Result<ClipTokenizer> {
     })
 }
 
-/// Parses `<part>/model.onnx`, reading external data next to it.
-pub fn read_graph(files: &mut dyn ModelFiles, part: &str) -> Result<crate::engine::Model> {
+/// Opens `<part>/model.onnx` (external data next to it); its weights stay in the files
+/// until a session uploads them.
+pub async fn read_graph(files: &Rc<dyn ModelFiles>, part: &str) -> Result<crate::engine::Model> {
     let path = format!("{part}/model.onnx");
-    let bytes = read(files, &path)?;
-    crate::engine::Model::from_bytes(bytes, &mut |location| {
-        files.read(&format!("{part}/{location}"))
-    })
-    .map_err(|e| bad_file(path, e))
+    let source: Rc<dyn FileSource> = files.clone();
+    crate::engine::Model::open(source, &path)
+        .await
+        .map_err(|e| bad_file(path, e))
 }

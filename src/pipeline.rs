@@ -3,6 +3,8 @@
 //! negative prompt) -> seeded noise -> UNet + classifier-free guidance + scheduler step,
 //! repeated -> VAE decode. Tensors stay on the GPU between steps.
 
+use std::rc::Rc;
+
 use crate::clock::now_ms;
 use crate::engine::{DType, Gpu, GpuTensor, HostTensor, Model, Session, ShapePlan};
 use crate::error::{Error, Result, invalid};
@@ -135,21 +137,26 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
-    /// Reads a model folder. Sessions are built on first use, for the sizes requested.
-    pub fn load(gpu: &Gpu, files: &mut dyn ModelFiles, folder: &str) -> Result<StableDiffusion> {
-        model::check_files(files, folder)?;
+    /// Opens a model folder: configs, tokenizer and the graphs' structure. Weights are read
+    /// from `files` when sessions are built, on first use, for the sizes requested.
+    pub async fn load(
+        gpu: &Gpu,
+        files: Rc<dyn ModelFiles>,
+        folder: &str,
+    ) -> Result<StableDiffusion> {
+        model::check_files(&*files, folder)?;
         let vae_encoder = if files.exists("vae_encoder/model.onnx") {
-            Some(model::read_graph(files, "vae_encoder")?)
+            Some(model::read_graph(&files, "vae_encoder").await?)
         } else {
             None
         };
         Ok(StableDiffusion {
             gpu: gpu.clone(),
-            config: ModelConfig::read(files)?,
-            tokenizer: model::read_tokenizer(files)?,
-            text_encoder: model::read_graph(files, "text_encoder")?,
-            unet: model::read_graph(files, "unet")?,
-            vae_decoder: model::read_graph(files, "vae_decoder")?,
+            config: ModelConfig::read(&*files).await?,
+            tokenizer: model::read_tokenizer(&*files).await?,
+            text_encoder: model::read_graph(&files, "text_encoder").await?,
+            unet: model::read_graph(&files, "unet").await?,
+            vae_decoder: model::read_graph(&files, "vae_decoder").await?,
             vae_encoder,
             text_session: Cached::default(),
             unet_session: Cached::default(),

@@ -6,14 +6,15 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use js_sys::{Function, Object, Reflect, Uint8Array, Uint8ClampedArray};
+use js_sys::{Array, Function, Object, Reflect, Uint8Array, Uint8ClampedArray};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise};
+use web_sys::Blob;
 
-use crate::engine::{Gpu, external_data_locations};
+use crate::engine::{FileSource, Gpu, ReadFuture, external_data_locations};
 use crate::image::RgbaImage;
-use crate::model::REQUIRED_FILES;
+use crate::model::{ModelFiles, REQUIRED_FILES};
 use crate::pipeline::{Control, Request, StableDiffusion, StepEvent};
 use crate::scheduler::SchedulerKind;
 
@@ -26,9 +27,6 @@ const OPTIONAL_FILES: [&str; 4] = [
 ];
 const GRAPHS: [&str; 4] = ["text_encoder", "unet", "vae_decoder", "vae_encoder"];
 const CACHE_NAME: &str = "websd-models-v1";
-/// What a model's files may take in WebAssembly memory (4 GiB in all, and the pipeline
-/// needs working room besides the files).
-const MODEL_BYTES_LIMIT: f64 = 3.5 * (1u64 << 30) as f64;
 /// Header recording the length a cached file must have: a short or damaged entry is refetched.
 const LENGTH_HEADER: &str = "x-websd-length";
 
@@ -44,11 +42,51 @@ fn set(object: &Object, key: &str, value: impl Into<JsValue>) {
     let _ = Reflect::set(object, &key.into(), &value.into());
 }
 
-/// A loaded model's files, kept so that a lost device can be replaced without downloading again.
+/// A model folder whose files are Blobs: cached downloads or files the user picked. The
+/// browser keeps them outside WebAssembly memory (large ones on disk), and the engine reads
+/// only what it needs: the graphs' structure when a model loads, each weight a chunk at a
+/// time when a session uploads it.
+struct BlobFolder(HashMap<String, Blob>);
+
+impl FileSource for BlobFolder {
+    fn read<'a>(&'a self, path: &'a str, range: std::ops::Range<u64>) -> ReadFuture<'a> {
+        Box::pin(async move {
+            let blob = self
+                .0
+                .get(path)
+                .ok_or_else(|| format!("`{path}` was not supplied"))?;
+            let size = blob.size();
+            let (start, end) = ((range.start as f64).min(size), (range.end as f64).min(size));
+            let part = blob
+                .slice_with_f64_and_f64(start, end.max(start))
+                .map_err(|e| format!("{e:?}"))?;
+            let buffer = JsFuture::from(part.array_buffer())
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            Ok(Bytes::from(Uint8Array::new(&buffer).to_vec()))
+        })
+    }
+
+    fn size(&self, path: &str) -> Result<u64, String> {
+        self.0
+            .get(path)
+            .map(|b| b.size() as u64)
+            .ok_or_else(|| format!("`{path}` was not supplied"))
+    }
+}
+
+impl ModelFiles for BlobFolder {
+    fn exists(&self, path: &str) -> bool {
+        self.0.contains_key(path)
+    }
+}
+
+/// A loaded model's files, kept (as Blobs, cheaply) so that a lost device can be replaced
+/// without downloading again.
 #[derive(Clone)]
 struct Source {
     name: String,
-    files: HashMap<String, Bytes>,
+    files: Rc<BlobFolder>,
 }
 
 /// What the page's promises share. The pipeline is taken out while a generation runs
@@ -109,25 +147,27 @@ impl App {
             state
                 .install(Source {
                     name: base_url,
-                    files,
+                    files: Rc::new(BlobFolder(files)),
                 })
                 .await
         })
     }
 
-    /// Loads a folder the user picked: `files` maps relative paths to `Uint8Array`s.
+    /// Loads a folder the user picked: `files` maps relative paths to `File`s (or other
+    /// Blobs), which are read in place, never copied whole into WebAssembly memory.
     #[wasm_bindgen(js_name = loadFiles)]
     pub fn load_files(&self, name: String, files: js_sys::Map) -> js_sys::Promise {
         let mut map = HashMap::new();
         files.for_each(&mut |value, key| {
-            if let (Some(path), Ok(bytes)) = (key.as_string(), value.dyn_into::<Uint8Array>()) {
-                map.insert(path, Bytes::from(bytes.to_vec()));
+            if let (Some(path), Ok(blob)) = (key.as_string(), value.dyn_into::<Blob>()) {
+                map.insert(path, blob);
             }
         });
         let state = self.state.clone();
         future_to_promise(async move {
             state.ensure_idle()?;
-            state.install(Source { name, files: map }).await
+            let files = Rc::new(BlobFolder(map));
+            state.install(Source { name, files }).await
         })
     }
 
@@ -142,7 +182,7 @@ impl App {
             let params: GenerateParams = serde_wasm_bindgen::from_value(params)
                 .map_err(|e| js_error(format!("bad parameters: {e}")))?;
             state.ensure_idle()?;
-            // After a lost device, rebuild everything from the files still in memory.
+            // After a lost device, rebuild everything from the files still at hand.
             if state.pipeline.borrow().is_none() {
                 let source = state
                     .source
@@ -250,11 +290,12 @@ impl State {
     }
 
     /// Builds the pipeline from a model's files and keeps the files.
-    async fn install(&self, mut source: Source) -> Result<JsValue, JsValue> {
+    async fn install(&self, source: Source) -> Result<JsValue, JsValue> {
         let gpu = self.gpu().await?;
         self.pipeline.borrow_mut().take();
-        let pipeline =
-            StableDiffusion::load(&gpu, &mut source.files, &source.name).map_err(js_error)?;
+        let pipeline = StableDiffusion::load(&gpu, source.files.clone(), &source.name)
+            .await
+            .map_err(js_error)?;
         *self.pipeline.borrow_mut() = Some(pipeline);
         *self.source.borrow_mut() = Some(source);
         Ok(JsValue::TRUE)
@@ -411,7 +452,7 @@ fn image_object(image: &RgbaImage) -> Object {
 async fn fetch_folder(
     base: &str,
     on_progress: &Function,
-) -> Result<HashMap<String, Bytes>, JsValue> {
+) -> Result<HashMap<String, Blob>, JsValue> {
     let mut files = HashMap::new();
     let mut wanted: Vec<(String, bool)> = REQUIRED_FILES
         .iter()
@@ -422,24 +463,23 @@ async fn fetch_folder(
     let mut index = 0;
     while index < wanted.len() {
         let (path, required) = wanted[index].clone();
-        let count = wanted.len();
-        let used: f64 = files.values().map(|b: &Bytes| b.len() as f64).sum();
         let place = Place {
             url: format!("{base}{path}"),
             path: path.clone(),
             index,
-            count,
-            used,
+            count: wanted.len(),
         };
         match fetch_cached(&place, on_progress).await? {
-            Some(bytes) => {
+            Some(blob) => {
                 // A graph's external data is fetched next to it.
                 if let Some(part) = GRAPHS.iter().find(|g| path == format!("{g}/model.onnx")) {
-                    let locations = external_data_locations(bytes.clone())
+                    let graph = BlobFolder(HashMap::from([(path.clone(), blob.clone())]));
+                    let locations = external_data_locations(&graph, &path)
+                        .await
                         .map_err(|e| js_error(format!("{path}: {e}")))?;
                     wanted.extend(locations.into_iter().map(|l| (format!("{part}/{l}"), true)));
                 }
-                files.insert(path, bytes);
+                files.insert(path, blob);
             }
             None if required => missing.push(path),
             None => {}
@@ -455,43 +495,22 @@ async fn fetch_folder(
     Ok(files)
 }
 
-/// Which file of a folder is being fetched, and how many bytes the folder already holds.
+/// Which file of a folder is being fetched.
 struct Place {
     url: String,
     path: String,
     index: usize,
     count: usize,
-    used: f64,
-}
-
-impl Place {
-    /// Refuses a file that would not fit in WebAssembly memory with the rest of the model.
-    fn check_fits(&self, bytes: f64) -> Result<(), JsValue> {
-        if self.used + bytes <= MODEL_BYTES_LIMIT {
-            return Ok(());
-        }
-        let gib = |b: f64| b / (1u64 << 30) as f64;
-        Err(js_error(format!(
-            "this model does not fit in the browser: {} is {:.1} GiB, the files before it {:.1} GiB, and a \
-             WebAssembly page can hold about {:.1} GiB of model files. Use an fp16 export (half the size) \
-             or a smaller model.",
-            self.path,
-            gib(bytes),
-            gib(self.used),
-            gib(MODEL_BYTES_LIMIT)
-        )))
-    }
 }
 
 /// One file: the cached copy if its length checks out, else a download that is then cached.
 /// `None` when the server has no such file.
-async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<Bytes>, JsValue> {
+async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<Blob>, JsValue> {
     let Place {
         url,
         path,
         index,
         count,
-        ..
     } = place;
     let window = web_sys::window().ok_or_else(|| js_error("no window"))?;
     let report = |loaded: f64, total: f64, cached: bool, note: Option<&str>| {
@@ -523,12 +542,11 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
             .get(LENGTH_HEADER)
             .ok()
             .flatten()
-            .and_then(|v| v.parse::<usize>().ok());
-        let body = Uint8Array::new(&JsFuture::from(response.array_buffer()?).await?);
-        place.check_fits(body.length() as f64)?;
-        if Some(body.length() as usize) == expected {
-            report(body.length() as f64, body.length() as f64, true, None);
-            return Ok(Some(Bytes::from(body.to_vec())));
+            .and_then(|v| v.parse::<f64>().ok());
+        let blob: Blob = JsFuture::from(response.blob()?).await?.dyn_into()?;
+        if Some(blob.size()) == expected {
+            report(blob.size(), blob.size(), true, None);
+            return Ok(Some(blob));
         }
         // Short or damaged: drop it and download again.
         let _ = JsFuture::from(cache.delete_with_str(url)).await;
@@ -550,93 +568,76 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<By
         .flatten()
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
-    place.check_fits(total)?;
-    let bytes = read_body(&response, place, total as usize, |loaded| {
-        report(loaded, total, false, None)
-    })
-    .await?;
-    if total > 0.0 && bytes.len() as f64 != total {
+    let blob = download(&response, |loaded| report(loaded, total, false, None)).await?;
+    if total > 0.0 && blob.size() != total {
         return Err(js_error(format!(
             "{url}: received {} of {total} bytes",
-            bytes.len()
+            blob.size()
         )));
     }
     // A cache that refuses the file (quota, internal error) costs the next visit a
     // download, never this load: the file is used uncached, with a note.
     if let Some(cache) = &cache
-        && let Err(e) = store(cache, url, &bytes).await
+        && let Err(e) = store(cache, url, &blob).await
     {
-        let size = bytes.len() as f64;
-        report(size, size, false, Some(&format!("not cached ({e})")));
+        report(
+            blob.size(),
+            blob.size(),
+            false,
+            Some(&format!("not cached ({e})")),
+        );
     }
-    Ok(Some(Bytes::from(bytes)))
+    Ok(Some(blob))
 }
 
-/// Reads a response body chunk by chunk, reporting the bytes received so far and stopping
-/// as soon as the file would not fit (servers need not send a length).
-async fn read_body(
+/// Reads a response body into a Blob chunk by chunk, reporting the bytes received so far.
+/// Chunks stay JavaScript buffers and are folded into the Blob every `FOLD_BYTES`, so the
+/// browser can move them out of memory; none of it passes through WebAssembly memory.
+async fn download(
     response: &web_sys::Response,
-    place: &Place,
-    expected_len: usize,
     mut progress: impl FnMut(f64),
-) -> Result<Vec<u8>, JsValue> {
+) -> Result<Blob, JsValue> {
+    const FOLD_BYTES: f64 = (64 << 20) as f64;
     let Some(body) = response.body() else {
-        let buffer = Uint8Array::new(&JsFuture::from(response.array_buffer()?).await?);
-        place.check_fits(buffer.length() as f64)?;
-        return Ok(buffer.to_vec());
+        return JsFuture::from(response.blob()?).await?.dyn_into();
     };
     let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().dyn_into()?;
-    // Capacity is reserved exactly: a Vec's usual doubling asks for 2 GiB once a file
-    // passes 1 GiB, which wasm32 cannot address (a trap, not an error).
-    let mut bytes = Vec::new();
-    reserve(&mut bytes, expected_len, place)?;
+    let mut blob = Blob::new()?;
+    let pending = Array::new();
+    let (mut pending_bytes, mut loaded) = (0.0, 0.0);
     loop {
         let chunk = JsFuture::from(reader.read()).await?;
-        if Reflect::get(&chunk, &"done".into())?
+        let done = Reflect::get(&chunk, &"done".into())?
             .as_bool()
-            .unwrap_or(true)
-        {
-            break;
+            .unwrap_or(true);
+        if !done {
+            let value: Uint8Array = Reflect::get(&chunk, &"value".into())?.dyn_into()?;
+            pending_bytes += value.length() as f64;
+            loaded += value.length() as f64;
+            pending.push(&value);
+            progress(loaded);
         }
-        let value: Uint8Array = Reflect::get(&chunk, &"value".into())?.dyn_into()?;
-        let start = bytes.len();
-        let end = start + value.length() as usize;
-        place.check_fits(end as f64)?;
-        if end > bytes.capacity() {
-            // Past the announced length (or none was given): grow by a quarter at least.
-            reserve(&mut bytes, end.max(start + start / 4), place)?;
+        if done || pending_bytes >= FOLD_BYTES {
+            pending.unshift(&blob);
+            blob = Blob::new_with_u8_array_sequence(&pending)?;
+            pending.set_length(0);
+            pending_bytes = 0.0;
         }
-        bytes.resize(end, 0);
-        value.copy_to(&mut bytes[start..]);
-        progress(bytes.len() as f64);
+        if done {
+            return Ok(blob);
+        }
     }
-    Ok(bytes)
-}
-
-/// Makes room for `len` bytes in all, exactly, or says that memory ran out.
-fn reserve(bytes: &mut Vec<u8>, len: usize, place: &Place) -> Result<(), JsValue> {
-    bytes
-        .try_reserve_exact(len.saturating_sub(bytes.len()))
-        .map_err(|_| {
-            js_error(format!(
-                "out of memory while downloading {}: {:.1} GiB do not fit in WebAssembly memory beside the {:.1} GiB before it",
-                place.path,
-                len as f64 / (1u64 << 30) as f64,
-                place.used / (1u64 << 30) as f64
-            ))
-        })
 }
 
 /// Puts a file into the cache with its length; a full quota becomes a readable message.
-async fn store(cache: &web_sys::Cache, url: &str, bytes: &[u8]) -> Result<(), String> {
+async fn store(cache: &web_sys::Cache, url: &str, blob: &Blob) -> Result<(), String> {
     let headers = web_sys::Headers::new().map_err(|e| format!("{e:?}"))?;
     headers
-        .set(LENGTH_HEADER, &bytes.len().to_string())
+        .set(LENGTH_HEADER, &blob.size().to_string())
         .map_err(|e| format!("{e:?}"))?;
     let init = web_sys::ResponseInit::new();
     init.set_headers(&headers);
-    let body = Uint8Array::from(bytes);
-    let response = web_sys::Response::new_with_opt_buffer_source_and_init(Some(&body), &init)
+    let response = web_sys::Response::new_with_opt_blob_and_init(Some(blob), &init)
         .map_err(|e| format!("{e:?}"))?;
     JsFuture::from(cache.put_with_str(url, &response))
         .await

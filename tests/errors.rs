@@ -4,6 +4,9 @@
 mod common;
 
 use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
 
 use websd::engine::{HostTensor, Model, Session};
 
@@ -21,28 +24,37 @@ fn error_of<T>(result: Result<T, websd::engine::Error>) -> String {
 #[test]
 fn truncated_and_garbage_files_are_parse_errors() {
     let bytes = std::fs::read(common::tiny_sd().join("vae_decoder/model.onnx")).unwrap();
-    let message = error_of(Model::from_bytes_only(bytes[..bytes.len() / 2].to_vec()));
+    let message = error_of(Model::from_bytes(bytes[..bytes.len() / 2].to_vec()));
     assert!(message.contains("not a valid ONNX model"), "{message}");
-    let message = error_of(Model::from_bytes_only(vec![0xff; 100]));
+    let message = error_of(Model::from_bytes(vec![0xff; 100]));
     assert!(message.contains("not a valid ONNX model"), "{message}");
+}
+
+/// The external-data case with its weights file replaced by `weights` (or left out).
+fn open_with_weights(weights: Option<Vec<u8>>) -> Result<Model, websd::engine::Error> {
+    let mut files = HashMap::new();
+    files.insert(
+        "model.onnx".to_string(),
+        Bytes::from(model_bytes("ops/matmul_external_data/model.onnx")),
+    );
+    if let Some(weights) = weights {
+        files.insert("weights.bin".to_string(), Bytes::from(weights));
+    }
+    pollster::block_on(Model::open(Rc::new(files), "model.onnx"))
 }
 
 #[test]
 fn missing_external_data_names_the_file() {
-    let bytes = model_bytes("ops/matmul_external_data/model.onnx");
-    let message = error_of(Model::from_bytes(bytes, &mut |_| {
-        Err("No such file or directory".into())
-    }));
+    let message = error_of(open_with_weights(None));
     assert!(
-        message.contains("weights.bin") && message.contains("No such file"),
+        message.contains("weights.bin") && message.contains("not supplied"),
         "{message}"
     );
 }
 
 #[test]
 fn short_external_data_is_an_error() {
-    let bytes = model_bytes("ops/matmul_external_data/model.onnx");
-    let message = error_of(Model::from_bytes(bytes, &mut |_| Ok(vec![0u8; 7].into())));
+    let message = error_of(open_with_weights(Some(vec![0u8; 7])));
     assert!(
         message.contains("weights.bin") && message.contains("7 bytes"),
         "{message}"
@@ -55,7 +67,7 @@ fn unsupported_operator_names_op_node_and_opset() {
     let mut bytes = model_bytes("ops/erf/model.onnx");
     let at = bytes.windows(3).position(|w| w == b"Erf").unwrap();
     bytes[at..at + 3].copy_from_slice(b"Elu");
-    let message = error_of(Model::from_bytes_only(bytes));
+    let message = error_of(Model::from_bytes(bytes));
     assert!(
         message.contains("Elu") && message.contains("opset 18"),
         "{message}"

@@ -9,6 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use websd::engine::Gpu;
 use websd::eval::Benchmark;
@@ -22,7 +23,12 @@ fn onnx_dir() -> PathBuf {
 
 fn load(gpu: &Gpu, model: &str) -> StableDiffusion {
     let folder = onnx_dir().join(model);
-    StableDiffusion::load(gpu, &mut Directory(folder), model).unwrap()
+    pollster::block_on(StableDiffusion::load(
+        gpu,
+        Rc::new(Directory(folder)),
+        model,
+    ))
+    .unwrap()
 }
 
 #[test]
@@ -71,7 +77,7 @@ fn benchmark_reproduces_the_reported_accuracy() {
         serde_json::from_str(&std::fs::read_to_string(bench_dir.join("results.json")).unwrap())
             .unwrap();
     let readme = std::fs::read_to_string(onnx_dir().join("../README.md")).unwrap();
-    let mut benchmark = Benchmark::load(&mut Directory(bench_dir)).unwrap();
+    let mut benchmark = pollster::block_on(Benchmark::load(Rc::new(Directory(bench_dir)))).unwrap();
     let mut failures = Vec::new();
     for recorded in results.as_array().unwrap() {
         let model = recorded["model"].as_str().unwrap();

@@ -7,9 +7,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::rc::Rc;
 
-use websd::engine::{Model, Session};
-use websd::model::{Directory, ModelFiles};
+use websd::engine::{Directory, Model, Session};
 
 const N: usize = 4096;
 const LAYERS: usize = 8;
@@ -47,9 +47,8 @@ fn half_a_gigabyte_of_weights_loads_without_host_copies() {
     // Writing 5 to clear_refs resets the peak (VmHWM) to the current resident size.
     std::fs::write("/proc/self/clear_refs", "5").unwrap();
     let before = status_kib("VmHWM:") * 1024;
-    let mut files = Directory(dir.clone());
-    let bytes = files.read("model.onnx").unwrap();
-    let model = Model::from_bytes(bytes, &mut |location| files.read(location)).unwrap();
+    let model =
+        pollster::block_on(Model::open(Rc::new(Directory(dir.clone())), "model.onnx")).unwrap();
     let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
     let inputs = common::tensors(&fixture, "in_");
     let outputs = pollster::block_on(session.run_host(&[("x", &inputs["x"])])).unwrap();

@@ -151,9 +151,13 @@ fn fp16_weights_take_half_the_gpu_memory() {
 fn constant_in_external_data_matches_onnxruntime() {
     let gpu = common::gpu();
     let dir = common::fixtures().join("graphs/constant_external_data");
-    let bytes = std::fs::read(dir.join("model.onnx")).unwrap();
+    let folder = websd::engine::Directory(dir.clone());
     assert_eq!(
-        websd::engine::external_data_locations(bytes.into()).unwrap(),
+        pollster::block_on(websd::engine::external_data_locations(
+            &folder,
+            "model.onnx"
+        ))
+        .unwrap(),
         ["model.onnx_data"]
     );
     let model = common::load_model(&dir.join("model.onnx"));

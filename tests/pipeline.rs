@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::HashMap;
+use std::rc::Rc;
 
 use bytes::Bytes;
 use websd::engine::Gpu;
@@ -47,7 +48,12 @@ fn model_files(scheduler_config: Option<&str>) -> HashMap<String, Bytes> {
 }
 
 fn load(gpu: &Gpu, scheduler_config: Option<&str>) -> StableDiffusion {
-    StableDiffusion::load(gpu, &mut model_files(scheduler_config), "tiny-sd").unwrap()
+    pollster::block_on(StableDiffusion::load(
+        gpu,
+        Rc::new(model_files(scheduler_config)),
+        "tiny-sd",
+    ))
+    .unwrap()
 }
 
 fn request(case: &serde_json::Value) -> Request {
@@ -203,7 +209,7 @@ fn missing_files_are_listed() {
     let mut files = model_files(None);
     files.remove("unet/model.onnx");
     files.remove("tokenizer/merges.txt");
-    let message = StableDiffusion::load(&gpu, &mut files, "tiny-sd")
+    let message = pollster::block_on(StableDiffusion::load(&gpu, Rc::new(files), "tiny-sd"))
         .err()
         .unwrap()
         .to_string();
@@ -359,7 +365,8 @@ fn guidance_distilled_unet_matches_diffusers() {
         );
     }
     let gpu = common::gpu();
-    let mut pipeline = StableDiffusion::load(&gpu, &mut files, "tiny-lcm").unwrap();
+    let mut pipeline =
+        pollster::block_on(StableDiffusion::load(&gpu, Rc::new(files), "tiny-lcm")).unwrap();
     assert_eq!(pipeline.config.time_cond_proj_dim, Some(8));
     let request = Request {
         prompt: "a red 7 on a blue background".into(),

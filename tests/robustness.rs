@@ -1,10 +1,14 @@
 //! Damaged model files give errors, never panics: single-bit flips across the graph part of
-//! an optimum export (node list, attributes, shapes), each parsed and built into a session.
+//! an optimum export (node list, attributes, shapes), each parsed (whole from memory, and
+//! opened through a file source as the CLI and the page do) and built into a session.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
 
 use std::collections::HashMap;
+use std::rc::Rc;
+
+use bytes::Bytes;
 
 use websd::engine::{Model, Session};
 
@@ -28,7 +32,9 @@ fn bit_flipped_models_never_panic() {
         let mut bytes = original.clone();
         bytes[at] ^= 1 << bit;
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if let Ok(model) = Model::from_bytes_only(bytes) {
+            let file = HashMap::from([("model.onnx".to_string(), Bytes::from(bytes.clone()))]);
+            let opened = pollster::block_on(Model::open(Rc::new(file), "model.onnx"));
+            for model in [Model::from_bytes(bytes), opened].into_iter().flatten() {
                 let _ = pollster::block_on(Session::new(&gpu, &model, &dims));
             }
         }));

@@ -39,7 +39,7 @@ async fn tiny_unet_matches_onnxruntime_in_the_browser() {
     let gpu = Gpu::new()
         .await
         .expect("WebGPU adapter (Chromium needs --enable-unsafe-webgpu)");
-    let model = Model::from_bytes_only(
+    let model = Model::from_bytes(
         &include_bytes!(concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/tests/fixtures/tiny-sd/unet/model.onnx"
@@ -75,7 +75,7 @@ async fn tiny_unet_matches_onnxruntime_in_the_browser() {
 
 #[wasm_bindgen_test]
 async fn bad_model_bytes_are_an_error_not_a_panic() {
-    let err = Model::from_bytes_only(&b"definitely not protobuf"[..])
+    let err = Model::from_bytes(&b"definitely not protobuf"[..])
         .err()
         .expect("an error");
     assert!(err.to_string().contains("ONNX"), "{err}");
@@ -92,7 +92,7 @@ async fn fused_attention_matches_onnxruntime_in_the_browser() {
         &fixture!("graphs/attention_cross/in_v.npy")[..],
         &fixture!("graphs/attention_cross/out_y.npy")[..],
     )] {
-        let model = Model::from_bytes_only(model).unwrap();
+        let model = Model::from_bytes(model).unwrap();
         let session = Session::new(&gpu, &model, &HashMap::new()).await.unwrap();
         let outputs = session
             .run_host(&[("q", &tensor(q)), ("kt", &tensor(kt)), ("v", &tensor(v))])
@@ -124,7 +124,7 @@ async fn whole_pipeline_matches_diffusers_in_the_browser() {
             )
         };
     }
-    let mut files: HashMap<String, bytes::Bytes> = [
+    let files: HashMap<String, bytes::Bytes> = [
         model_file!("model_index.json"),
         model_file!("scheduler/scheduler_config.json"),
         model_file!("tokenizer/vocab.json"),
@@ -139,7 +139,9 @@ async fn whole_pipeline_matches_diffusers_in_the_browser() {
     .into_iter()
     .collect();
     let gpu = Gpu::new().await.unwrap();
-    let mut pipeline = StableDiffusion::load(&gpu, &mut files, "tiny-sd").unwrap();
+    let mut pipeline = StableDiffusion::load(&gpu, std::rc::Rc::new(files), "tiny-sd")
+        .await
+        .unwrap();
     let request = Request {
         prompt: "a red 7 on a blue background".into(),
         steps: 4,

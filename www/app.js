@@ -105,7 +105,7 @@ async function pickFolder() {
     async function walk(handle, prefix) {
       for await (const [name, entry] of handle.entries()) {
         if (entry.kind === "directory") await walk(entry, `${prefix}${name}/`);
-        else files.set(`${prefix}${name}`, new Uint8Array(await (await entry.getFile()).arrayBuffer()));
+        else files.set(`${prefix}${name}`, await entry.getFile());
       }
     }
     await walk(root, "");
@@ -122,7 +122,7 @@ async function loadFolderInput(event) {
   for (const file of event.target.files) {
     const [top, ...rest] = file.webkitRelativePath.split("/");
     name = top;
-    files.set(rest.join("/"), new Uint8Array(await file.arrayBuffer()));
+    files.set(rest.join("/"), file);
   }
   try {
     await app.loadFiles(name, files);

@@ -149,6 +149,6 @@ impl GraphBuilder {
 
     /// Loads the model as if it had been read from a file.
     pub fn build(self) -> Result<Model> {
-        Model::from_bytes_only(self.to_bytes())
+        Model::from_bytes(self.to_bytes())
     }
 }

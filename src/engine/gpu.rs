@@ -1,12 +1,13 @@
 //! The shared GPU: one `wgpu::Device` used by every session, and GPU-resident tensors.
 
 use std::borrow::Cow;
-use std::ops::Deref;
+use std::ops::{Deref, Range};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::error::{Error, Result};
 use super::kernels::Pipelines;
-use super::tensor::{DType, HostTensor, numel};
+use super::source::FileSource;
+use super::tensor::{DType, HostTensor, Storage, StoredTensor, numel};
 
 /// Elements converted and written per queue write when uploading a tensor (16 MiB).
 const UPLOAD_CHUNK_ELEMENTS: usize = 4 << 20;
@@ -156,44 +157,94 @@ impl Gpu {
         })
     }
 
-    /// A storage buffer holding `tensor`, written a chunk at a time. Natively the queue
-    /// stages every write until the next submission, so after every
-    /// `UPLOAD_FLUSH_BYTES` the staged writes are submitted and waited for: a multi-gigabyte
-    /// model never has a second copy of its weights on the host. (The browser copies each
-    /// write out of WebAssembly memory at once.)
-    ///
-    /// The model's bytes of each chunk (files are mapped natively) are handed back to the
-    /// operating system once written, so a mapped file's pages do not stay resident beside
-    /// the GPU's copy.
+    /// A storage buffer holding `tensor`, written a chunk at a time (see `write_chunk`).
     ///
     /// With `halves`, an f16 tensor is uploaded as it is stored: packed f16 pairs.
     pub(crate) fn upload(&self, label: &str, tensor: &HostTensor, halves: bool) -> wgpu::Buffer {
         debug_assert!(!halves || tensor.is_stored_f16());
         let n = tensor.len();
-        let size = if halves { 2 } else { 4 };
-        let buffer = self.storage_buffer(label, (size * n) as u64);
-        let mut staged = Vec::new();
-        let mut staged_bytes = 0;
+        let buffer = self.storage_buffer(label, (element_size(halves) * n) as u64);
+        let mut staged = 0;
         for start in (0..n).step_by(UPLOAD_CHUNK_ELEMENTS) {
             let end = (start + UPLOAD_CHUNK_ELEMENTS).min(n);
-            let bytes = match tensor.stored_bytes(start..end).filter(|_| halves) {
-                // Queue writes are whole words: an odd count of halves gets a zero pad.
-                Some(raw) if raw.len() % 4 != 0 => Cow::Owned([raw, &[0, 0]].concat()),
-                Some(raw) => Cow::Borrowed(raw),
-                None => tensor.gpu_bytes(start..end),
-            };
-            self.queue
-                .write_buffer(&buffer, (size * start) as u64, &bytes);
-            staged_bytes += bytes.len();
-            staged.extend(tensor.stored_bytes(start..end));
-            if staged_bytes >= UPLOAD_FLUSH_BYTES || end == n {
-                self.queue.submit([]);
-                self.wait();
-                staged.drain(..).for_each(release_pages);
-                staged_bytes = 0;
-            }
+            self.write_chunk(&buffer, start, tensor, start..end, halves, &mut staged);
         }
+        self.flush(&mut staged);
         buffer
+    }
+
+    /// A storage buffer holding a weight that is still in the model's files, read from
+    /// `source` a chunk at a time: the host never holds more than one chunk of it.
+    pub(crate) async fn upload_stored(
+        &self,
+        label: &str,
+        stored: &StoredTensor,
+        halves: bool,
+        source: &dyn FileSource,
+    ) -> Result<wgpu::Buffer> {
+        debug_assert!(!halves || stored.storage == Storage::F16);
+        let n = numel(&stored.shape);
+        let width = stored.storage.size() as u64;
+        let buffer = self.storage_buffer(label, (element_size(halves) * n) as u64);
+        let mut staged = 0;
+        for start in (0..n).step_by(UPLOAD_CHUNK_ELEMENTS) {
+            let end = (start + UPLOAD_CHUNK_ELEMENTS).min(n);
+            let range = stored.offset + width * start as u64..stored.offset + width * end as u64;
+            let bytes =
+                source
+                    .read(&stored.path, range)
+                    .await
+                    .map_err(|e| Error::ExternalData {
+                        tensor: label.to_string(),
+                        reason: format!("cannot read `{}`: {e}", stored.path),
+                    })?;
+            let chunk =
+                HostTensor::raw(vec![end - start], stored.storage, bytes).map_err(|_| {
+                    Error::ExternalData {
+                        tensor: label.to_string(),
+                        reason: format!("`{}` ended early", stored.path),
+                    }
+                })?;
+            self.write_chunk(&buffer, start, &chunk, 0..end - start, halves, &mut staged);
+        }
+        self.flush(&mut staged);
+        Ok(buffer)
+    }
+
+    /// Writes elements `range` of `tensor` into `buffer` from element `first` on. Natively
+    /// the queue stages every write until the next submission, so once `UPLOAD_FLUSH_BYTES`
+    /// are staged they are submitted and waited for: a multi-gigabyte model never has a
+    /// second copy of its weights on the host. (The browser copies each write out of
+    /// WebAssembly memory at once.)
+    fn write_chunk(
+        &self,
+        buffer: &wgpu::Buffer,
+        first: usize,
+        tensor: &HostTensor,
+        range: Range<usize>,
+        halves: bool,
+        staged: &mut usize,
+    ) {
+        let bytes = match tensor.stored_bytes(range.clone()).filter(|_| halves) {
+            // Queue writes are whole words: an odd count of halves gets a zero pad.
+            Some(raw) if raw.len() % 4 != 0 => Cow::Owned([raw, &[0, 0]].concat()),
+            Some(raw) => Cow::Borrowed(raw),
+            None => tensor.gpu_bytes(range),
+        };
+        let offset = (element_size(halves) * first) as u64;
+        self.queue.write_buffer(buffer, offset, &bytes);
+        *staged += bytes.len();
+        if *staged >= UPLOAD_FLUSH_BYTES {
+            self.flush(staged);
+        }
+    }
+
+    fn flush(&self, staged: &mut usize) {
+        if *staged > 0 {
+            self.queue.submit([]);
+            self.wait();
+            *staged = 0;
+        }
     }
 
     /// A kernel's parameters: usable as a uniform buffer (the kernels whose parameters are
@@ -227,24 +278,10 @@ impl Gpu {
     }
 }
 
-/// Tells the operating system that `bytes` will not be read soon: pages of a mapped file
-/// leave the process's resident memory (they are read again from the file if needed). A
-/// hint only (`MADV_PAGEOUT`): heap memory keeps its contents.
-#[cfg(target_os = "linux")]
-fn release_pages(bytes: &[u8]) {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
-    let start = (bytes.as_ptr() as usize).next_multiple_of(page);
-    let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
-    if end > start {
-        // SAFETY: the range lies inside `bytes`, and MADV_PAGEOUT never changes what
-        // memory holds, only where it is kept.
-        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
-    }
+/// Bytes per element of an uploaded tensor: halves, or 32-bit words.
+fn element_size(halves: bool) -> usize {
+    if halves { 2 } else { 4 }
 }
-
-#[cfg(not(target_os = "linux"))]
-fn release_pages(_bytes: &[u8]) {}
 
 pub(crate) fn words_as_bytes(words: &[u32]) -> &[u8] {
     // SAFETY: u32 has no padding and any byte pattern is a valid u8.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::ops::Op;
-use super::tensor::{DType, HostTensor};
+use super::tensor::{DType, HostTensor, StoredTensor};
 
 pub type ValueId = usize;
 
@@ -24,6 +24,9 @@ pub struct Value {
     /// Static shape, set by shape inference once every dimension is bound.
     pub shape: Vec<usize>,
     pub constant: Option<Arc<HostTensor>>,
+    /// A weight left in the model's files (large initializers of a model opened through a
+    /// `FileSource`): constant, but its values are never on the host, only uploaded.
+    pub stored: Option<StoredTensor>,
 }
 
 #[derive(Clone, Debug)]

@@ -11,36 +11,51 @@ use super::error::{Error, Result};
 use super::graph::{Dim, Graph, Node, Value, ValueId};
 use super::onnx::{self, DATA_LOCATION_EXTERNAL};
 use super::ops::{Attributes, Op};
-use super::tensor::{DType, HostData, HostTensor, Storage};
+use super::scan::{self, INLINE_LIMIT};
+use super::source::FileSource;
+use super::tensor::{DType, HostData, HostTensor, Storage, StoredTensor};
 
-/// Supplies the bytes of an external-data file (`location` as written in the model, relative
-/// to the model's folder). Natively this reads a file; in the browser, fetched bytes.
-pub type ExternalDataSource<'a> = dyn FnMut(&str) -> std::result::Result<Bytes, String> + 'a;
+/// Decodes a model held whole in memory; external data is an error (see [`open_graph`]).
+pub fn load_graph_bytes(bytes: Bytes) -> Result<Graph> {
+    load_graph(decode_model(bytes)?, None)
+}
 
-/// The external-data files a model names (to fetch before loading), in first-use order:
-/// initializers' and tensor attributes' (exporters move large `Constant` values there too).
-pub fn external_data_locations(model_bytes: Bytes) -> Result<Vec<String>> {
-    let model = decode_model(model_bytes)?;
-    let graph = model.graph.unwrap_or_default();
-    let attribute_tensors = graph
-        .node
-        .iter()
-        .flat_map(|n| &n.attribute)
-        .filter_map(|a| a.t.as_ref());
+/// Opens the model at `path` through `source` without reading its weights: the structure
+/// and every small tensor are read now, each large initializer (inline or in an
+/// external-data file) stays where it is as a [`StoredTensor`] that sessions upload from.
+pub async fn open_graph(source: &dyn FileSource, path: &str) -> Result<Graph> {
+    let (model, folder) = open_skeleton(source, path).await?;
+    let references = references(&model)?;
+    check_extents(source, &folder, &references)?;
+    let read_ahead = read_ahead(source, &folder, &references).await?;
+    load_graph(model, Some(&Split { folder, read_ahead }))
+}
+
+/// The external-data files the model at `path` names (to fetch before opening it), in
+/// first-use order: initializers' and tensor attributes' (exporters move large `Constant`
+/// values there too).
+pub async fn external_data_locations(source: &dyn FileSource, path: &str) -> Result<Vec<String>> {
+    let (model, _) = open_skeleton(source, path).await?;
+    let own_name = path.rsplit('/').next().unwrap_or(path);
     let mut locations: Vec<String> = Vec::new();
-    for tensor in graph.initializer.iter().chain(attribute_tensors) {
-        if tensor.data_location == DATA_LOCATION_EXTERNAL {
-            let location = tensor
-                .external_data
-                .iter()
-                .find(|e| e.key == "location")
-                .map(|e| e.value.clone());
-            if let Some(location) = location.filter(|l| !locations.contains(l)) {
-                locations.push(location);
-            }
+    for reference in references(&model)? {
+        let location = reference.location;
+        if location != own_name && !locations.contains(&location) {
+            locations.push(location);
         }
     }
     Ok(locations)
+}
+
+/// The model's structure, with large inline tensors turned into references to its own
+/// file, and the folder its references are relative to (`unet/`).
+async fn open_skeleton(source: &dyn FileSource, path: &str) -> Result<(onnx::ModelProto, String)> {
+    let (folder, own_name) = match path.rfind('/') {
+        Some(i) => (&path[..=i], &path[i + 1..]),
+        None => ("", path),
+    };
+    let skeleton = scan::skeleton(source, path, own_name).await?;
+    Ok((decode_model(skeleton.into())?, folder.to_string()))
 }
 
 fn decode_model(model_bytes: Bytes) -> Result<onnx::ModelProto> {
@@ -51,9 +66,134 @@ fn decode_model(model_bytes: Bytes) -> Result<onnx::ModelProto> {
     })
 }
 
-/// Decodes a model. `external` is asked once per distinct external-data file.
-pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Result<Graph> {
-    let model = decode_model(model_bytes)?;
+/// Where a tensor's bytes are in an external-data file.
+struct Reference {
+    tensor: String,
+    location: String,
+    offset: u64,
+    length: u64,
+    /// Initializers may stay in the file; `Constant` values are always read.
+    initializer: bool,
+}
+
+/// Every external-data reference of the model.
+fn references(model: &onnx::ModelProto) -> Result<Vec<Reference>> {
+    let Some(graph) = &model.graph else {
+        return Ok(Vec::new());
+    };
+    let attribute_tensors = graph
+        .node
+        .iter()
+        .flat_map(|n| &n.attribute)
+        .filter_map(|a| a.t.as_ref());
+    let initializers = graph.initializer.iter().map(|t| (t, true));
+    let mut found = Vec::new();
+    for (tensor, initializer) in initializers.chain(attribute_tensors.map(|t| (t, false))) {
+        if let Some((location, offset, length)) = external_place(tensor)? {
+            found.push(Reference {
+                tensor: tensor.name.clone(),
+                location,
+                offset,
+                length,
+                initializer,
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// A reference past the end of its file is an error naming both, before anything is read.
+fn check_extents(source: &dyn FileSource, folder: &str, references: &[Reference]) -> Result<()> {
+    let mut sizes: HashMap<&str, u64> = HashMap::new();
+    for r in references {
+        let size = match sizes.get(r.location.as_str()) {
+            Some(&size) => size,
+            None => {
+                let size = source
+                    .size(&format!("{folder}{}", r.location))
+                    .map_err(|e| Error::ExternalData {
+                        tensor: r.tensor.clone(),
+                        reason: format!("cannot read `{}`: {e}", r.location),
+                    })?;
+                *sizes.entry(&r.location).or_insert(size)
+            }
+        };
+        if r.offset.checked_add(r.length).is_none_or(|end| end > size) {
+            return Err(Error::ExternalData {
+                tensor: r.tensor.clone(),
+                reason: format!(
+                    "`{}` has {size} bytes, the tensor needs bytes {}..{}",
+                    r.location,
+                    r.offset,
+                    r.offset.saturating_add(r.length)
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads the referenced tensors that are loaded now (small initializers, every `Constant`
+/// value), merging neighbours into one read: a model has hundreds of biases side by side.
+async fn read_ahead(
+    source: &dyn FileSource,
+    folder: &str,
+    references: &[Reference],
+) -> Result<HashMap<(String, u64), Bytes>> {
+    /// Gap up to which two neighbouring tensors are read together.
+    const MERGE_GAP: u64 = 64 << 10;
+    let mut wanted: Vec<&Reference> = references
+        .iter()
+        .filter(|r| !r.initializer || r.length < INLINE_LIMIT)
+        .collect();
+    wanted.sort_by(|a, b| (&a.location, a.offset).cmp(&(&b.location, b.offset)));
+    let mut read = HashMap::new();
+    let mut i = 0;
+    while i < wanted.len() {
+        let first = wanted[i];
+        let mut end = first.offset + first.length;
+        let mut j = i + 1;
+        while j < wanted.len()
+            && wanted[j].location == first.location
+            && wanted[j].offset <= end + MERGE_GAP
+        {
+            end = end.max(wanted[j].offset + wanted[j].length);
+            j += 1;
+        }
+        let path = format!("{folder}{}", first.location);
+        let bytes =
+            source
+                .read(&path, first.offset..end)
+                .await
+                .map_err(|e| Error::ExternalData {
+                    tensor: first.tensor.clone(),
+                    reason: format!("cannot read `{}`: {e}", first.location),
+                })?;
+        for r in &wanted[i..j] {
+            let at = (r.offset - first.offset) as usize;
+            let part =
+                bytes
+                    .get(at..at + r.length as usize)
+                    .ok_or_else(|| Error::ExternalData {
+                        tensor: r.tensor.clone(),
+                        reason: format!("`{}` ended early", r.location),
+                    })?;
+            read.insert((r.location.clone(), r.offset), bytes.slice_ref(part));
+        }
+        i = j;
+    }
+    Ok(read)
+}
+
+/// How a model opened through a [`FileSource`] resolves external data.
+pub(crate) struct Split {
+    /// Prefix of every location (`unet/`).
+    folder: String,
+    /// Tensors read by [`read_ahead`], by location and offset.
+    read_ahead: HashMap<(String, u64), Bytes>,
+}
+
+fn load_graph(model: onnx::ModelProto, split: Option<&Split>) -> Result<Graph> {
     let opset = model
         .opset_import
         .iter()
@@ -67,15 +207,19 @@ pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Resu
         values: Vec::new(),
         by_name: HashMap::new(),
     };
-    let mut files = ExternalFiles {
-        source: external,
-        cache: HashMap::new(),
-    };
 
     for init in &graph.initializer {
-        let tensor = tensor_from_proto(init, Some(&mut files))?;
-        let id = builder.define(&init.name, tensor.dtype());
-        builder.values[id].constant = Some(Arc::new(tensor));
+        match split.map(|s| stored_tensor(init, s)).transpose()?.flatten() {
+            Some(stored) => {
+                let id = builder.define(&init.name, stored.storage.dtype());
+                builder.values[id].stored = Some(stored);
+            }
+            None => {
+                let tensor = tensor_from_proto(init, split)?;
+                let id = builder.define(&init.name, tensor.dtype());
+                builder.values[id].constant = Some(Arc::new(tensor));
+            }
+        }
     }
     let mut inputs = Vec::new();
     for info in &graph.input {
@@ -99,7 +243,7 @@ pub fn load_graph(model_bytes: Bytes, external: &mut ExternalDataSource) -> Resu
             });
         }
         if proto.op_type == "Constant" {
-            let tensor = constant_node_value(proto, &mut files)?;
+            let tensor = constant_node_value(proto, split)?;
             let output = proto
                 .output
                 .first()
@@ -162,6 +306,7 @@ impl Builder {
             dims: None,
             shape: Vec::new(),
             constant: None,
+            stored: None,
         });
         // A later definition of the same name shadows the earlier one (SSA violations are
         // rejected by onnx.checker, so this only matters for malformed files).
@@ -174,44 +319,6 @@ impl Builder {
             .get(name)
             .copied()
             .ok_or_else(|| Error::parse(format!("`{user}` uses `{name}`, which nothing defines")))
-    }
-}
-
-pub(crate) struct ExternalFiles<'s, 'a> {
-    source: &'s mut ExternalDataSource<'a>,
-    cache: HashMap<String, Bytes>,
-}
-
-impl ExternalFiles<'_, '_> {
-    fn slice(
-        &mut self,
-        tensor: &str,
-        location: &str,
-        offset: usize,
-        length: Option<usize>,
-    ) -> Result<Bytes> {
-        let err = |reason: String| Error::ExternalData {
-            tensor: tensor.to_string(),
-            reason,
-        };
-        if !self.cache.contains_key(location) {
-            let bytes = (self.source)(location)
-                .map_err(|e| err(format!("cannot read `{location}`: {e}")))?;
-            self.cache.insert(location.to_string(), bytes);
-        }
-        let file = &self.cache[location];
-        let end = match length {
-            Some(len) => offset.checked_add(len),
-            None => Some(file.len()),
-        };
-        match end {
-            Some(end) if end <= file.len() && offset <= end => Ok(file.slice(offset..end)),
-            _ => Err(err(format!(
-                "`{location}` has {} bytes, the tensor needs bytes {offset}..{}",
-                file.len(),
-                end.map_or("overflow".into(), |e| e.to_string())
-            ))),
-        }
     }
 }
 
@@ -245,10 +352,10 @@ fn value_type(info: &onnx::ValueInfoProto) -> Result<(DType, Vec<Dim>)> {
     Ok((storage.dtype(), dims))
 }
 
-fn constant_node_value(node: &onnx::NodeProto, files: &mut ExternalFiles) -> Result<HostTensor> {
+fn constant_node_value(node: &onnx::NodeProto, split: Option<&Split>) -> Result<HostTensor> {
     let a = Attributes::new(node);
     if let Some(t) = a.tensor("value") {
-        return tensor_from_proto(t, Some(files));
+        return tensor_from_proto(t, split);
     }
     if let Some(v) = a.floats("value_floats") {
         return Ok(HostTensor::f32(vec![v.len()], v));
@@ -273,12 +380,8 @@ fn constant_node_value(node: &onnx::NodeProto, files: &mut ExternalFiles) -> Res
     }
 }
 
-/// Converts a `TensorProto` to a host tensor. `files` resolves external data; without it,
-/// externally stored tensors are an error.
-pub(crate) fn tensor_from_proto(
-    t: &onnx::TensorProto,
-    files: Option<&mut ExternalFiles>,
-) -> Result<HostTensor> {
+/// Element storage and shape of a `TensorProto`.
+fn storage_and_shape(t: &onnx::TensorProto) -> Result<(Storage, Vec<usize>)> {
     let bad = |reason: String| Error::parse(format!("tensor `{}`: {reason}", t.name));
     let storage = Storage::from_onnx(t.data_type)
         .ok_or_else(|| bad(format!("unsupported data type {}", t.data_type)))?;
@@ -287,30 +390,83 @@ pub(crate) fn tensor_from_proto(
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| bad(format!("negative dimension {d}"))))
         .collect::<Result<Vec<_>>>()?;
-    let n: usize = shape.iter().product();
+    Ok((storage, shape))
+}
 
-    if t.data_location == DATA_LOCATION_EXTERNAL {
-        let files = files.ok_or_else(|| bad("external data is not allowed here".into()))?;
-        let entry = |key: &str| {
-            t.external_data
-                .iter()
-                .find(|e| e.key == key)
-                .map(|e| e.value.as_str())
-        };
-        let location =
-            entry("location").ok_or_else(|| bad("external data without a location".into()))?;
-        let number = |key: &str| -> Result<Option<usize>> {
-            entry(key)
-                .map(|v| {
-                    v.parse::<usize>()
-                        .map_err(|_| bad(format!("external data {key} `{v}`")))
-                })
-                .transpose()
-        };
-        let offset = number("offset")?.unwrap_or(0);
-        let length = number("length")?.or(Some(n * storage.size()));
-        let bytes = files.slice(&t.name, location, offset, length)?;
-        return HostTensor::raw(shape, storage, bytes);
+/// `(location, offset, length)` of a tensor stored as external data, `None` for one stored
+/// in the protobuf.
+fn external_place(t: &onnx::TensorProto) -> Result<Option<(String, u64, u64)>> {
+    if t.data_location != DATA_LOCATION_EXTERNAL {
+        return Ok(None);
+    }
+    let bad = |reason: String| Error::parse(format!("tensor `{}`: {reason}", t.name));
+    let entry = |key: &str| {
+        t.external_data
+            .iter()
+            .rev()
+            .find(|e| e.key == key)
+            .map(|e| e.value.as_str())
+    };
+    let location =
+        entry("location").ok_or_else(|| bad("external data without a location".into()))?;
+    let number = |key: &str| -> Result<Option<u64>> {
+        entry(key)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| bad(format!("external data {key} `{v}`")))
+            })
+            .transpose()
+    };
+    let (storage, shape) = storage_and_shape(t)?;
+    let expected = shape
+        .iter()
+        .fold(storage.size() as u64, |n, &d| n.saturating_mul(d as u64));
+    let length = number("length")?.unwrap_or(expected);
+    if length != expected {
+        return Err(bad(format!(
+            "external data of {length} bytes, shape {shape:?} of {storage:?} needs {expected}"
+        )));
+    }
+    Ok(Some((
+        location.to_string(),
+        number("offset")?.unwrap_or(0),
+        length,
+    )))
+}
+
+/// An initializer a session reads from the files at upload: large and not read ahead.
+fn stored_tensor(t: &onnx::TensorProto, split: &Split) -> Result<Option<StoredTensor>> {
+    let Some((location, offset, _)) = external_place(t)? else {
+        return Ok(None);
+    };
+    if split.read_ahead.contains_key(&(location.clone(), offset)) {
+        return Ok(None);
+    }
+    let (storage, shape) = storage_and_shape(t)?;
+    Ok(Some(StoredTensor {
+        path: format!("{}{location}", split.folder),
+        offset,
+        storage,
+        shape,
+    }))
+}
+
+/// Converts a `TensorProto` to a host tensor. External data must have been read ahead
+/// (`split`); without it, externally stored tensors are an error.
+pub(crate) fn tensor_from_proto(
+    t: &onnx::TensorProto,
+    split: Option<&Split>,
+) -> Result<HostTensor> {
+    let bad = |reason: String| Error::parse(format!("tensor `{}`: {reason}", t.name));
+    let (storage, shape) = storage_and_shape(t)?;
+    let n: usize = shape.iter().product();
+    if let Some((location, offset, _)) = external_place(t)? {
+        let split = split.ok_or_else(|| bad("external data is not allowed here".into()))?;
+        let bytes = split
+            .read_ahead
+            .get(&(location.clone(), offset))
+            .ok_or_else(|| bad(format!("external data in `{location}` was not read")))?;
+        return HostTensor::raw(shape, storage, bytes.clone());
     }
     if !t.raw_data.is_empty() || n == 0 {
         return HostTensor::raw(shape, storage, t.raw_data.clone());

@@ -1,7 +1,7 @@
-//! A WebGPU inference engine for ONNX graphs. It knows nothing of diffusion: load a model
-//! from bytes, bind its symbolic dimensions, run it on GPU-resident tensors.
+//! A WebGPU inference engine for ONNX graphs. It knows nothing of diffusion: open a model
+//! from its files (or bytes), bind its symbolic dimensions, run it on GPU-resident tensors.
 //!
-//! Flow: [`loader`] (protobuf -> [`graph::Graph`]) -> [`passes`] (bind, infer shapes, fold
+//! Flow: [`loader`] (protobuf -> [`graph::Graph`]; [`scan`] leaves weights in the files) -> [`passes`] (bind, infer shapes, fold
 //! constants, fuse) -> [`lower`] (nodes -> kernel launches) -> [`session`] (buffers, bind
 //! groups, dispatch).
 
@@ -19,12 +19,17 @@ mod lower;
 mod onnx;
 mod ops;
 mod passes;
+mod scan;
 mod session;
+mod source;
 mod tensor;
 
 pub use builder::{Attr, GraphBuilder};
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuTensor, SharedGpu};
-pub use loader::{ExternalDataSource, external_data_locations};
+pub use loader::external_data_locations;
 pub use session::{Model, Session, ShapePlan};
+#[cfg(not(target_arch = "wasm32"))]
+pub use source::Directory;
+pub use source::{FileSource, ReadFuture, ReadResult, read_all};
 pub use tensor::{DType, HostTensor, Storage};

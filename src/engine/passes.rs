@@ -66,6 +66,10 @@ fn infer_and_fold(graph: &mut Graph, fold_limit: usize) -> Result<()> {
             value.shape = c.shape.clone();
             value.dtype = c.dtype();
         }
+        if let Some(s) = &value.stored {
+            value.shape = s.shape.clone();
+            value.dtype = s.storage.dtype();
+        }
     }
     let mut kept = Vec::with_capacity(graph.nodes.len());
     for node in std::mem::take(&mut graph.nodes) {
@@ -212,6 +216,7 @@ fn fuse_group_norm(graph: &mut Graph) {
                 dims: None,
                 shape: vec![channels],
                 constant: Some(Arc::new(HostTensor::f32(vec![channels], values))),
+                stored: None,
             });
             id
         };

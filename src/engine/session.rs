@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,28 +12,36 @@ use super::error::{Error, Result};
 use super::gpu::{Gpu, GpuTensor};
 use super::graph::{Dim, Graph, ValueId};
 use super::kernels::{KernelKey, Launch, Operand, bind_buffers};
-use super::loader::{ExternalDataSource, load_graph};
+use super::loader::{load_graph_bytes, open_graph};
 use super::lower::{Lowered, Lowering, half_weights};
 use super::passes;
+use super::source::FileSource;
 use super::tensor::{DType, HostTensor, numel};
 
 /// A parsed model, not yet bound to dimensions or a device.
 pub struct Model {
     graph: Graph,
+    /// Where the weights left in the model's files are read from when a session uploads
+    /// them (models opened with [`Model::open`]).
+    source: Option<Rc<dyn FileSource>>,
 }
 
 impl Model {
-    /// Parses ONNX bytes; `external` supplies external-data files by their `location`.
-    pub fn from_bytes(bytes: impl Into<Bytes>, external: &mut ExternalDataSource) -> Result<Model> {
+    /// Parses a model held whole in memory (one without external data).
+    pub fn from_bytes(bytes: impl Into<Bytes>) -> Result<Model> {
         Ok(Model {
-            graph: load_graph(bytes.into(), external)?,
+            graph: load_graph_bytes(bytes.into())?,
+            source: None,
         })
     }
 
-    /// Parses a model that has no external data.
-    pub fn from_bytes_only(bytes: impl Into<Bytes>) -> Result<Model> {
-        Model::from_bytes(bytes, &mut |location| {
-            Err(format!("no external data was supplied (`{location}`)"))
+    /// Opens the model at `path` of `source` (external data is looked up next to it),
+    /// reading its structure and small tensors; its weights stay in the files and every
+    /// session reads them as it uploads them, so the host never holds the model.
+    pub async fn open(source: Rc<dyn FileSource>, path: &str) -> Result<Model> {
+        Ok(Model {
+            graph: open_graph(&*source, path).await?,
+            source: Some(source),
         })
     }
 
@@ -203,7 +212,9 @@ impl Session {
         passes::prepare(&mut graph, dims)?;
         let oom_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let built = Builder::new(gpu, &graph).build();
+        let built = Builder::new(gpu, &graph)
+            .build(model.source.as_deref())
+            .await;
         let validation = validation_scope.pop().await;
         let oom = oom_scope.pop().await;
         if let Some(e) = oom {
@@ -444,7 +455,7 @@ impl<'g> Builder<'g> {
         Ok(())
     }
 
-    fn build(mut self) -> Result<Session> {
+    async fn build(mut self, source: Option<&dyn FileSource>) -> Result<Session> {
         let lowering = Lowering::new(self.graph, &self.halves, &self.gpu.limits);
         let mut per_node = Vec::with_capacity(self.graph.nodes.len());
         for node in &self.graph.nodes {
@@ -458,7 +469,7 @@ impl<'g> Builder<'g> {
             }
             per_node.push(lowered);
         }
-        self.allocate(&per_node)?;
+        self.allocate(&per_node, source).await?;
 
         let mut pipelines = self.gpu.pipelines();
         let mut pipeline_index: HashMap<KernelKey, usize> = HashMap::new();
@@ -499,7 +510,11 @@ impl<'g> Builder<'g> {
 
     /// Gives every root value a buffer. Constants, graph inputs and graph outputs get their
     /// own; intermediates share buffers from a pool, each returned after its last reader.
-    fn allocate(&mut self, per_node: &[Lowered]) -> Result<()> {
+    async fn allocate(
+        &mut self,
+        per_node: &[Lowered],
+        source: Option<&dyn FileSource>,
+    ) -> Result<()> {
         let graph = self.graph;
         let mut pinned = vec![false; graph.values.len()];
         for &v in graph.inputs.iter().chain(&graph.outputs) {
@@ -520,15 +535,29 @@ impl<'g> Builder<'g> {
         }
         let is_output = |v: ValueId| graph.outputs.iter().any(|&o| self.root[o] == v);
         for (v, value) in graph.values.iter().enumerate() {
-            if let Some(c) = &value.constant {
-                if self.root[v] == v && (last_use[v].is_some() || is_output(v)) {
-                    self.check_buffer(v)?;
-                    let buffer = self.gpu.upload(&value.name, c, self.halves[v]);
-                    self.memory_bytes += buffer.size();
-                    self.buffers.insert(v, buffer);
-                }
-                pinned[v] = true;
+            if value.constant.is_none() && value.stored.is_none() {
+                continue;
             }
+            pinned[v] = true;
+            if self.root[v] != v || (last_use[v].is_none() && !is_output(v)) {
+                continue;
+            }
+            self.check_buffer(v)?;
+            let buffer = if let Some(c) = &value.constant {
+                self.gpu.upload(&value.name, c, self.halves[v])
+            } else {
+                let (Some(stored), Some(source)) = (&value.stored, source) else {
+                    return Err(Error::ExternalData {
+                        tensor: value.name.clone(),
+                        reason: "the model was not opened from its files".into(),
+                    });
+                };
+                self.gpu
+                    .upload_stored(&value.name, stored, self.halves[v], source)
+                    .await?
+            };
+            self.memory_bytes += buffer.size();
+            self.buffers.insert(v, buffer);
         }
         for &v in graph.inputs.iter().chain(&graph.outputs) {
             let r = self.root[v];

@@ -85,6 +85,16 @@ pub enum HostData {
     Raw { storage: Storage, bytes: Bytes },
 }
 
+/// A weight that stays in a model file: `numel(shape)` elements of `storage` at byte
+/// `offset` of `path` (relative to the model's `FileSource`).
+#[derive(Clone, Debug)]
+pub struct StoredTensor {
+    pub path: String,
+    pub offset: u64,
+    pub storage: Storage,
+    pub shape: Vec<usize>,
+}
+
 #[derive(Clone, Debug)]
 pub struct HostTensor {
     pub shape: Vec<usize>,

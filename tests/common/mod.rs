@@ -5,8 +5,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use websd::engine::{Gpu, HostTensor, Model, Session};
+use websd::engine::{Directory, Gpu, HostTensor, Model, Session};
 use websd::image::RgbaImage;
 use websd::npy;
 
@@ -24,15 +25,12 @@ pub fn gpu() -> Gpu {
         .expect("a WebGPU adapter (install mesa-vulkan-drivers for lavapipe)")
 }
 
+/// Opens a model file the way the CLI does (weights read as sessions upload them).
 pub fn load_model(path: &Path) -> Model {
-    let bytes = std::fs::read(path).unwrap();
-    let folder = path.parent().unwrap().to_path_buf();
-    Model::from_bytes(bytes, &mut |location| {
-        std::fs::read(folder.join(location))
-            .map(Into::into)
-            .map_err(|e| e.to_string())
-    })
-    .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let folder = Directory(path.parent().unwrap().to_path_buf());
+    let name = path.file_name().unwrap().to_str().unwrap();
+    pollster::block_on(Model::open(Rc::new(folder), name))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The `<prefix><name>.npy` files of a case folder, by name.

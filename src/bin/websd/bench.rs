@@ -82,7 +82,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
     let dims: HashMap<String, usize> = args.dims.into_iter().collect();
     let mut graphs = Vec::new();
     for path in &args.graph {
-        let model = load_model(path)?;
+        let model = load_model(path).await?;
         let session = Session::new(&gpu, &model, &dims)
             .await
             .map_err(|e| format!("{}: {e}", path.display()))?;

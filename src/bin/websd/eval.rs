@@ -2,6 +2,7 @@
 //! the benchmark's classifier (see `websd::eval`).
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clap::Args;
 use websd::engine::Gpu;
@@ -44,8 +45,9 @@ pub async fn eval(args: EvalArgs) -> Result<(), String> {
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
     eprintln!("adapter: {}", gpu.describe());
     let folder = args.model.display().to_string();
-    let mut pipeline = load(&gpu, &args.model)?;
-    let mut benchmark = Benchmark::load(&mut Directory(args.benchmark.clone()))
+    let mut pipeline = load(&gpu, &args.model).await?;
+    let mut benchmark = Benchmark::load(Rc::new(Directory(args.benchmark.clone())))
+        .await
         .map_err(|e| format!("{}: {e}", args.benchmark.display()))?;
     let base = Request {
         steps: args.steps,

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clap::Args;
 use websd::engine::Gpu;
@@ -63,9 +64,11 @@ pub fn parse_scheduler(name: Option<&str>) -> Result<Option<SchedulerKind>, Stri
         .map_err(|e| e.to_string())
 }
 
-pub fn load(gpu: &Gpu, folder: &Path) -> Result<StableDiffusion, String> {
-    let mut files = Directory(folder.to_path_buf());
-    StableDiffusion::load(gpu, &mut files, &folder.display().to_string()).map_err(|e| e.to_string())
+pub async fn load(gpu: &Gpu, folder: &Path) -> Result<StableDiffusion, String> {
+    let files = Rc::new(Directory(folder.to_path_buf()));
+    StableDiffusion::load(gpu, files, &folder.display().to_string())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 pub async fn generate(args: GenerateArgs) -> Result<(), String> {
@@ -104,7 +107,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
 
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
     eprintln!("adapter: {}", gpu.describe());
-    let mut pipeline = load(&gpu, &args.model)?;
+    let mut pipeline = load(&gpu, &args.model).await?;
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
     eprintln!(
         "seed {seed}, scheduler {}, {} steps, guidance {}",
@@ -171,9 +174,11 @@ fn write_png(image: &RgbaImage, text: &[(&str, String)], path: &Path) -> Result<
     Ok(())
 }
 
-pub fn tokenize(folder: &Path, text: &str) -> Result<(), String> {
-    let mut files = Directory(folder.to_path_buf());
-    let tokenizer = model::read_tokenizer(&mut files).map_err(|e| e.to_string())?;
+pub async fn tokenize(folder: &Path, text: &str) -> Result<(), String> {
+    let files = Directory(folder.to_path_buf());
+    let tokenizer = model::read_tokenizer(&files)
+        .await
+        .map_err(|e| e.to_string())?;
     let ids = tokenizer.encode(text).map_err(|e| e.to_string())?;
     println!("{}", serde_json::to_string(&ids).expect("ids serialise"));
     Ok(())

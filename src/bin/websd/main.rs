@@ -116,7 +116,9 @@ mod cli {
             Command::Bench(args) => pollster::block_on(crate::bench::bench(args)),
             Command::Generate(args) => pollster::block_on(crate::generate::generate(args)),
             Command::Eval(args) => pollster::block_on(crate::eval::eval(args)),
-            Command::Tokenize { model, text } => crate::generate::tokenize(&model, &text),
+            Command::Tokenize { model, text } => {
+                pollster::block_on(crate::generate::tokenize(&model, &text))
+            }
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,

@@ -2,24 +2,21 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
+use websd::engine::Directory;
 use websd::engine::{Gpu, HostTensor, Model, Session};
-use websd::model::{Directory, ModelFiles};
 use websd::npy;
 
 use crate::memory::report_memory;
 
-/// Reads an .onnx file and, on demand, the external-data files it names (both mapped, not
-/// copied: see `Directory`).
-pub fn load_model(path: &Path) -> Result<Model, String> {
+/// Opens an .onnx file (external data next to it); weights are read as sessions upload them.
+pub async fn load_model(path: &Path) -> Result<Model, String> {
     let folder = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let mut files = Directory(folder);
-    let bytes = files
-        .read(&name)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    Model::from_bytes(bytes, &mut |location| files.read(location))
+    Model::open(Rc::new(Directory(folder)), &name)
+        .await
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
@@ -37,7 +34,7 @@ pub async fn run(
 ) -> Result<(), String> {
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
     eprintln!("adapter: {}", gpu.describe());
-    let model = load_model(model_path)?;
+    let model = load_model(model_path).await?;
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
     for (name, path) in inputs {
         let bytes =

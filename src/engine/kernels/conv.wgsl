@@ -2,7 +2,8 @@
 // N = output pixels, K = input channels of the group x kernel taps. Input patches are read
 // straight from the image (no im2col buffer); padding reads as zero. Bias is fused.
 // `accumulate` adds to what the output holds: a convolution too large for one binding runs
-// as launches over runs of input channels that sum into the output.
+// as launches over runs of input channels that sum into the output, each reading its
+// window of the filter in place.
 
 struct Params {
     in_channels: u32,
@@ -24,6 +25,11 @@ struct Params {
     accumulate: u32,
     in_base: u32,
     out_base: u32,
+    // Where the filter of output channel 0 starts in the weight binding, and the elements
+    // between two output channels' filters (a run of input channels reads a strided
+    // window of the whole filter).
+    weight_base: u32,
+    weight_row: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -64,7 +70,7 @@ fn gemm_k() -> u32 { return group_in_channels() * p.kernel_h * p.kernel_w; }
 
 fn load_a4(m: u32, k: u32) -> vec4<f32> {
     var v = vec4<f32>();
-    let row = (first_out_channel + m) * gemm_k();
+    let row = p.weight_base + (first_out_channel + m) * p.weight_row;
     for (var j = 0u; j < 4u; j++) {
         if k + j < gemm_k() {
             v[j] = weight_at(row + k + j);

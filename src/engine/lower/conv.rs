@@ -11,9 +11,34 @@ use super::super::ops::ConvAttrs;
 use super::super::tensor::{HostTensor, numel};
 use super::{LowerResult, Lowering};
 
-/// conv.wgsl's parameters for `g`, reading and writing from `bases` elements into the
-/// image and output bindings.
-fn conv_params(g: &ConvGeometry, has_bias: bool, accumulate: bool, bases: [usize; 2]) -> Params {
+/// Where a launch's tensors start in their bindings: image, output and filter offsets in
+/// elements, and the filter's elements per output channel.
+struct Bases {
+    image: usize,
+    out: usize,
+    weight: usize,
+    weight_row: usize,
+}
+
+impl Bases {
+    /// Every binding holds the whole tensor.
+    fn whole(g: &ConvGeometry) -> Bases {
+        Bases {
+            image: 0,
+            out: 0,
+            weight: 0,
+            weight_row: filter_row(g),
+        }
+    }
+}
+
+/// Elements of one output channel's filter.
+fn filter_row(g: &ConvGeometry) -> usize {
+    g.in_channels / g.group * g.kernel[0] * g.kernel[1]
+}
+
+/// conv.wgsl's parameters for `g`.
+fn conv_params(g: &ConvGeometry, has_bias: bool, accumulate: bool, bases: Bases) -> Params {
     Params::default()
         .u(g.in_channels)
         .u(g.in_h)
@@ -32,8 +57,10 @@ fn conv_params(g: &ConvGeometry, has_bias: bool, accumulate: bool, bases: [usize
         .u(g.group)
         .u(has_bias as usize)
         .u(accumulate as usize)
-        .u(bases[0])
-        .u(bases[1])
+        .u(bases.image)
+        .u(bases.out)
+        .u(bases.weight)
+        .u(bases.weight_row)
 }
 
 impl Lowering<'_> {
@@ -51,7 +78,7 @@ impl Lowering<'_> {
         if !fits {
             return self.conv_in_parts(&g, image, weight, bias, out);
         }
-        let params = conv_params(&g, bias.is_some(), false, [0, 0]);
+        let params = conv_params(&g, bias.is_some(), false, Bases::whole(&g));
         let (tile_columns, narrow) = gemm_tile_columns(g.out_h * g.out_w);
         let groups = [
             (g.out_h * g.out_w).div_ceil(tile_columns) as u32,
@@ -74,7 +101,8 @@ impl Lowering<'_> {
     /// A convolution whose image, output or weights exceed one binding (the VAE decoder's
     /// last blocks at 512 px and up): per image and group, runs of output channels times
     /// runs of input channels, each launch adding its input channels' share into the output
-    /// run. The weight and bias slices become constants of their own.
+    /// run. Each part binds a window of the filter in place (rows of its output channels,
+    /// read from its input channels on); bias slices become constants of their own.
     fn conv_in_parts(
         &self,
         g: &ConvGeometry,
@@ -83,26 +111,23 @@ impl Lowering<'_> {
         bias: Option<ValueId>,
         out: ValueId,
     ) -> LowerResult<Vec<Launch>> {
-        let constant = |v: ValueId, what: &str| {
-            self.graph.values[v]
-                .constant
-                .as_ref()
-                .map(|c| c.to_f32())
-                .ok_or_else(|| format!("the {what} must be constant to split this convolution"))
-        };
-        let weights = constant(weight, "weight")?;
-        let biases = bias.map(|b| constant(b, "bias")).transpose()?;
+        let biases = bias
+            .map(|b| {
+                self.graph.values[b]
+                    .constant
+                    .as_ref()
+                    .map(|c| c.to_f32())
+                    .ok_or("the bias must be constant to split this convolution")
+            })
+            .transpose()?;
         let (in_plane, out_plane) = (g.in_h * g.in_w, g.out_h * g.out_w);
-        let taps = g.kernel[0] * g.kernel[1];
+        let (taps, row) = (g.kernel[0] * g.kernel[1], filter_row(g));
         let (group_in, group_out) = (g.in_channels / g.group, g.out_channels / g.group);
         // Windows start at an aligned offset before their first element: leave that slack.
-        let room = self.max_binding.saturating_sub(self.align);
-        // Input runs leave room for one output channel's weight slice; output runs for
-        // the whole slice of an input run.
-        let in_per = (room / in_plane).min(self.max_binding / taps).min(group_in);
-        let out_per = (room / out_plane)
-            .min(self.max_binding / (in_per.max(1) * taps))
-            .min(group_out);
+        let room = self.max_binding.saturating_sub(2 * self.align);
+        // A filter window spans whole rows of its output channels.
+        let in_per = (room / in_plane).min(room / taps).min(group_in);
+        let out_per = (room / out_plane).min(room / row).min(group_out);
         if in_per == 0 || out_per == 0 {
             return Err(format!(
                 "one channel of {} x {} pixels exceeds the GPU's storage binding limit of {} bytes",
@@ -115,25 +140,13 @@ impl Lowering<'_> {
             (0..n).step_by(per).map(|s| s..(s + per).min(n)).collect()
         };
         let (in_runs, out_runs) = (chunks(group_in, in_per), chunks(group_out, out_per));
-        // (output channels, input channels, weight, bias, whether it adds to an earlier
-        // part) of every part, shared by every image of the batch. The first input run
-        // of a group writes (with the bias), the others add to it.
+        // Every part, shared by every image of the batch. The first input run of a group
+        // writes (with the bias), the others add to it.
         let mut parts = Vec::new();
         for group in 0..g.group {
             for co in &out_runs {
                 let channels = group * group_out + co.start..group * group_out + co.end;
                 for ci in &in_runs {
-                    let values = channels
-                        .clone()
-                        .flat_map(|o| {
-                            let row = o * group_in * taps;
-                            weights[row + ci.start * taps..row + ci.end * taps]
-                                .iter()
-                                .copied()
-                        })
-                        .collect();
-                    let shape = vec![co.len(), ci.len(), g.kernel[0], g.kernel[1]];
-                    let weight = Operand::Constant(Arc::new(HostTensor::f32(shape, values)));
                     let bias = biases.as_ref().filter(|_| ci.start == 0).map(|b| {
                         Operand::Constant(Arc::new(HostTensor::f32(
                             vec![co.len()],
@@ -141,16 +154,27 @@ impl Lowering<'_> {
                         )))
                     });
                     let first_in = group * group_in + ci.start;
-                    let inputs = first_in..first_in + ci.len();
-                    parts.push((channels.clone(), inputs, weight, bias, ci.start > 0));
+                    parts.push(Part {
+                        filter: channels.start * row + ci.start * taps
+                            ..(channels.end - 1) * row + ci.end * taps,
+                        channels: channels.clone(),
+                        inputs: first_in..first_in + ci.len(),
+                        bias,
+                        accumulate: ci.start > 0,
+                    });
                 }
             }
         }
         let (image_len, out_len) = (g.in_channels * in_plane, g.out_channels * out_plane);
+        let kernel = KernelKey {
+            half_weights: self.halves[weight],
+            ..Shader::Conv.into()
+        };
         let mut launches = Vec::new();
         for n in 0..g.batch {
-            for (co, ci, weight, bias, accumulate) in &parts {
-                let part = ConvGeometry {
+            for part in &parts {
+                let (co, ci) = (&part.channels, &part.inputs);
+                let geometry = ConvGeometry {
                     batch: 1,
                     group: 1,
                     in_channels: ci.len(),
@@ -158,7 +182,7 @@ impl Lowering<'_> {
                     ..g.clone()
                 };
                 let (image_start, out_start) = (n * image_len, n * out_len);
-                let (image_window, in_base) = self.windowed(
+                let (image_window, image_base) = self.windowed(
                     image,
                     &(image_start + ci.start * in_plane..image_start + ci.end * in_plane),
                 );
@@ -166,14 +190,22 @@ impl Lowering<'_> {
                     out,
                     &(out_start + co.start * out_plane..out_start + co.end * out_plane),
                 );
+                let (filter_window, filter_base) = self.windowed(weight, &part.filter);
+                let bases = Bases {
+                    image: image_base,
+                    out: out_base,
+                    weight: filter_base,
+                    weight_row: row,
+                };
+                let params = conv_params(&geometry, part.bias.is_some(), part.accumulate, bases);
                 launches.push(Launch {
-                    kernel: Shader::Conv.into(),
-                    params: conv_params(&part, bias.is_some(), *accumulate, [in_base, out_base]).0,
+                    kernel,
+                    params: params.0,
                     output: out_window,
                     inputs: vec![
                         image_window,
-                        weight.clone(),
-                        bias.clone().unwrap_or_else(|| weight.clone()),
+                        filter_window.clone(),
+                        part.bias.clone().unwrap_or(filter_window),
                     ],
                     workgroups: [
                         out_plane.div_ceil(64) as u32,
@@ -185,4 +217,14 @@ impl Lowering<'_> {
         }
         Ok(launches)
     }
+}
+
+/// One launch of a split convolution: output and input channel runs, the filter elements
+/// it reads, its bias slice (first input run only) and whether it adds to the output.
+struct Part {
+    channels: Range<usize>,
+    inputs: Range<usize>,
+    filter: Range<usize>,
+    bias: Option<Operand>,
+    accumulate: bool,
 }

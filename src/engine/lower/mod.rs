@@ -17,7 +17,7 @@ use super::graph::{Graph, Node, ValueId};
 use super::infer::{self, InputInfo};
 use super::kernels::{KernelKey, LINEAR_WORKGROUP, Launch, Operand, Params, grid};
 use super::ops::{Op, ReduceOp, UnaryOp, WHERE_CODE, normalize_axis};
-use super::tensor::{DType, numel};
+use super::tensor::{DType, Storage, numel};
 
 /// Highest rank the strided kernels (elementwise, copy, reduce) index.
 const MAX_RANK: usize = 6;
@@ -63,7 +63,10 @@ pub fn half_weights(graph: &Graph) -> Vec<bool> {
     let mut halves: Vec<bool> = graph
         .values
         .iter()
-        .map(|v| v.constant.as_ref().is_some_and(|c| c.is_stored_f16()))
+        .map(|v| {
+            v.constant.as_ref().is_some_and(|c| c.is_stored_f16())
+                || v.stored.as_ref().is_some_and(|s| s.storage == Storage::F16)
+        })
         .collect();
     for node in &graph.nodes {
         let reads_halves =
@@ -222,7 +225,13 @@ impl<'g> Lowering<'g> {
     /// A binding that holds elements `range` of `value`: it starts at the aligned offset at
     /// or before `range.start`, and the kernel skips the returned number of elements.
     fn windowed(&self, value: ValueId, range: &Range<usize>) -> (Operand, usize) {
-        let start = range.start / self.align * self.align;
+        // Offsets are aligned in bytes: halves need twice the elements between them.
+        let align = if self.halves[value] {
+            2 * self.align
+        } else {
+            self.align
+        };
+        let start = range.start / align * align;
         (Operand::Part(value, start..range.end), range.start - start)
     }
 

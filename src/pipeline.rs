@@ -167,7 +167,7 @@ impl StableDiffusion {
 
     /// GPU memory the built sessions hold (weights and activations), in bytes.
     pub fn gpu_memory_bytes(&self) -> u64 {
-        [
+        let own: u64 = [
             &self.text_session,
             &self.unet_session,
             &self.decoder_session,
@@ -175,8 +175,9 @@ impl StableDiffusion {
         ]
         .iter()
         .filter_map(|cached| cached.session.as_ref())
-        .map(|session| session.memory_bytes)
-        .sum()
+        .map(|session| session.memory_bytes - session.scratch_bytes)
+        .sum();
+        own + self.gpu.scratch_bytes()
     }
 
     /// Whether the folder has the VAE encoder img2img needs.

@@ -1,5 +1,6 @@
-//! Opening a model through a `FileSource` leaves its weights in the files: the structure is
-//! read without them, and each session reads every weight once, as it uploads it.
+//! Bounded memory for real checkpoints: opening a model through a `FileSource` leaves its
+//! weights in the files (the structure is read without them, and each session reads every
+//! weight once, as it uploads it), and sessions on one GPU share their intermediates.
 #![cfg(not(target_arch = "wasm32"))]
 
 mod common;
@@ -138,4 +139,45 @@ fn fp16_convolution_in_parts_reads_its_filter_in_place() {
         1e-5,
     )
     .unwrap();
+}
+
+/// Sessions on one GPU draw their intermediates from one pool: a second model of the same
+/// shapes adds no intermediate buffer, and runs taking turns still compute what sessions
+/// on a GPU of their own compute.
+#[test]
+fn sessions_share_intermediate_buffers() {
+    let (rows, k) = (8, 256);
+    let model = |seed: u64| {
+        GraphBuilder::new(17)
+            .input("x", &[rows, k])
+            .weight("w1", &[k, k], &noise(k * k, seed, 0.05))
+            .weight("w2", &[k, k], &noise(k * k, seed + 1, 0.05))
+            .node("MatMul", &["x", "w1"], &["h"], &[])
+            .node("Relu", &["h"], &["r"], &[])
+            .node("MatMul", &["r", "w2"], &["y"], &[])
+            .output("y")
+            .build()
+            .unwrap()
+    };
+    let (first, second) = (model(1), model(3));
+    let session = |gpu: &websd::engine::Gpu, model: &Model| {
+        pollster::block_on(Session::new(gpu, model, &HashMap::new())).unwrap()
+    };
+    let gpu = common::gpu();
+    let (a, b) = (session(&gpu, &first), session(&gpu, &second));
+    assert!(a.scratch_bytes > 0);
+    assert_eq!(b.scratch_bytes, a.scratch_bytes);
+    assert_eq!(gpu.scratch_bytes(), a.scratch_bytes, "the pool's total");
+
+    let alone = common::gpu();
+    let x = HostTensor::f32(vec![rows, k], noise(rows * k, 5, 1.0));
+    let inputs = [("x", &x)];
+    let expected_a = run(&session(&alone, &first), &inputs);
+    let expected_b = run(&session(&alone, &second), &inputs);
+    for _ in 0..2 {
+        common::compare("a", &run(&a, &inputs), &expected_a, 0.0).unwrap();
+        common::compare("b", &run(&b, &inputs), &expected_b, 0.0).unwrap();
+    }
+    drop((a, b));
+    assert_eq!(gpu.scratch_bytes(), 0, "buffers outlived their sessions");
 }

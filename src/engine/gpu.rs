@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 use std::ops::{Deref, Range};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use super::error::{Error, Result};
 use super::kernels::Pipelines;
@@ -28,6 +28,11 @@ pub struct SharedGpu {
     /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model
     /// loaded again compiles nothing.
     compiled: Mutex<Pipelines>,
+    /// Intermediate buffers of every live session, shared: each run writes an intermediate
+    /// before it reads it, and runs execute one after another, so the text encoder, UNet
+    /// and VAE draw their intermediates from one pool rather than holding three. A buffer
+    /// lives as long as a session that uses it.
+    scratch: Mutex<Vec<Weak<wgpu::Buffer>>>,
 }
 
 impl Deref for Gpu {
@@ -76,6 +81,7 @@ impl Gpu {
             adapter_info: adapter.get_info(),
             limits,
             compiled: Mutex::default(),
+            scratch: Mutex::default(),
         })))
     }
 
@@ -103,6 +109,7 @@ impl Gpu {
             adapter_info: self.adapter_info.clone(),
             limits,
             compiled: Mutex::default(),
+            scratch: Mutex::default(),
         }))
     }
 
@@ -155,6 +162,28 @@ impl Gpu {
                 | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         })
+    }
+
+    /// The shared intermediate buffers that live sessions hold.
+    pub(crate) fn scratch_buffers(&self) -> Vec<Arc<wgpu::Buffer>> {
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        scratch.retain(|b| b.strong_count() > 0);
+        scratch.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// A new intermediate buffer, shared with sessions built later.
+    pub(crate) fn new_scratch_buffer(&self, label: &str, bytes: u64) -> Arc<wgpu::Buffer> {
+        // Shared like the device itself, which is Send and Sync natively only.
+        #[allow(clippy::arc_with_non_send_sync)]
+        let buffer = Arc::new(self.storage_buffer(label, bytes));
+        let mut scratch = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        scratch.push(Arc::downgrade(&buffer));
+        buffer
+    }
+
+    /// Bytes of the shared intermediate buffers that live sessions hold.
+    pub fn scratch_bytes(&self) -> u64 {
+        self.scratch_buffers().iter().map(|b| b.size()).sum()
     }
 
     /// A storage buffer holding `tensor`, written a chunk at a time (see `write_chunk`).

@@ -198,8 +198,14 @@ pub struct Session {
     outputs: Vec<Port>,
     launches: Vec<BoundLaunch>,
     pipelines: Vec<wgpu::ComputePipeline>,
-    /// Bytes of GPU memory the session holds (weights and activations).
+    /// Bytes of GPU memory the session uses (weights and activations).
     pub memory_bytes: u64,
+    /// Of those, the intermediates it shares with the other sessions on its GPU (see
+    /// `Gpu::scratch_bytes` for the pool's total).
+    pub scratch_bytes: u64,
+    /// The shared intermediate buffers it uses, kept alive (and in the pool) as long as it
+    /// lives.
+    _scratch: Vec<Arc<wgpu::Buffer>>,
     /// Kernel launches per run.
     pub launch_count: usize,
 }
@@ -416,6 +422,8 @@ struct Builder<'g> {
     /// Per value: an fp16 weight kept as packed halves (`lower::half_weights`).
     halves: Vec<bool>,
     memory_bytes: u64,
+    scratch_bytes: u64,
+    scratch: Vec<Arc<wgpu::Buffer>>,
 }
 
 impl<'g> Builder<'g> {
@@ -428,6 +436,8 @@ impl<'g> Builder<'g> {
             constants: HashMap::new(),
             halves: half_weights(graph),
             memory_bytes: 0,
+            scratch_bytes: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -505,6 +515,8 @@ impl<'g> Builder<'g> {
             launches,
             pipelines: pipeline_list,
             memory_bytes: self.memory_bytes,
+            scratch_bytes: self.scratch_bytes,
+            _scratch: self.scratch,
         })
     }
 
@@ -571,7 +583,10 @@ impl<'g> Builder<'g> {
             }
         }
 
-        let mut free: Vec<wgpu::Buffer> = Vec::new();
+        // Intermediates come from the pool every session on this GPU shares, best fit
+        // first, else a new buffer joins it.
+        let mut free = self.gpu.scratch_buffers();
+        let mut holding: HashMap<ValueId, Arc<wgpu::Buffer>> = HashMap::new();
         for (n, lowered) in per_node.iter().enumerate() {
             let Lowered::Launches(list) = lowered else {
                 continue;
@@ -583,7 +598,6 @@ impl<'g> Builder<'g> {
                 }
                 self.check_buffer(r)?;
                 let need = self.bytes_of(r).max(4);
-                // Best fit from the pool, else a new buffer.
                 let best = free
                     .iter()
                     .enumerate()
@@ -592,13 +606,15 @@ impl<'g> Builder<'g> {
                     .map(|(i, _)| i);
                 let buffer = match best {
                     Some(i) => free.swap_remove(i),
-                    None => {
-                        let b = self.gpu.storage_buffer(&graph.values[r].name, need);
-                        self.memory_bytes += b.size();
-                        b
-                    }
+                    None => self.gpu.new_scratch_buffer(&graph.values[r].name, need),
                 };
-                self.buffers.insert(r, buffer);
+                if !self.scratch.iter().any(|b| Arc::ptr_eq(b, &buffer)) {
+                    self.memory_bytes += buffer.size();
+                    self.scratch_bytes += buffer.size();
+                    self.scratch.push(buffer.clone());
+                }
+                self.buffers.insert(r, (*buffer).clone());
+                holding.insert(r, buffer);
             }
             // Return buffers whose last reader is this node (after outputs were assigned,
             // so a node never writes into a buffer it reads).
@@ -610,11 +626,7 @@ impl<'g> Builder<'g> {
                 .collect();
             released.sort_unstable();
             released.dedup();
-            for r in released {
-                if let Some(b) = self.buffers.get(&r) {
-                    free.push(b.clone());
-                }
-            }
+            free.extend(released.iter().filter_map(|r| holding.remove(r)));
         }
         Ok(())
     }

@@ -398,6 +398,48 @@ impl StableDiffusion {
     }
 
     /// Generates one image. `on_step` sees every step and may cancel.
+    /// Builds every session `request` needs (text encoder, UNet and VAE decoder at its size)
+    /// without generating: the GPU memory it takes is known (returned), and nothing is
+    /// left to compile or upload before the first step.
+    pub async fn prepare(&mut self, request: &Request) -> Result<u64> {
+        let (width, height) = self.validate(request)?;
+        let (guidance_embedding, guidance) = self.guidance(request);
+        let batch = if guidance.is_some() { 2 } else { 1 };
+        self.check_size(width, height, batch, request.init_image.is_some())?;
+        let context = self.encode_prompts(request, guidance.is_some()).await?;
+        let factor = self.config.vae_scale_factor;
+        let latents = [
+            1,
+            self.config.latent_channels,
+            height / factor,
+            width / factor,
+        ];
+        let sample = [batch, latents[1], latents[2], latents[3]];
+        let cond = guidance_embedding.map(|e| [batch, e.len()]);
+        let shapes = unet_inputs(&sample, &context.shape, cond.as_ref());
+        self.unet_session
+            .get(&self.gpu, &self.unet, &shapes)
+            .await?;
+        let input = self.vae_decoder.input_names()[0].to_string();
+        self.decoder_session
+            .get(&self.gpu, &self.vae_decoder, &[(&input, &latents)])
+            .await?;
+        Ok(self.gpu_memory_bytes())
+    }
+
+    /// The guidance-scale embedding of a guidance-distilled UNet (which takes the scale as
+    /// an input and needs one pass per step), else the scale of classifier-free guidance
+    /// when it applies.
+    fn guidance(&self, request: &Request) -> (Option<Vec<f32>>, Option<f32>) {
+        let embedding = self
+            .config
+            .time_cond_proj_dim
+            .map(|dim| guidance_embedding(request.guidance_scale - 1.0, dim));
+        let scale = (request.guidance_scale > 1.0 && embedding.is_none())
+            .then_some(request.guidance_scale as f32);
+        (embedding, scale)
+    }
+
     pub async fn generate(
         &mut self,
         request: &Request,
@@ -410,14 +452,7 @@ impl StableDiffusion {
         scheduler.set_timesteps(request.steps)?;
         let mut timings = Timings::default();
 
-        // Guidance-distilled UNets take the scale as an input and need one pass per step.
-        let guidance_embedding = self
-            .config
-            .time_cond_proj_dim
-            .map(|dim| guidance_embedding(request.guidance_scale - 1.0, dim));
-        let guidance = (request.guidance_scale > 1.0 && guidance_embedding.is_none())
-            .then_some(request.guidance_scale as f32);
-
+        let (guidance_embedding, guidance) = self.guidance(request);
         let batch = if guidance.is_some() { 2 } else { 1 };
         self.check_size(width, height, batch, request.init_image.is_some())?;
         let warnings = self.prompt_warnings(request, guidance.is_some())?;

@@ -62,7 +62,7 @@ impl FileSource for BlobFolder {
                 .map_err(|e| format!("{e:?}"))?;
             let buffer = JsFuture::from(part.array_buffer())
                 .await
-                .map_err(|e| format!("{e:?}"))?;
+                .map_err(unreadable)?;
             Ok(Bytes::from(Uint8Array::new(&buffer).to_vec()))
         })
     }
@@ -72,6 +72,19 @@ impl FileSource for BlobFolder {
             .get(path)
             .map(|b| b.size() as u64)
             .ok_or_else(|| format!("`{path}` was not supplied"))
+    }
+}
+
+/// Why a Blob could not be read. Browsers drop the data of Blobs they cannot keep: a
+/// private window holds them in memory, about 2 GB in all.
+fn unreadable(error: JsValue) -> String {
+    match error.dyn_ref::<web_sys::DomException>() {
+        Some(e) if e.name() == "NotReadableError" => "the browser no longer holds its copy of the \
+            file (a private window keeps downloads in memory, about 2 GB in all: use a normal \
+            window, or an fp16 export at half the size)"
+            .to_string(),
+        Some(e) => format!("{}: {}", e.name(), e.message()),
+        None => format!("{error:?}"),
     }
 }
 
@@ -496,6 +509,7 @@ async fn fetch_folder(
 }
 
 /// Which file of a folder is being fetched.
+#[derive(Clone)]
 struct Place {
     url: String,
     path: String,
@@ -506,25 +520,10 @@ struct Place {
 /// One file: the cached copy if its length checks out, else a download that is then cached.
 /// `None` when the server has no such file.
 async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<Blob>, JsValue> {
-    let Place {
-        url,
-        path,
-        index,
-        count,
-    } = place;
+    let url = &place.url;
     let window = web_sys::window().ok_or_else(|| js_error("no window"))?;
     let report = |loaded: f64, total: f64, cached: bool, note: Option<&str>| {
-        let info = Object::new();
-        if let Some(note) = note {
-            set(&info, "note", note);
-        }
-        set(&info, "file", path.as_str());
-        set(&info, "loaded", loaded);
-        set(&info, "total", total);
-        set(&info, "fileIndex", *index as u32);
-        set(&info, "fileCount", *count as u32);
-        set(&info, "cached", cached);
-        let _ = on_progress.call1(&JsValue::NULL, &info);
+        report_progress(on_progress, place, loaded, total, cached, note)
     };
     let cache: Option<web_sys::Cache> = match window.caches() {
         Ok(caches) => JsFuture::from(caches.open(CACHE_NAME))
@@ -568,6 +567,24 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<Bl
         .flatten()
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0);
+    let mut response = response;
+    let mut note = None;
+    if let Some(cache) = &cache {
+        let (on_progress, place_copy) = (on_progress.clone(), place.clone());
+        let progress =
+            move |loaded| report_progress(&on_progress, &place_copy, loaded, total, false, None);
+        match stream_into_cache(cache, url, &response, total, progress).await {
+            Ok(blob) => return Ok(Some(blob)),
+            // A cache that refuses the file (quota, internal error) costs a second
+            // download, never the load: the file is then kept uncached, with a note.
+            Err(e) => {
+                note = Some(format!("not cached ({e})"));
+                response = JsFuture::from(window.fetch_with_str(url))
+                    .await?
+                    .dyn_into()?;
+            }
+        }
+    }
     let blob = download(&response, |loaded| report(loaded, total, false, None)).await?;
     if total > 0.0 && blob.size() != total {
         return Err(js_error(format!(
@@ -575,36 +592,105 @@ async fn fetch_cached(place: &Place, on_progress: &Function) -> Result<Option<Bl
             blob.size()
         )));
     }
-    // A cache that refuses the file (quota, internal error) costs the next visit a
-    // download, never this load: the file is used uncached, with a note.
-    if let Some(cache) = &cache
-        && let Err(e) = store(cache, url, &blob).await
-    {
-        report(
-            blob.size(),
-            blob.size(),
-            false,
-            Some(&format!("not cached ({e})")),
-        );
-    }
+    report(blob.size(), blob.size(), false, note.as_deref());
     Ok(Some(blob))
 }
 
-/// Reads a response body into a Blob chunk by chunk, reporting the bytes received so far.
-/// Chunks stay JavaScript buffers and are folded into the Blob every `FOLD_BYTES`, so the
-/// browser can move them out of memory; none of it passes through WebAssembly memory.
+/// Tells the page how a file's download is going.
+fn report_progress(
+    on_progress: &Function,
+    place: &Place,
+    loaded: f64,
+    total: f64,
+    cached: bool,
+    note: Option<&str>,
+) {
+    let info = Object::new();
+    if let Some(note) = note {
+        set(&info, "note", note);
+    }
+    set(&info, "file", place.path.as_str());
+    set(&info, "loaded", loaded);
+    set(&info, "total", total);
+    set(&info, "fileIndex", place.index as u32);
+    set(&info, "fileCount", place.count as u32);
+    set(&info, "cached", cached);
+    let _ = on_progress.call1(&JsValue::NULL, &info);
+}
+
+/// Streams a response body into the cache, which keeps it on disk, counting the bytes as
+/// they pass; returns the cached copy (a Blob the browser reads from disk). Nothing of the
+/// file passes through WebAssembly memory.
+async fn stream_into_cache(
+    cache: &web_sys::Cache,
+    url: &str,
+    response: &web_sys::Response,
+    total: f64,
+    mut progress: impl FnMut(f64) + 'static,
+) -> Result<Blob, String> {
+    let body = response.body().ok_or("the response has no body")?;
+    let mut loaded = 0.0;
+    let count = Closure::<
+        dyn FnMut(JsValue, web_sys::TransformStreamDefaultController) -> Result<(), JsValue>,
+    >::new(
+        move |chunk: JsValue, controller: web_sys::TransformStreamDefaultController| {
+            loaded += chunk
+                .dyn_ref::<Uint8Array>()
+                .map_or(0.0, |c| c.length() as f64);
+            progress(loaded);
+            controller.enqueue_with_chunk(&chunk)
+        },
+    );
+    let transformer = Object::new();
+    set(&transformer, "transform", count.as_ref().clone());
+    let counter = web_sys::TransformStream::new_with_transformer(&transformer)
+        .map_err(|e| format!("{e:?}"))?;
+    let pair = web_sys::ReadableWritablePair::new(&counter.readable(), &counter.writable());
+    let counted = body.pipe_through(&pair);
+    let headers = web_sys::Headers::new().map_err(|e| format!("{e:?}"))?;
+    if total > 0.0 {
+        headers
+            .set(LENGTH_HEADER, &total.to_string())
+            .map_err(|e| format!("{e:?}"))?;
+    }
+    let init = web_sys::ResponseInit::new();
+    init.set_headers(&headers);
+    let streamed = web_sys::Response::new_with_opt_readable_stream_and_init(Some(&counted), &init)
+        .map_err(|e| format!("{e:?}"))?;
+    JsFuture::from(cache.put_with_str(url, &streamed))
+        .await
+        .map_err(cache_error)?;
+    drop(count);
+    let hit: web_sys::Response = JsFuture::from(cache.match_with_str(url))
+        .await
+        .and_then(|r| r.dyn_into())
+        .map_err(|e| format!("{e:?}"))?;
+    let blob: Blob = JsFuture::from(hit.blob().map_err(|e| format!("{e:?}"))?)
+        .await
+        .and_then(|b| b.dyn_into())
+        .map_err(|e| format!("{e:?}"))?;
+    if total > 0.0 && blob.size() != total {
+        let _ = JsFuture::from(cache.delete_with_str(url)).await;
+        return Err(format!("received {} of {total} bytes", blob.size()));
+    }
+    Ok(blob)
+}
+
+/// Reads a response body into a Blob chunk by chunk, reporting the bytes received so far
+/// (when there is no cache to stream into). Every `PIECE_BYTES` of chunks become one Blob
+/// piece and the file is one Blob of its pieces, so the browser can move them out of
+/// memory; none of it passes through WebAssembly memory.
 async fn download(
     response: &web_sys::Response,
     mut progress: impl FnMut(f64),
 ) -> Result<Blob, JsValue> {
-    const FOLD_BYTES: f64 = (64 << 20) as f64;
+    const PIECE_BYTES: f64 = (64 << 20) as f64;
     let Some(body) = response.body() else {
         return JsFuture::from(response.blob()?).await?.dyn_into();
     };
     let reader: web_sys::ReadableStreamDefaultReader = body.get_reader().dyn_into()?;
-    let mut blob = Blob::new()?;
-    let pending = Array::new();
-    let (mut pending_bytes, mut loaded) = (0.0, 0.0);
+    let (pieces, chunks) = (Array::new(), Array::new());
+    let (mut chunk_bytes, mut loaded) = (0.0, 0.0);
     loop {
         let chunk = JsFuture::from(reader.read()).await?;
         let done = Reflect::get(&chunk, &"done".into())?
@@ -612,45 +698,30 @@ async fn download(
             .unwrap_or(true);
         if !done {
             let value: Uint8Array = Reflect::get(&chunk, &"value".into())?.dyn_into()?;
-            pending_bytes += value.length() as f64;
+            chunk_bytes += value.length() as f64;
             loaded += value.length() as f64;
-            pending.push(&value);
+            chunks.push(&value);
             progress(loaded);
         }
-        if done || pending_bytes >= FOLD_BYTES {
-            pending.unshift(&blob);
-            blob = Blob::new_with_u8_array_sequence(&pending)?;
-            pending.set_length(0);
-            pending_bytes = 0.0;
+        if chunk_bytes > 0.0 && (done || chunk_bytes >= PIECE_BYTES) {
+            pieces.push(&Blob::new_with_u8_array_sequence(&chunks)?.into());
+            chunks.set_length(0);
+            chunk_bytes = 0.0;
         }
         if done {
-            return Ok(blob);
+            return Blob::new_with_blob_sequence(&pieces);
         }
     }
 }
 
-/// Puts a file into the cache with its length; a full quota becomes a readable message.
-async fn store(cache: &web_sys::Cache, url: &str, blob: &Blob) -> Result<(), String> {
-    let headers = web_sys::Headers::new().map_err(|e| format!("{e:?}"))?;
-    headers
-        .set(LENGTH_HEADER, &blob.size().to_string())
-        .map_err(|e| format!("{e:?}"))?;
-    let init = web_sys::ResponseInit::new();
-    init.set_headers(&headers);
-    let response = web_sys::Response::new_with_opt_blob_and_init(Some(blob), &init)
-        .map_err(|e| format!("{e:?}"))?;
-    JsFuture::from(cache.put_with_str(url, &response))
-        .await
-        .map(|_| ())
-        .map_err(|e| {
-            let quota = e
-                .dyn_ref::<web_sys::DomException>()
-                .is_some_and(|d| d.name() == "QuotaExceededError");
-            if quota {
-                "the browser's storage quota is full; clear cached models or free disk space"
-                    .to_string()
-            } else {
-                format!("{e:?}")
-            }
-        })
+/// A cache refusal as a readable message (a full quota says what to do).
+fn cache_error(e: JsValue) -> String {
+    let quota = e
+        .dyn_ref::<web_sys::DomException>()
+        .is_some_and(|d| d.name() == "QuotaExceededError");
+    if quota {
+        "the browser's storage quota is full; clear cached models or free disk space".to_string()
+    } else {
+        format!("{e:?}")
+    }
 }

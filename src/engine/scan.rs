@@ -212,7 +212,8 @@ impl<'s> Reader<'s> {
 
     /// Reads a length prefix and returns where the message it announces ends.
     async fn end_of_message(&mut self) -> Result<u64> {
-        Ok(self.pos + self.length().await?)
+        let len = self.length().await?;
+        Ok(self.pos + len)
     }
 
     /// The next `len` bytes.
@@ -256,5 +257,57 @@ impl<'s> Reader<'s> {
         };
         out.extend_from_slice(&self.take(len).await?);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::engine::builder::GraphBuilder;
+
+    fn scan(model: &[u8]) -> Vec<u8> {
+        let files = HashMap::from([("m.onnx".to_string(), Bytes::copy_from_slice(model))]);
+        pollster::block_on(skeleton(&files, "m.onnx", "m.onnx")).unwrap()
+    }
+
+    /// With nothing large inline, the skeleton is the file itself, byte for byte.
+    #[test]
+    fn small_models_scan_to_themselves() {
+        let model = GraphBuilder::new(17)
+            .input("x", &[2, 8])
+            .weight("w", &[8, 4], &[0.5; 32])
+            .weight_f16("b", &[4], &[0.25; 4])
+            .node("MatMul", &["x", "w"], &["h"], &[])
+            .node("Add", &["h", "b"], &["y"], &[])
+            .output("y")
+            .to_bytes();
+        assert_eq!(scan(&model), model);
+    }
+
+    /// A large inline tensor becomes a reference to its own bytes in the same file.
+    #[test]
+    fn large_inline_tensors_become_references_to_their_bytes() {
+        let values: Vec<f32> = (0..32 * 1024).map(|i| i as f32).collect();
+        let model = GraphBuilder::new(17)
+            .input("x", &[1, 32])
+            .weight("w", &[32, 1024], &values)
+            .node("MatMul", &["x", "w"], &["y"], &[])
+            .output("y")
+            .to_bytes();
+        let skeleton = onnx::ModelProto::decode(scan(&model).as_slice()).unwrap();
+        let tensor = &skeleton.graph.unwrap().initializer[0];
+        assert!(tensor.raw_data.is_empty());
+        assert_eq!(tensor.data_location, DATA_LOCATION_EXTERNAL);
+        let entry = |key: &str| {
+            let found = tensor.external_data.iter().find(|e| e.key == key);
+            found.unwrap().value.clone()
+        };
+        assert_eq!(entry("location"), "m.onnx");
+        let offset: usize = entry("offset").parse().unwrap();
+        let length: usize = entry("length").parse().unwrap();
+        let expected: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(&model[offset..offset + length], expected.as_slice());
     }
 }

@@ -51,6 +51,10 @@ pub struct GenerateArgs {
     preview_every: usize,
     #[arg(long)]
     grid: Option<PathBuf>,
+    /// Build every session the request needs and report the GPU memory they take, without
+    /// generating (will it fit?).
+    #[arg(long)]
+    dry_run: bool,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
@@ -116,6 +120,14 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         args.guidance_scale
     );
 
+    if args.dry_run {
+        let bytes = pipeline
+            .prepare(&request)
+            .await
+            .map_err(|e| e.to_string())?;
+        report_memory(bytes);
+        return Ok(());
+    }
     let mut previews = Vec::new();
     let mut on_step = |event: StepEvent| {
         if let Some(image) = event.preview {

@@ -14,7 +14,10 @@ const server = http.createServer((req, res) => {
 });
 await new Promise((r) => server.listen(0, "127.0.0.1", r));
 const base = `http://127.0.0.1:${server.address().port}`;
-const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
+// A persistent profile on disk, as a user's browser has: Cache Storage and large Blobs are
+// kept on disk (a fresh incognito-like context keeps both in memory).
+const profile = fs.mkdtempSync("/tmp/websd-profile-");
+const browser = await chromium.launchPersistentContext(profile, { executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
 const page = await browser.newPage();
 page.on("console", (m) => { if (m.type() === "error") console.log("console:", m.text().slice(0, 300)); });
 page.on("pageerror", (e) => console.log("pageerror:", e.message.slice(0, 300)));
@@ -31,6 +34,9 @@ await page.locator("#model-status", { hasText: /^Loaded / }).waitFor({ timeout: 
 await page.check("input[value=url]");
 await page.fill("#model-url", base + "/model/");
 await page.click("#load-model");
+const watch = setInterval(async () => {
+  try { console.log(stamp(), "status:", (await page.locator("#model-status").innerText()).slice(0, 200), "| message:", (await page.locator("#message").innerText()).slice(0, 400), "| files:", (await page.locator("#file-progress").innerText()).replace(/\n/g, "; ").slice(0, 600), "|", mem()); } catch {}
+}, 20_000);
 try {
   await page.locator("#model-status", { hasText: /^Loaded .*model/ }).waitFor({ timeout: 900_000 });
   console.log(stamp(), "loaded:", await page.locator("#model-status").innerText());
@@ -43,4 +49,5 @@ try {
 } catch (e) {
   console.log(stamp(), "failed:", e.message.split("\n")[0], "| status:", await page.locator("#model-status").innerText(), "| message:", await page.locator("#message").innerText());
 }
-clearInterval(sampler); await browser.close(); server.close();
+clearInterval(sampler); clearInterval(watch); await browser.close(); server.close();
+fs.rmSync(profile, { recursive: true, force: true });

@@ -86,6 +86,8 @@ pub struct Timings {
     pub unet_step_ms: Vec<f64>,
     pub vae_decoder_ms: f64,
     pub total_ms: f64,
+    /// The most GPU memory the sessions held at once during the generation.
+    pub gpu_peak_bytes: u64,
 }
 
 pub struct Generated {
@@ -119,6 +121,13 @@ impl Cached {
         }
         Ok(self.session.as_ref().expect("just built"))
     }
+
+    /// Frees the session (its weights and its share of the intermediates) when `low_memory`.
+    fn release_if(&mut self, low_memory: bool) {
+        if low_memory {
+            self.session = None;
+        }
+    }
 }
 
 /// A loaded Stable Diffusion model folder on the GPU.
@@ -134,6 +143,8 @@ pub struct StableDiffusion {
     unet_session: Cached,
     decoder_session: Cached,
     encoder_session: Cached,
+    /// See [`StableDiffusion::set_low_memory`].
+    low_memory: bool,
 }
 
 impl StableDiffusion {
@@ -162,7 +173,24 @@ impl StableDiffusion {
             unet_session: Cached::default(),
             decoder_session: Cached::default(),
             encoder_session: Cached::default(),
+            low_memory: false,
         })
+    }
+
+    /// With `on`, each model's session is freed as soon as its stage is done, so the GPU
+    /// holds one model at a time (the largest stage, not the sum), and every generation
+    /// uploads the weights again, read from the model's files. Turning it on frees the
+    /// sessions held now.
+    pub fn set_low_memory(&mut self, on: bool) {
+        self.low_memory = on;
+        for cached in [
+            &mut self.text_session,
+            &mut self.unet_session,
+            &mut self.decoder_session,
+            &mut self.encoder_session,
+        ] {
+            cached.release_if(on);
+        }
     }
 
     /// GPU memory the built sessions hold (weights and activations), in bytes.
@@ -399,14 +427,17 @@ impl StableDiffusion {
 
     /// Generates one image. `on_step` sees every step and may cancel.
     /// Builds every session `request` needs (text encoder, UNet and VAE decoder at its size)
-    /// without generating: the GPU memory it takes is known (returned), and nothing is
-    /// left to compile or upload before the first step.
+    /// without generating, and returns the most GPU memory the sessions hold at once (with
+    /// `low_memory`, the largest stage's). Without `low_memory`, nothing is left to compile
+    /// or upload before the first step.
     pub async fn prepare(&mut self, request: &Request) -> Result<u64> {
         let (width, height) = self.validate(request)?;
         let (guidance_embedding, guidance) = self.guidance(request);
         let batch = if guidance.is_some() { 2 } else { 1 };
         self.check_size(width, height, batch, request.init_image.is_some())?;
         let context = self.encode_prompts(request, guidance.is_some()).await?;
+        let mut peak = self.gpu_memory_bytes();
+        self.text_session.release_if(self.low_memory);
         let factor = self.config.vae_scale_factor;
         let latents = [
             1,
@@ -420,11 +451,15 @@ impl StableDiffusion {
         self.unet_session
             .get(&self.gpu, &self.unet, &shapes)
             .await?;
+        peak = peak.max(self.gpu_memory_bytes());
+        self.unet_session.release_if(self.low_memory);
         let input = self.vae_decoder.input_names()[0].to_string();
         self.decoder_session
             .get(&self.gpu, &self.vae_decoder, &[(&input, &latents)])
             .await?;
-        Ok(self.gpu_memory_bytes())
+        peak = peak.max(self.gpu_memory_bytes());
+        self.decoder_session.release_if(self.low_memory);
+        Ok(peak)
     }
 
     /// The guidance-scale embedding of a guidance-distilled UNet (which takes the scale as
@@ -460,6 +495,8 @@ impl StableDiffusion {
         let context = self.encode_prompts(request, guidance.is_some()).await?;
         self.gpu.finish().await?;
         timings.text_encoder_ms = now_ms() - t0;
+        timings.gpu_peak_bytes = self.gpu_memory_bytes();
+        self.text_session.release_if(self.low_memory);
 
         let mut rng = TorchRng::new(request.seed);
         let factor = self.config.vae_scale_factor;
@@ -472,6 +509,8 @@ impl StableDiffusion {
         let (first, mut latents) = self
             .initial_latents(request, scheduler.as_ref(), &mut rng, &shape, &mut timings)
             .await?;
+        timings.gpu_peak_bytes = timings.gpu_peak_bytes.max(self.gpu_memory_bytes());
+        self.encoder_session.release_if(self.low_memory);
 
         let sample_shape = [batch, shape[1], shape[2], shape[3]];
         let cond_shape = guidance_embedding.as_ref().map(|e| [batch, e.len()]);
@@ -538,9 +577,14 @@ impl StableDiffusion {
                 return Err(Error::Cancelled);
             }
         }
+        drop(denoiser);
+        timings.gpu_peak_bytes = timings.gpu_peak_bytes.max(self.gpu_memory_bytes());
+        self.unet_session.release_if(self.low_memory);
         let t0 = now_ms();
         let image = self.decode(&latents).await?;
         timings.vae_decoder_ms = now_ms() - t0;
+        timings.gpu_peak_bytes = timings.gpu_peak_bytes.max(self.gpu_memory_bytes());
+        self.decoder_session.release_if(self.low_memory);
         timings.total_ms = now_ms() - started;
         Ok(Generated {
             image,

@@ -185,7 +185,7 @@ impl App {
     }
 
     /// Generates. `params`: {prompt, negativePrompt, steps, guidanceScale, seed, scheduler,
-    /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery}. `on_step` gets
+    /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery, lowMemory}. `on_step` gets
     /// {step, total, timestep, stepMs, live: {width, height, rgba}, preview: {...}}.
     /// Resolves to {png, width, height, rgba, seed, scheduler, timings (per stage, and the
     /// GPU memory the sessions hold), warnings}.
@@ -333,6 +333,8 @@ struct GenerateParams {
     strength: f64,
     #[serde(default)]
     preview_every: usize,
+    #[serde(default)]
+    low_memory: bool,
 }
 
 fn default_strength() -> f64 {
@@ -379,6 +381,7 @@ async fn run_generation(
         live_preview: true,
     };
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
+    pipeline.set_low_memory(params.low_memory);
     let mut on_event = |event: StepEvent| {
         let info = Object::new();
         set(&info, "step", event.step as u32);
@@ -434,11 +437,7 @@ async fn run_generation(
     set(&timings, "vaeEncoderMs", t.vae_encoder_ms);
     set(&timings, "vaeDecoderMs", t.vae_decoder_ms);
     set(&timings, "totalMs", t.total_ms);
-    set(
-        &timings,
-        "gpuMemoryBytes",
-        pipeline.gpu_memory_bytes() as f64,
-    );
+    set(&timings, "gpuMemoryBytes", t.gpu_peak_bytes as f64);
     let steps = js_sys::Array::new();
     for ms in &t.unet_step_ms {
         steps.push(&(*ms).into());

@@ -203,6 +203,37 @@ fn previews_cancel_and_bad_parameters() {
     .unwrap();
 }
 
+/// Low-memory mode frees each model after its stage: the same image (bit for bit), at a
+/// lower peak of GPU memory, and nothing left on the GPU afterwards; `prepare` reports
+/// the peak a generation reaches.
+#[test]
+fn low_memory_mode_holds_one_model_at_a_time() {
+    let gpu = common::gpu();
+    let mut pipeline = load(&gpu, None);
+    let request = Request {
+        prompt: "a red 7 on a blue background".into(),
+        steps: 2,
+        seed: 7,
+        ..Request::default()
+    };
+    let mut generate = |pipeline: &mut StableDiffusion| {
+        pollster::block_on(pipeline.generate(&request, &mut |_| Control::Continue)).unwrap()
+    };
+    let all = generate(&mut pipeline);
+    pipeline.set_low_memory(true);
+    let predicted = pollster::block_on(pipeline.prepare(&request)).unwrap();
+    let one = generate(&mut pipeline);
+    assert_eq!(common::max_pixel_difference(&one.image, &all.image), 0);
+    assert!(
+        one.timings.gpu_peak_bytes < all.timings.gpu_peak_bytes,
+        "peak {} B one model at a time, {} B all",
+        one.timings.gpu_peak_bytes,
+        all.timings.gpu_peak_bytes
+    );
+    assert_eq!(predicted, one.timings.gpu_peak_bytes);
+    assert_eq!(pipeline.gpu_memory_bytes(), 0);
+}
+
 #[test]
 fn missing_files_are_listed() {
     let gpu = common::gpu();

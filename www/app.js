@@ -152,6 +152,7 @@ async function generate(event) {
     width: Number($("width").value),
     height: Number($("height").value),
     previewEvery: Number($("preview-every").value),
+    lowMemory: $("low-memory").checked,
     initImage: initFile ? new Uint8Array(await initFile.arrayBuffer()) : null,
     strength: Number($("strength").value),
   };

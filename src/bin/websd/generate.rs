@@ -55,6 +55,11 @@ pub struct GenerateArgs {
     /// generating (will it fit?).
     #[arg(long)]
     dry_run: bool,
+    /// Hold one model on the GPU at a time (text encoder, UNet, VAE), freeing each after its
+    /// stage: the largest stage's memory instead of the sum, for weights uploaded again
+    /// every generation.
+    #[arg(long)]
+    low_memory: bool,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
@@ -112,6 +117,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
     eprintln!("adapter: {}", gpu.describe());
     let mut pipeline = load(&gpu, &args.model).await?;
+    pipeline.set_low_memory(args.low_memory);
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
     eprintln!(
         "seed {seed}, scheduler {}, {} steps, guidance {}",
@@ -144,8 +150,8 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
     for warning in &generated.warnings {
         eprintln!("warning: {warning}");
     }
-    report_memory(pipeline.gpu_memory_bytes());
     let t = &generated.timings;
+    report_memory(t.gpu_peak_bytes);
     let unet_total: f64 = t.unet_step_ms.iter().sum();
     eprintln!(
         "text encoder {:.0} ms, {} UNet steps {:.0} ms ({:.0} ms/step), VAE decode {:.0} ms, total {:.0} ms",

@@ -216,7 +216,7 @@ fn low_memory_mode_holds_one_model_at_a_time() {
         seed: 7,
         ..Request::default()
     };
-    let mut generate = |pipeline: &mut StableDiffusion| {
+    let generate = |pipeline: &mut StableDiffusion| {
         pollster::block_on(pipeline.generate(&request, &mut |_| Control::Continue)).unwrap()
     };
     let all = generate(&mut pipeline);

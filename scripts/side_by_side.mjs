@@ -1,0 +1,91 @@
+// websd and onnxruntime-web's WebGPU provider on the same ONNX graph, in the same page of
+// headless Chromium (SwiftShader here): builds websd's session and times its best run,
+// then does the same with onnxruntime-web on inputs of the shapes websd's session took,
+// and prints both times and their ratio. Too slow for CI; run from the repository root
+// after `trunk build --release` and `npm install --no-save onnxruntime-web@1.30.0`:
+//
+//   node scripts/side_by_side.mjs MODEL.onnx --dim batch_size=2 --dim height=12 \
+//     --dim width=20 --dim sequence_length=16 [--runs 5]
+//
+// MODEL.onnx must hold its weights inline (one file), float inputs, e.g. the tiny SD UNet
+// in tests/fixtures/tiny-sd/unet. Both times leave outputs where the runtime puts them by
+// default: on the GPU for websd, read back for onnxruntime-web (a few KiB for that UNet).
+import { chromium } from "playwright-core";
+import http from "node:http";
+import fs from "node:fs";
+import path from "node:path";
+
+const args = process.argv.slice(2);
+const modelPath = args[0];
+const dims = {};
+let runs = 5;
+for (let i = 1; i < args.length; i += 2) {
+  if (args[i] === "--dim") {
+    const [name, value] = args[i + 1].split("=");
+    dims[name] = Number(value);
+  } else if (args[i] === "--runs") runs = Number(args[i + 1]);
+}
+const routes = { "/graph/model.onnx": path.resolve(modelPath) };
+const ortDir = path.resolve("node_modules/onnxruntime-web/dist");
+if (!fs.existsSync(ortDir)) {
+  console.error("onnxruntime-web is missing: npm install --no-save onnxruntime-web@1.30.0");
+  process.exit(1);
+}
+const MIME = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".css": "text/css", ".json": "application/json" };
+const server = http.createServer((req, res) => {
+  const p = decodeURIComponent(new URL(req.url, "http://x").pathname);
+  let file = routes[p] ?? (p.startsWith("/ort/") ? path.join(ortDir, p.slice(5)) : path.join("dist", p));
+  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, "index.html");
+  if (!fs.existsSync(file)) { res.writeHead(404).end(); return; }
+  res.writeHead(200, { "content-type": MIME[path.extname(file)] ?? "application/octet-stream", "content-length": fs.statSync(file).size });
+  fs.createReadStream(file).pipe(res);
+});
+await new Promise((r) => server.listen(0, "127.0.0.1", r));
+const base = `http://127.0.0.1:${server.address().port}`;
+const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
+const page = await browser.newPage();
+page.on("pageerror", (e) => console.log("pageerror:", e.message.slice(0, 300)));
+await page.goto(base + "/");
+await page.waitForFunction(() => window.wasmBindings?.App, null, { timeout: 120_000 });
+
+const result = await page.evaluate(async ({ dims, runs }) => {
+  const app = new window.wasmBindings.App();
+  await app.initGpu();
+  const websd = await app.timeGraph("/graph/model.onnx", dims, runs);
+
+  const ort = await import("/ort/ort.webgpu.min.mjs");
+  ort.env.wasm.wasmPaths = "/ort/";
+  const started = performance.now();
+  const session = await ort.InferenceSession.create("/graph/model.onnx", { executionProviders: ["webgpu"] });
+  const feeds = {};
+  let seed = 1;
+  const random = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648) * 2 - 1;
+  for (const input of websd.inputs) {
+    const n = input.shape.reduce((a, b) => a * b, 1);
+    feeds[input.name] = input.float
+      ? new ort.Tensor("float32", Float32Array.from({ length: n }, random), input.shape)
+      : new ort.Tensor("int64", new BigInt64Array(n).fill(1n), input.shape);
+  }
+  await session.run(feeds);
+  const firstMs = performance.now() - started;
+  let bestMs = Infinity;
+  for (let i = 0; i < runs; i++) {
+    const t0 = performance.now();
+    await session.run(feeds);
+    bestMs = Math.min(bestMs, performance.now() - t0);
+  }
+  return { websd, ort: { firstMs, bestMs } };
+}, { dims, runs });
+
+const adapter = await page.evaluate(async () => {
+  const a = await navigator.gpu.requestAdapter();
+  return a?.info ? `${a.info.vendor} ${a.info.architecture} ${a.info.description}`.trim() : "unknown";
+});
+console.log(JSON.stringify({
+  model: modelPath, dims, runs, adapter,
+  websd_build_ms: Math.round(result.websd.buildMs), websd_best_ms: Math.round(result.websd.bestMs),
+  ort_web_first_ms: Math.round(result.ort.firstMs), ort_web_best_ms: Math.round(result.ort.bestMs),
+  ort_over_websd: +(result.ort.bestMs / result.websd.bestMs).toFixed(2),
+}));
+await browser.close();
+server.close();

@@ -62,6 +62,7 @@ async fn time_launches(gpu: &Gpu, op: u32, threads: usize, iterations: usize) ->
         op: Some(op),
         half_weights: false,
         narrow: false,
+        swapped: false,
     };
     let [x, y, z] = grid(
         threads.div_ceil(WORKGROUP),

@@ -62,6 +62,8 @@ pub struct KernelKey {
     pub op: Option<u32>,
     pub half_weights: bool,
     pub narrow: bool,
+    /// MatMul only: computed transposed (`SWAPPED` in matmul.wgsl).
+    pub swapped: bool,
 }
 
 /// Output columns per workgroup of the GEMM core (gemm.wgsl), and whether a product `n`
@@ -78,6 +80,7 @@ impl From<Shader> for KernelKey {
             op: None,
             half_weights: false,
             narrow: false,
+            swapped: false,
         }
     }
 }
@@ -177,6 +180,9 @@ impl Pipelines {
             }
             if key.narrow {
                 constants.push(("NARROW", 1.0));
+            }
+            if key.swapped {
+                constants.push(("SWAPPED", 1.0));
             }
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("{key:?}")),

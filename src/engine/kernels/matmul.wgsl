@@ -59,16 +59,28 @@ fn begin(batch: u32) {
     out_base = batch * p.m * p.n;
 }
 
-fn gemm_m() -> u32 { return p.m; }
-fn gemm_n() -> u32 { return p.n; }
+// SWAPPED: the product is computed transposed, out^T = B^T A^T, so that a product with few
+// rows and many columns (a linear layer at a UNet's smallest levels, or its time embedding:
+// 2-32 rows) runs its rows on the narrow tiles' 16 columns instead of padding 64-row tiles.
+override SWAPPED: bool = false;
+
+fn gemm_m() -> u32 { return select(p.m, p.n, SWAPPED); }
+fn gemm_n() -> u32 { return select(p.n, p.m, SWAPPED); }
 fn gemm_k() -> u32 { return p.k; }
+
+// Elements of the logical operands, A[row, k] and B[k, column].
+fn a_at(row: u32, k: u32) -> f32 { return a[a_base + row * p.a_m + k * p.a_k]; }
+fn b_at_kn(k: u32, column: u32) -> f32 { return b_at(b_base + k * p.b_k + column * p.b_n); }
 
 fn load_a4(m: u32, k: u32) -> vec4<f32> {
     var v = vec4<f32>();
-    let row = a_base + m * p.a_m;
     for (var j = 0u; j < 4u; j++) {
         if k + j < p.k {
-            v[j] = a[row + (k + j) * p.a_k];
+            if SWAPPED {
+                v[j] = b_at_kn(k + j, m);
+            } else {
+                v[j] = a_at(m, k + j);
+            }
         }
     }
     return v;
@@ -80,11 +92,14 @@ fn begin_columns(n: u32) {
 
 fn load_b4(k: u32) -> vec4<f32> {
     var v = vec4<f32>();
-    let row = b_base + k * p.b_k;
     for (var j = 0u; j < 4u; j++) {
         let n = first_column + j;
-        if n < p.n {
-            v[j] = b_at(row + n * p.b_n);
+        if n < gemm_n() {
+            if SWAPPED {
+                v[j] = a_at(n, k);
+            } else {
+                v[j] = b_at_kn(k, n);
+            }
         }
     }
     return v;
@@ -92,12 +107,15 @@ fn load_b4(k: u32) -> vec4<f32> {
 
 fn store4(m: u32, n: u32, values: vec4<f32>) {
     for (var j = 0u; j < 4u; j++) {
-        if n + j < p.n {
+        if n + j < gemm_n() {
+            // The output element this is: transposed back when SWAPPED.
+            let row = select(m, n + j, SWAPPED);
+            let column = select(n + j, m, SWAPPED);
             var v = p.alpha * values[j];
             if p.has_bias != 0u {
-                v += p.beta * bias[m * p.bias_m + (n + j) * p.bias_n];
+                v += p.beta * bias[row * p.bias_m + column * p.bias_n];
             }
-            out[out_base + m * p.n + n + j] = v;
+            out[out_base + row * p.n + column] = v;
         }
     }
 }

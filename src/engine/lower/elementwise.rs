@@ -39,6 +39,7 @@ impl Lowering<'_> {
             op: Some(op),
             half_weights: false,
             narrow: false,
+            swapped: false,
         };
         let runs = self.runs(n, &[1], usize::MAX, "element")?;
         let split = runs.len() > 1;

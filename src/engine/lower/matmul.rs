@@ -110,9 +110,18 @@ impl Lowering<'_> {
             ..Shader::MatMul.into()
         };
         if fits {
+            // Few rows, many columns: computed transposed, its rows on the narrow tiles.
+            let swapped = !narrow && gemm_tile_columns(m).1;
+            let (gemm_m, gemm_n) = if swapped { (n, m) } else { (m, n) };
+            let (tile_columns, narrow) = gemm_tile_columns(gemm_n);
+            let kernel = KernelKey {
+                narrow,
+                swapped,
+                ..kernel
+            };
             let groups = [
-                n.div_ceil(tile_columns) as u32,
-                m.div_ceil(64) as u32,
+                gemm_n.div_ceil(tile_columns) as u32,
+                gemm_m.div_ceil(64) as u32,
                 batch as u32,
             ];
             let inputs = vec![

@@ -308,6 +308,7 @@ impl ReduceLaunch {
             op: Some(self.op as u32),
             half_weights: false,
             narrow: false,
+            swapped: false,
         }
     }
 

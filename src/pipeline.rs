@@ -333,13 +333,7 @@ impl StableDiffusion {
         };
         let hidden = &text.outputs[hidden_name];
         let context = [batch, hidden[1], hidden[2]];
-        let factor = self.config.vae_scale_factor;
-        let latents = [
-            1,
-            self.config.latent_channels,
-            height / factor,
-            width / factor,
-        ];
+        let latents = self.latent_shape(width, height);
         let sample = [batch, latents[1], latents[2], latents[3]];
         let cond = self.config.time_cond_proj_dim.map(|d| [batch, d]);
         let unet = plan(&self.unet, &unet_inputs(&sample, &context, cond.as_ref()))?;
@@ -443,13 +437,7 @@ impl StableDiffusion {
         let context = self.encode_prompts(request, guidance.is_some()).await?;
         let mut peak = self.gpu_memory_bytes();
         self.text_session.release_if(self.low_memory);
-        let factor = self.config.vae_scale_factor;
-        let latents = [
-            1,
-            self.config.latent_channels,
-            height / factor,
-            width / factor,
-        ];
+        let latents = self.latent_shape(width, height);
         let sample = [batch, latents[1], latents[2], latents[3]];
         let cond = guidance_embedding.map(|e| [batch, e.len()]);
         let shapes = unet_inputs(&sample, &context.shape, cond.as_ref());
@@ -465,6 +453,17 @@ impl StableDiffusion {
         peak = peak.max(self.gpu_memory_bytes());
         self.decoder_session.release_if(self.low_memory);
         Ok(peak)
+    }
+
+    /// The latents of one image of `width` x `height` pixels.
+    fn latent_shape(&self, width: usize, height: usize) -> [usize; 4] {
+        let factor = self.config.vae_scale_factor;
+        [
+            1,
+            self.config.latent_channels,
+            height / factor,
+            width / factor,
+        ]
     }
 
     /// The guidance-scale embedding of a guidance-distilled UNet (which takes the scale as
@@ -504,13 +503,7 @@ impl StableDiffusion {
         self.text_session.release_if(self.low_memory);
 
         let mut rng = TorchRng::new(request.seed);
-        let factor = self.config.vae_scale_factor;
-        let shape = vec![
-            1,
-            self.config.latent_channels,
-            height / factor,
-            width / factor,
-        ];
+        let shape = self.latent_shape(width, height).to_vec();
         let (first, mut latents) = self
             .initial_latents(request, scheduler.as_ref(), &mut rng, &shape, &mut timings)
             .await?;

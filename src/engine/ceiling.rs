@@ -58,11 +58,8 @@ async fn time_launches(gpu: &Gpu, op: u32, threads: usize, iterations: usize) ->
     let src = gpu.storage_buffer_with("peak src", &init);
     drop(init);
     let key = KernelKey {
-        shader: Shader::Peak,
         op: Some(op),
-        half_weights: false,
-        narrow: false,
-        swapped: false,
+        ..Shader::Peak.into()
     };
     let [x, y, z] = grid(
         threads.div_ceil(WORKGROUP),

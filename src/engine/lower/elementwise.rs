@@ -35,11 +35,8 @@ impl Lowering<'_> {
         };
         let broadcast = inputs.iter().any(|&i| self.shape(i) != shape);
         let key = KernelKey {
-            shader: Shader::Elementwise,
             op: Some(op),
-            half_weights: false,
-            narrow: false,
-            swapped: false,
+            ..Shader::Elementwise.into()
         };
         let runs = self.runs(n, &[1], usize::MAX, "element")?;
         let split = runs.len() > 1;

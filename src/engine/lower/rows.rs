@@ -304,11 +304,8 @@ struct ReduceLaunch {
 impl ReduceLaunch {
     fn kernel(&self) -> KernelKey {
         KernelKey {
-            shader: Shader::Reduce,
             op: Some(self.op as u32),
-            half_weights: false,
-            narrow: false,
-            swapped: false,
+            ..Shader::Reduce.into()
         }
     }
 

@@ -11,6 +11,7 @@ pub mod ceiling;
 mod error;
 mod fold;
 mod gpu;
+mod grad;
 mod graph;
 mod infer;
 mod kernels;
@@ -27,6 +28,7 @@ mod tensor;
 pub use builder::{Attr, GraphBuilder};
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuTensor, SharedGpu};
+pub use grad::{LOSS, Objective, grad_name};
 pub use loader::external_data_locations;
 pub use session::{Model, Session, ShapePlan};
 #[cfg(not(target_arch = "wasm32"))]

@@ -7,37 +7,46 @@ use std::sync::Arc;
 
 use super::error::{Error, Result};
 use super::fold;
-use super::graph::{Dim, Graph, Value, ValueId};
+use super::grad::{self, Objective};
+use super::graph::{Dim, Graph, Node, Value, ValueId};
 use super::infer::{self, InputInfo};
 use super::ops::{BinaryOp, Op, UnaryOp, broadcast_shapes};
 use super::tensor::{DType, HostTensor, numel};
 
-pub fn prepare(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
-    prepare_folding(graph, dims, usize::MAX)
+/// Everything a session needs; with an objective, the loss and the backward pass are
+/// appended once shapes are known, and fused with the forward pass.
+pub fn prepare(
+    graph: &mut Graph,
+    dims: &HashMap<String, usize>,
+    objective: Option<&Objective>,
+) -> Result<()> {
+    bind_inputs(graph, dims)?;
+    infer_and_fold(graph, usize::MAX)?;
+    if let Some(objective) = objective {
+        grad::append_backward(graph, objective)?;
+    }
+    fuse(graph);
+    Ok(())
 }
 
 /// `prepare`, folding only small constants (the shape arithmetic shapes depend on): every
 /// shape a session would compute, without the host work and memory of folding weights.
 pub fn infer_shapes(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
-    prepare_folding(graph, dims, SHAPE_FOLD_LIMIT)
+    bind_inputs(graph, dims)?;
+    infer_and_fold(graph, SHAPE_FOLD_LIMIT)?;
+    fuse(graph);
+    Ok(())
 }
 
 /// Elements up to which `infer_shapes` folds a constant result.
 const SHAPE_FOLD_LIMIT: usize = 4096;
 
-fn prepare_folding(
-    graph: &mut Graph,
-    dims: &HashMap<String, usize>,
-    fold_limit: usize,
-) -> Result<()> {
-    bind_inputs(graph, dims)?;
-    infer_and_fold(graph, fold_limit)?;
+fn fuse(graph: &mut Graph) {
     fuse_silu(graph);
     fuse_group_norm(graph);
     fuse_attention(graph);
     fuse_matmul_bias(graph);
     remove_dead_nodes(graph);
-    Ok(())
 }
 
 fn bind_inputs(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<()> {
@@ -73,49 +82,56 @@ fn infer_and_fold(graph: &mut Graph, fold_limit: usize) -> Result<()> {
     }
     let mut kept = Vec::with_capacity(graph.nodes.len());
     for node in std::mem::take(&mut graph.nodes) {
-        let node_error = |reason: String| Error::Node {
-            node: node.name.clone(),
-            op_type: node.op.name(),
-            reason,
-        };
-        let infos: Vec<Option<InputInfo>> = node
-            .inputs
-            .iter()
-            .map(|i| {
-                i.map(|i| {
-                    let v = &graph.values[i];
-                    InputInfo {
-                        dtype: v.dtype,
-                        shape: &v.shape,
-                        constant: v.constant.as_deref(),
-                    }
-                })
-            })
-            .collect();
-        let outputs = infer::infer(&node.op, &infos, node.outputs.len()).map_err(node_error)?;
-        let all_constant = infos.iter().flatten().all(|i| i.constant.is_some());
-        let small = outputs.iter().all(|(_, shape)| numel(shape) <= fold_limit);
-        let foldable = (all_constant && fold::can_fold(&node.op) && small)
-            || matches!(node.op, Op::Shape { .. });
-        let folded = if foldable {
-            Some(fold::fold(&node.op, &infos, &outputs).map_err(node_error)?)
-        } else {
-            None
-        };
-        for (k, (&out, (dtype, shape))) in node.outputs.iter().zip(outputs).enumerate() {
-            let value = &mut graph.values[out];
-            value.dtype = dtype;
-            value.shape = shape;
-            if let Some(results) = &folded {
-                value.constant = Some(Arc::new(results[k].clone()));
-            }
-        }
-        if folded.is_none() {
+        if !infer_node(graph, &node, fold_limit)? {
             kept.push(node);
         }
     }
     graph.nodes = kept;
     Ok(())
+}
+
+/// Sets the types and shapes of `node`'s outputs from its inputs'; folds it into constant
+/// outputs when its inputs are all constant and its outputs have at most `fold_limit`
+/// elements. Returns whether it was folded (and needs no node).
+pub(super) fn infer_node(graph: &mut Graph, node: &Node, fold_limit: usize) -> Result<bool> {
+    let node_error = |reason: String| Error::Node {
+        node: node.name.clone(),
+        op_type: node.op.name(),
+        reason,
+    };
+    let infos: Vec<Option<InputInfo>> = node
+        .inputs
+        .iter()
+        .map(|i| {
+            i.map(|i| {
+                let v = &graph.values[i];
+                InputInfo {
+                    dtype: v.dtype,
+                    shape: &v.shape,
+                    constant: v.constant.as_deref(),
+                }
+            })
+        })
+        .collect();
+    let outputs = infer::infer(&node.op, &infos, node.outputs.len()).map_err(node_error)?;
+    let all_constant = infos.iter().flatten().all(|i| i.constant.is_some());
+    let small = outputs.iter().all(|(_, shape)| numel(shape) <= fold_limit);
+    let foldable =
+        (all_constant && fold::can_fold(&node.op) && small) || matches!(node.op, Op::Shape { .. });
+    let folded = if foldable {
+        Some(fold::fold(&node.op, &infos, &outputs).map_err(node_error)?)
+    } else {
+        None
+    };
+    for (k, (&out, (dtype, shape))) in node.outputs.iter().zip(outputs).enumerate() {
+        let value = &mut graph.values[out];
+        value.dtype = dtype;
+        value.shape = shape;
+        if let Some(results) = &folded {
+            value.constant = Some(Arc::new(results[k].clone()));
+        }
+    }
+    Ok(folded.is_some())
 }
 
 /// How many nodes (and graph outputs) read each value.

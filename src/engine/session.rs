@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::error::{Error, Result};
 use super::gpu::{Gpu, GpuTensor};
+use super::grad::Objective;
 use super::graph::{Dim, Graph};
 use super::kernels::KernelKey;
 use super::loader::{load_graph_bytes, open_graph};
@@ -26,6 +27,8 @@ pub struct Model {
     /// Where the weights left in the model's files are read from when a session uploads
     /// them (models opened with [`Model::open`]).
     source: Option<Rc<dyn FileSource>>,
+    /// Set by [`Model::with_objective`]: sessions also compute the loss and its gradients.
+    objective: Option<Objective>,
 }
 
 impl Model {
@@ -34,6 +37,7 @@ impl Model {
         Ok(Model {
             graph: load_graph_bytes(bytes.into())?,
             source: None,
+            objective: None,
         })
     }
 
@@ -44,7 +48,73 @@ impl Model {
         Ok(Model {
             graph: open_graph(&*source, path).await?,
             source: Some(source),
+            objective: None,
         })
+    }
+
+    /// The same model trained towards `objective`: its sessions take the objective's target
+    /// as one more input and also output [`LOSS`](super::LOSS) and the loss's gradient
+    /// with respect to each of `objective.wrt` (named by [`grad_name`](super::grad_name)).
+    /// Initializers named in `wrt` become inputs of their stored shape, fed like any other
+    /// (read their values with [`Model::initializer`]).
+    pub fn with_objective(&self, objective: Objective) -> Result<Model> {
+        let mut graph = self.graph.clone();
+        for name in &objective.wrt {
+            let id = graph
+                .values
+                .iter()
+                .position(|v| v.name == *name)
+                .ok_or_else(|| Error::Input {
+                    name: name.clone(),
+                    reason: "the model has no such input or initializer".into(),
+                })?;
+            if graph.inputs.contains(&id) {
+                continue;
+            }
+            let value = &mut graph.values[id];
+            let shape = match (&value.constant, &value.stored) {
+                (Some(c), _) => c.shape.clone(),
+                (None, Some(s)) => s.shape.clone(),
+                (None, None) => {
+                    return Err(Error::Input {
+                        name: name.clone(),
+                        reason: "computed inside the graph, not an input or initializer".into(),
+                    });
+                }
+            };
+            value.dims = Some(shape.into_iter().map(Dim::Fixed).collect());
+            (value.constant, value.stored) = (None, None);
+            value.dtype = DType::F32;
+            graph.inputs.push(id);
+        }
+        Ok(Model {
+            graph,
+            source: self.source.clone(),
+            objective: Some(objective),
+        })
+    }
+
+    /// The values of an initializer, as f32 if it is floating point (read from the files
+    /// if it was left there).
+    pub async fn initializer(&self, name: &str) -> Result<HostTensor> {
+        let value = self
+            .graph
+            .values
+            .iter()
+            .find(|v| v.name == name && (v.constant.is_some() || v.stored.is_some()))
+            .ok_or_else(|| Error::Input {
+                name: name.into(),
+                reason: "the model has no such initializer".into(),
+            })?;
+        if let Some(c) = &value.constant {
+            return Ok(c.as_ref().clone());
+        }
+        let stored = value.stored.as_ref().expect("checked above");
+        let source = self
+            .source
+            .as_ref()
+            .expect("stored tensors come with their source");
+        stored.read(&**source).await
     }
 
     pub fn input_names(&self) -> Vec<&str> {
@@ -217,7 +287,7 @@ impl Session {
     /// everything a run needs on `gpu`.
     pub async fn new(gpu: &Gpu, model: &Model, dims: &HashMap<String, usize>) -> Result<Session> {
         let mut graph = model.graph.clone();
-        passes::prepare(&mut graph, dims)?;
+        passes::prepare(&mut graph, dims, model.objective.as_ref())?;
         let oom_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let built = Builder::new(gpu, &graph)

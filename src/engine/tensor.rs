@@ -95,6 +95,24 @@ pub struct StoredTensor {
     pub shape: Vec<usize>,
 }
 
+impl StoredTensor {
+    /// Reads the whole tensor from `source` onto the host (as f32 if it is floating point).
+    pub async fn read(&self, source: &dyn super::source::FileSource) -> Result<HostTensor> {
+        let bytes = (numel(&self.shape) * self.storage.size()) as u64;
+        let error = |reason: String| Error::ExternalData {
+            tensor: self.path.clone(),
+            reason,
+        };
+        let raw = source
+            .read(&self.path, self.offset..self.offset + bytes)
+            .await
+            .map_err(|e| error(format!("cannot read: {e}")))?;
+        let tensor = HostTensor::raw(self.shape.clone(), self.storage, raw)
+            .map_err(|_| error("the file ended early".into()))?;
+        Ok(tensor.cast(tensor.dtype()))
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct HostTensor {
     pub shape: Vec<usize>,

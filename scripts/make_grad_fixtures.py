@@ -1,0 +1,149 @@
+"""Gradient references for websd's training tests, computed by torch autograd (never by websd).
+
+    python scripts/make_grad_fixtures.py WORK
+
+Every case is a small torch function exported to ONNX (opset 14, as optimum exports SD, or 17
+for LayerNormalization) with its weights as graph inputs. The loss is the mean squared error
+between the function's output and a random target; torch's gradients of that loss with
+respect to every float input are the reference. Writes tests/fixtures/grads/<case>/:
+model.onnx, in_<input>.npy, target.npy, loss.npy, grad_<input>.npy.
+
+The `tiny_unet` case is the committed tiny SD UNet (tests/fixtures/tiny-sd/unet): the
+pipeline is rebuilt in WORK by make_tiny_sd.py (seeded, so the same weights; checked against
+the committed onnxruntime output) and differentiated with respect to `sample` and
+`encoder_hidden_states`.
+"""
+import os
+import shutil
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "fixtures")
+OUT = os.path.join(ROOT, "grads")
+torch.manual_seed(7)
+
+
+def randn(*shape):
+    return torch.randn(*shape, dtype=torch.float32)
+
+
+def save_case(name, fn, inputs, opset=14):
+    folder = os.path.join(OUT, name)
+    os.makedirs(folder, exist_ok=True)
+    names = list(inputs)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in inputs.items()}
+    y = fn(*leaves.values())
+    target = randn(*y.shape)
+    loss = F.mse_loss(y, target)
+    loss.backward()
+
+    class Wrapped(torch.nn.Module):
+        def forward(self, *args):
+            return fn(*args)
+
+    torch.onnx.export(Wrapped(), tuple(inputs.values()), os.path.join(folder, "model.onnx"),
+                      input_names=names, output_names=["out"], opset_version=opset, dynamo=False)
+    for k, v in inputs.items():
+        np.save(os.path.join(folder, f"in_{k}.npy"), v.numpy())
+        np.save(os.path.join(folder, f"grad_{k}.npy"), leaves[k].grad.numpy())
+    np.save(os.path.join(folder, "target.npy"), target.numpy())
+    np.save(os.path.join(folder, "loss.npy"), loss.detach().numpy())
+
+
+def attention(q, k, v):
+    scores = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1)
+    return scores @ v
+
+
+def elementwise(x, a):
+    gelu = F.gelu(x)
+    silu = x * torch.sigmoid(x)
+    rest = torch.exp(-x * x) / (1.0 + a * a) + torch.sqrt(x * x + 1.0) + torch.tanh(x) * a
+    return gelu + silu * a - rest + torch.pow(a, 2.0) * torch.sin(x) + torch.relu(x - a)
+
+
+def geglu(x, w, b):
+    hidden, gate = (x @ w + b).chunk(2, dim=-1)
+    return hidden * F.gelu(gate)
+
+
+def up_concat(x, skip):
+    up = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return torch.cat([up, skip], dim=1) * 1.5
+
+
+def shapes(x, y):
+    # Transpose, reshape, reduce with broadcast, pad and slice.
+    t = x.permute(0, 2, 1).reshape(2, 3, 8)
+    centred = t - t.mean(dim=-1, keepdim=True)
+    padded = F.pad(centred, (1, 2, 0, 1))
+    return padded[:, 1:3, 2:9] * y + padded[:, :2, :7].sum(dim=1, keepdim=True)
+
+
+CASES = {
+    "conv3x3": (lambda x, w, b: F.conv2d(x, w, b, padding=1),
+                dict(x=randn(2, 3, 6, 5), w=randn(4, 3, 3, 3), b=randn(4))),
+    "conv3x3_stride2": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1),
+                        dict(x=randn(2, 3, 7, 6), w=randn(4, 3, 3, 3), b=randn(4))),
+    "conv1x1": (lambda x, w, b: F.conv2d(x, w, b),
+                dict(x=randn(1, 4, 5, 5), w=randn(3, 4, 1, 1), b=randn(3))),
+    "conv_dilated": (lambda x, w: F.conv2d(x, w, padding=2, dilation=2),
+                     dict(x=randn(1, 2, 8, 7), w=randn(3, 2, 3, 3))),
+    "conv_stride2_unpadded": (lambda x, w: F.conv2d(x, w, stride=2),
+                              dict(x=randn(1, 2, 8, 9), w=randn(3, 2, 3, 3))),
+    "linear": (lambda x, w, b: x @ w + b, dict(x=randn(2, 5, 6), w=randn(6, 4), b=randn(4))),
+    "gemm": (lambda x, w, b: F.linear(x, w, b), dict(x=randn(3, 6), w=randn(4, 6), b=randn(4))),
+    "attention": (attention, dict(q=randn(2, 3, 5, 4), k=randn(2, 3, 6, 4), v=randn(2, 3, 6, 4))),
+    "group_norm": (lambda x, w, b: F.group_norm(x, 2, w, b, eps=1e-5),
+                   dict(x=randn(2, 4, 3, 3), w=randn(4), b=randn(4))),
+    "layer_norm_decomposed": (lambda x, w, b: F.layer_norm(x, (6,), w, b),
+                              dict(x=randn(2, 5, 6), w=randn(6), b=randn(6))),
+    "elementwise": (elementwise, dict(x=randn(3, 7), a=randn(7))),
+    "geglu": (geglu, dict(x=randn(2, 3, 4), w=randn(4, 10), b=randn(10))),
+    "upsample_concat": (up_concat, dict(x=randn(1, 2, 3, 4), skip=randn(1, 3, 6, 8))),
+    "shapes": (shapes, dict(x=randn(2, 8, 3), y=randn(7))),
+}
+
+
+def tiny_unet(work):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_tiny_sd
+    from diffusers import UNet2DConditionModel
+
+    if not os.path.isdir(os.path.join(work, "diffusers")):
+        make_tiny_sd.build(work)
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(work, "diffusers", "unet")).eval()
+    io = os.path.join(ROOT, "tiny-sd-io", "unet")
+    sample = torch.from_numpy(np.load(os.path.join(io, "in_sample.npy")))
+    timestep = torch.from_numpy(np.load(os.path.join(io, "in_timestep.npy")))
+    states = torch.from_numpy(np.load(os.path.join(io, "in_encoder_hidden_states.npy")))
+    expected = np.load(os.path.join(io, "out_out_sample.npy"))
+    leaves = {"sample": sample.clone().requires_grad_(True),
+              "encoder_hidden_states": states.clone().requires_grad_(True)}
+    y = unet(leaves["sample"], timestep, leaves["encoder_hidden_states"]).sample
+    drift = np.abs(y.detach().numpy() - expected).max()
+    assert drift < 1e-4, f"rebuilt UNet differs from the committed export by {drift}"
+    target = randn(*y.shape)
+    loss = F.mse_loss(y, target)
+    loss.backward()
+    folder = os.path.join(OUT, "tiny_unet")
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "in_timestep.npy"), timestep.numpy())
+    for k, v in leaves.items():
+        np.save(os.path.join(folder, f"in_{k}.npy"), v.detach().numpy())
+        np.save(os.path.join(folder, f"grad_{k}.npy"), v.grad.numpy())
+    np.save(os.path.join(folder, "target.npy"), target.numpy())
+    np.save(os.path.join(folder, "loss.npy"), loss.detach().numpy())
+    print(f"tiny_unet: loss {loss.item():.6f}, export drift {drift:.2e}")
+
+
+if __name__ == "__main__":
+    shutil.rmtree(OUT, ignore_errors=True)
+    for name, (fn, inputs) in CASES.items():
+        save_case(name, fn, inputs)
+    save_case("layer_norm", lambda x, w, b: F.layer_norm(x, (6,), w, b),
+              dict(x=randn(2, 5, 6), w=randn(6), b=randn(6)), opset=17)
+    tiny_unet(sys.argv[1])

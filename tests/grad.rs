@@ -1,0 +1,186 @@
+//! Gradients of a mean-squared-error loss through the engine's backward pass against torch
+//! autograd (tests/fixtures/grads, written by scripts/make_grad_fixtures.py).
+#![cfg(not(target_arch = "wasm32"))]
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use websd::engine::{GraphBuilder, HostTensor, LOSS, Model, Objective, Session, grad_name};
+
+/// Within 1e-4 of each gradient's own scale (its largest magnitude).
+fn compare_scaled(name: &str, actual: &HostTensor, expected: &HostTensor) -> Result<f32, String> {
+    let scale = expected.to_f32().iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    if actual.shape != expected.shape {
+        return Err(format!(
+            "{name}: shape {:?}, expected {:?}",
+            actual.shape, expected.shape
+        ));
+    }
+    let worst = actual
+        .to_f32()
+        .iter()
+        .zip(expected.to_f32().iter())
+        .map(|(a, e)| (a - e).abs())
+        .fold(0.0f32, f32::max);
+    if worst.is_nan() || worst > 1e-4 * scale.max(1e-6) {
+        return Err(format!("{name}: max |diff| {worst:e}, scale {scale:e}"));
+    }
+    Ok(worst / scale.max(1e-6))
+}
+
+/// Runs a case's model trained towards its target; returns the worst relative difference.
+fn matches_torch(model: &Model, output: &str, dir: &Path) -> Result<f32, String> {
+    let gpu = common::gpu();
+    let inputs = common::tensors(dir, "in_");
+    let expected = common::tensors(dir, "grad_");
+    let mut wrt: Vec<String> = expected.keys().cloned().collect();
+    wrt.sort();
+    let objective = Objective {
+        output: output.into(),
+        target: "target".into(),
+        wrt: wrt.clone(),
+    };
+    let trained = model.with_objective(objective).map_err(|e| e.to_string())?;
+    let shapes: Vec<(&str, &[usize])> = inputs
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.shape.as_slice()))
+        .collect();
+    let dims = model.dims_for_shapes(&shapes).map_err(|e| e.to_string())?;
+    let session =
+        pollster::block_on(Session::new(&gpu, &trained, &dims)).map_err(|e| e.to_string())?;
+    let target = common::tensors(dir, "target").remove("").unwrap();
+    let mut feeds: Vec<(&str, &HostTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    feeds.push(("target", &target));
+    let out = pollster::block_on(session.run_host(&feeds)).map_err(|e| e.to_string())?;
+    let loss = common::tensors(dir, "loss").remove("").unwrap();
+    let mut worst = compare_scaled(LOSS, &out[LOSS], &loss)?;
+    for name in &wrt {
+        let grad = out
+            .get(&grad_name(name))
+            .ok_or(format!("no gradient for {name}"))?;
+        worst = worst.max(compare_scaled(name, grad, &expected[name])?);
+    }
+    Ok(worst)
+}
+
+#[test]
+fn every_gradient_case_matches_torch_autograd() {
+    let mut dirs: Vec<_> = std::fs::read_dir(common::fixtures().join("grads"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|d| d.join("model.onnx").exists())
+        .collect();
+    dirs.sort();
+    assert!(
+        dirs.len() >= 10,
+        "fixtures missing: run scripts/make_grad_fixtures.py"
+    );
+    let mut failures = Vec::new();
+    for dir in dirs {
+        let case = dir.file_name().unwrap().to_string_lossy().to_string();
+        let model = common::load_model(&dir.join("model.onnx"));
+        match matches_torch(&model, "out", &dir) {
+            Ok(worst) => eprintln!("{case}: worst {worst:.1e} of scale"),
+            Err(e) => failures.push(format!("{case}: {e}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+/// The tiny SD UNet (optimum export): gradients with respect to the latents and the text
+/// embeddings, as Imagic's first stage needs them.
+#[test]
+fn tiny_unet_gradients_match_torch_autograd() {
+    let model = common::load_model(&common::tiny_sd().join("unet/model.onnx"));
+    let dir = common::fixtures().join("grads/tiny_unet");
+    let worst = matches_torch(&model, "out_sample", &dir).unwrap();
+    eprintln!("tiny UNet: worst {worst:.1e} of scale");
+}
+
+/// Finite differences on a chain no fixture covers as a whole: a strided, padded Conv, a
+/// SiLU and a Resize, differentiated by its weight (an initializer made trainable).
+#[test]
+fn weight_gradient_matches_finite_differences() {
+    let noise = |n: usize, seed: u64| websd::bench::noise(n, seed, 1.0);
+    let model = GraphBuilder::new(14)
+        .input("x", &[1, 2, 5, 6])
+        .weight("w", &[3, 2, 3, 3], &noise(54, 1))
+        .node(
+            "Conv",
+            &["x", "w"],
+            &["c"],
+            &[
+                ("strides", websd::engine::Attr::Ints(vec![2, 2])),
+                ("pads", websd::engine::Attr::Ints(vec![1, 0, 1, 1])),
+            ],
+        )
+        .node("Sigmoid", &["c"], &["s"], &[])
+        .node("Mul", &["c", "s"], &["y"], &[])
+        .output("y")
+        .build()
+        .unwrap();
+    let w0 = pollster::block_on(model.initializer("w")).unwrap();
+    let trained = model
+        .with_objective(Objective {
+            output: "y".into(),
+            target: "t".into(),
+            wrt: vec!["w".into()],
+        })
+        .unwrap();
+    let gpu = common::gpu();
+    let session = pollster::block_on(Session::new(&gpu, &trained, &HashMap::new())).unwrap();
+    let x = HostTensor::f32(vec![1, 2, 5, 6], noise(60, 2));
+    let t = HostTensor::f32(vec![1, 3, 3, 3], noise(27, 3));
+    let run = |w: &HostTensor| {
+        let out = pollster::block_on(session.run_host(&[("x", &x), ("w", w), ("t", &t)])).unwrap();
+        (out[LOSS].to_f32()[0], out[&grad_name("w")].clone())
+    };
+    let (_, grad) = run(&w0);
+    let grad = grad.to_f32();
+    let h = 1e-2f32;
+    for i in [0, 7, 20, 53] {
+        let shifted = |delta: f32| {
+            let mut w = w0.to_f32().into_owned();
+            w[i] += delta;
+            run(&HostTensor::f32(w0.shape.clone(), w)).0
+        };
+        let numeric = (shifted(h) - shifted(-h)) / (2.0 * h);
+        let tolerance = 2e-3 * numeric.abs().max(grad[i].abs()).max(1e-2);
+        assert!(
+            (numeric - grad[i]).abs() <= tolerance,
+            "w[{i}]: analytic {}, finite difference {numeric}",
+            grad[i]
+        );
+    }
+}
+
+#[test]
+fn an_input_the_loss_does_not_reach_is_a_clear_error() {
+    let model = GraphBuilder::new(14)
+        .input("a", &[4])
+        .input("b", &[4])
+        .node("Relu", &["a"], &["y"], &[])
+        .output("y")
+        .build()
+        .unwrap();
+    let trained = model
+        .with_objective(Objective {
+            output: "y".into(),
+            target: "t".into(),
+            wrt: vec!["b".into()],
+        })
+        .unwrap();
+    let gpu = common::gpu();
+    let error = pollster::block_on(Session::new(&gpu, &trained, &HashMap::new()))
+        .err()
+        .expect("no gradient for b")
+        .to_string();
+    assert!(error.contains("does not depend on `b`"), "{error}");
+}

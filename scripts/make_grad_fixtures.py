@@ -108,6 +108,27 @@ CASES = {
 }
 
 
+def adam():
+    """torch.optim.AdamW with clip_grad_norm_ over three steps of given gradients."""
+    folder = os.path.join(OUT, "adam")
+    os.makedirs(folder, exist_ok=True)
+    params = {"a": randn(3, 5), "b": randn(7)}
+    for k, v in params.items():
+        np.save(os.path.join(folder, f"param_{k}.npy"), v.numpy())
+    leaves = [v.clone().requires_grad_(True) for v in params.values()]
+    opt = torch.optim.AdamW(leaves, lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+    for step in range(3):
+        grads = [randn(*v.shape) * (step + 1) for v in leaves]
+        for leaf, grad, k in zip(leaves, grads, params):
+            leaf.grad = grad.clone()
+            np.save(os.path.join(folder, f"step{step}_grad_{k}.npy"), grad.numpy())
+        norm = torch.nn.utils.clip_grad_norm_(leaves, max_norm=2.0)
+        np.save(os.path.join(folder, f"step{step}_norm.npy"), norm.numpy())
+        opt.step()
+        for leaf, k in zip(leaves, params):
+            np.save(os.path.join(folder, f"step{step}_param_{k}.npy"), leaf.detach().numpy())
+
+
 def tiny_unet(work):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import make_tiny_sd
@@ -146,4 +167,5 @@ if __name__ == "__main__":
         save_case(name, fn, inputs)
     save_case("layer_norm", lambda x, w, b: F.layer_norm(x, (6,), w, b),
               dict(x=randn(2, 5, 6), w=randn(6), b=randn(6)), opset=17)
+    adam()
     tiny_unet(sys.argv[1])

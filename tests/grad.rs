@@ -7,7 +7,10 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use websd::engine::{GraphBuilder, HostTensor, LOSS, Model, Objective, Session, grad_name};
+use websd::engine::{
+    AdamW, GpuTensor, GraphBuilder, HostTensor, LOSS, Model, Objective, Optimizer, Session,
+    grad_name,
+};
 
 /// Within 1e-4 of each gradient's own scale (its largest magnitude).
 fn compare_scaled(name: &str, actual: &HostTensor, expected: &HostTensor) -> Result<f32, String> {
@@ -183,4 +186,46 @@ fn an_input_the_loss_does_not_reach_is_a_clear_error() {
         .expect("no gradient for b")
         .to_string();
     assert!(error.contains("does not depend on `b`"), "{error}");
+}
+
+/// Three AdamW steps with clipping by global norm, against torch.optim.AdamW and
+/// clip_grad_norm_ on the same gradients.
+#[test]
+fn adamw_matches_torch() {
+    let gpu = common::gpu();
+    let dir = common::fixtures().join("grads/adam");
+    let tensor = |name: &str| common::tensors(&dir, name).remove("").unwrap();
+    let params: Vec<GpuTensor> = ["a", "b"]
+        .iter()
+        .map(|k| GpuTensor::from_host(&gpu, &tensor(&format!("param_{k}"))))
+        .collect();
+    let config = AdamW {
+        lr: 0.01,
+        beta1: 0.8,
+        beta2: 0.99,
+        eps: 1e-6,
+        weight_decay: 0.1,
+        max_grad_norm: Some(2.0),
+    };
+    let refs: Vec<&GpuTensor> = params.iter().collect();
+    let mut optimizer = Optimizer::new(&gpu, config, &refs).unwrap();
+    for step in 0..3 {
+        let grads: Vec<GpuTensor> = ["a", "b"]
+            .iter()
+            .map(|k| GpuTensor::from_host(&gpu, &tensor(&format!("step{step}_grad_{k}"))))
+            .collect();
+        let grad_refs: Vec<&GpuTensor> = grads.iter().collect();
+        optimizer.step(&refs, &grad_refs).unwrap();
+        let norm = pollster::block_on(optimizer.last_grad_norm()).unwrap();
+        let expected_norm = tensor(&format!("step{step}_norm")).to_f32()[0];
+        assert!(
+            (norm - expected_norm).abs() < 1e-5 * expected_norm,
+            "step {step}: norm {norm}, torch {expected_norm}"
+        );
+        for (k, p) in ["a", "b"].iter().zip(&params) {
+            let actual = pollster::block_on(p.to_host()).unwrap();
+            let expected = tensor(&format!("step{step}_param_{k}"));
+            common::compare(&format!("step {step} {k}"), &actual, &expected, 1e-6).unwrap();
+        }
+    }
 }

@@ -29,6 +29,7 @@ pub enum Shader {
     Resize,
     Attention,
     Combine,
+    Adam,
     Peak,
 }
 
@@ -48,6 +49,7 @@ impl Shader {
             Shader::Resize => include_str!("kernels/resize.wgsl").into(),
             Shader::Attention => include_str!("kernels/attention.wgsl").into(),
             Shader::Combine => include_str!("kernels/combine.wgsl").into(),
+            Shader::Adam => include_str!("kernels/adam.wgsl").into(),
             Shader::Peak => include_str!("kernels/peak.wgsl").into(),
         }
     }

@@ -19,6 +19,7 @@ mod loader;
 mod lower;
 mod onnx;
 mod ops;
+mod optim;
 mod passes;
 mod scan;
 mod session;
@@ -30,6 +31,7 @@ pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuTensor, SharedGpu};
 pub use grad::{LOSS, Objective, grad_name};
 pub use loader::external_data_locations;
+pub use optim::{AdamW, Optimizer};
 pub use session::{Model, Session, ShapePlan};
 #[cfg(not(target_arch = "wasm32"))]
 pub use source::Directory;

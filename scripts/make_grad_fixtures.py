@@ -13,6 +13,7 @@ pipeline is rebuilt in WORK by make_tiny_sd.py (seeded, so the same weights; che
 the committed onnxruntime output) and differentiated with respect to `sample` and
 `encoder_hidden_states`.
 """
+import copy
 import os
 import shutil
 import sys
@@ -159,6 +160,79 @@ def tiny_unet(work):
     np.save(os.path.join(folder, "target.npy"), target.numpy())
     np.save(os.path.join(folder, "loss.npy"), loss.detach().numpy())
     print(f"tiny_unet: loss {loss.item():.6f}, export drift {drift:.2e}")
+    tiny_unet_lora(unet, (sample, timestep, states), target)
+
+
+LORA_STEPS = 3
+
+
+def train_lora(unet, inputs, target, folder):
+    """LORA_STEPS AdamW steps (lr 1e-2, clipped to norm 1); with a folder, the first
+    step's gradients are saved in it. Returns the losses."""
+    from safetensors.torch import save_file
+
+    lora = [p for n, p in unet.named_parameters() if "lora_" in n]
+    for n, p in unet.named_parameters():
+        p.requires_grad_("lora_" in n)
+    opt = torch.optim.AdamW(lora, lr=1e-2, weight_decay=1e-2)
+    losses = []
+    for _ in range(LORA_STEPS):
+        opt.zero_grad()
+        loss = F.mse_loss(unet(*inputs).sample, target)
+        loss.backward()
+        if folder and not losses:
+            save_file({n: p.grad.clone() for n, p in unet.named_parameters() if "lora_" in n},
+                      os.path.join(folder, "first_grads.safetensors"))
+        torch.nn.utils.clip_grad_norm_(lora, max_norm=1.0)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def tiny_unet_lora(unet, inputs, target):
+    """A rank-2 peft LoRA on the tiny UNet's attention projections, trained three AdamW
+    steps (clipped to norm 1) on the MSE against `target`; diffusers saves it before and
+    after. B starts random rather than zero so that every factor moves from the first step."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=4, init_lora_weights="gaussian",
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.copy_(randn(*p.shape) * 0.3)
+    folder = os.path.join(OUT, "tiny_unet_lora")
+    os.makedirs(folder, exist_ok=True)
+    save = lambda file: StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=file,
+        unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4})
+    save("initial.safetensors")
+    initial = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
+    # The first step's gradients in float64 too: the reference websd's float32 ones are
+    # held to, with torch's own float32 error beside it.
+    double = copy.deepcopy(unet).double()
+    F.mse_loss(double(*(t.double() for t in inputs)).sample, target.double()).backward()
+    from safetensors.torch import save_file
+    save_file({n: p.grad.float() for n, p in double.named_parameters() if "lora_" in n},
+              os.path.join(folder, "first_grads_f64.safetensors"))
+    losses = train_lora(unet, inputs, target, folder)
+    save("trained.safetensors")
+    # The same training in float64: how far float32 training (torch's or websd's) lands
+    # from exact arithmetic.
+    double = copy.deepcopy(unet)
+    for n, p in double.named_parameters():
+        if "lora_" in n:
+            p.data.copy_(initial[n])
+    double = double.double()
+    train_lora(double, tuple(t.double() for t in inputs), target.double(), None)
+    unet_float = double.float()
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=get_peft_model_state_dict(unet_float),
+        weight_name="trained_f64.safetensors", unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4})
+    np.save(os.path.join(folder, "losses.npy"), np.array(losses, dtype=np.float32))
+    print("tiny_unet_lora: losses", losses)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,15 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod image;
+pub mod lora;
 pub mod model;
 pub mod npy;
 pub mod pipeline;
 pub mod rng;
+pub mod safetensors;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod train;
 #[cfg(target_arch = "wasm32")]
 pub mod web;
 

@@ -88,9 +88,8 @@ impl Model {
             graph.inputs.push(id);
         }
         Ok(Model {
-            graph,
-            source: self.source.clone(),
             objective: Some(objective),
+            ..self.with_graph(graph)
         })
     }
 
@@ -115,6 +114,19 @@ impl Model {
             .as_ref()
             .expect("stored tensors come with their source");
         stored.read(&**source).await
+    }
+
+    pub(super) fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// This model's files and objective with another graph (a rewrite of its own).
+    pub(super) fn with_graph(&self, graph: Graph) -> Model {
+        Model {
+            graph,
+            source: self.source.clone(),
+            objective: self.objective.clone(),
+        }
     }
 
     pub fn input_names(&self) -> Vec<&str> {

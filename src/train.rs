@@ -1,0 +1,139 @@
+//! Training LoRA adapters on the user's GPU: the model with trainable adapters and a
+//! mean-squared-error objective runs forward and backward in one session, AdamW updates the
+//! adapters where they live, and only the loss is read back (for progress).
+
+use std::collections::HashMap;
+
+use crate::engine::{
+    AdamW, Gpu, GpuTensor, LOSS, LinearLayer, LoraAdapter, Model, Objective, Optimizer, Session,
+    grad_name, lora_input_names,
+};
+use crate::error::Result;
+use crate::rng::TorchRng;
+
+/// The graph input holding the objective's target.
+pub const TARGET: &str = "target";
+
+/// New adapters on `layers` as peft's `init_lora_weights="gaussian"` makes them: A drawn
+/// from N(0, 1/rank²), B zero (so the adapted model starts equal to the model), scaled by
+/// `alpha / rank`.
+pub fn fresh_adapters(
+    layers: &[LinearLayer],
+    rank: usize,
+    alpha: f32,
+    seed: u64,
+) -> Vec<LoraAdapter> {
+    let mut rng = TorchRng::new(seed);
+    layers
+        .iter()
+        .map(|layer| {
+            let a: Vec<f32> = rng
+                .randn(&[layer.in_features * rank])
+                .to_f32()
+                .iter()
+                .map(|v| v / rank as f32)
+                .collect();
+            LoraAdapter {
+                module: layer.module.clone(),
+                rank,
+                scale: alpha / rank as f32,
+                weights: Some((
+                    crate::engine::HostTensor::f32(vec![layer.in_features, rank], a),
+                    crate::engine::HostTensor::f32(
+                        vec![rank, layer.out_features],
+                        vec![0.0; rank * layer.out_features],
+                    ),
+                )),
+            }
+        })
+        .collect()
+}
+
+pub struct LoraTrainer {
+    session: Session,
+    adapters: Vec<LoraAdapter>,
+    /// Graph input names of the adapters' factors, A and B of each in turn.
+    names: Vec<String>,
+    params: Vec<GpuTensor>,
+    optimizer: Optimizer,
+}
+
+impl LoraTrainer {
+    /// A session training `initial` (adapters with their starting weights) on `model`,
+    /// towards targets for its `output`, at the given dimensions.
+    pub async fn new(
+        gpu: &Gpu,
+        model: &Model,
+        initial: &[LoraAdapter],
+        output: &str,
+        dims: &HashMap<String, usize>,
+        config: AdamW,
+    ) -> Result<LoraTrainer> {
+        let mut names = Vec::new();
+        let mut params = Vec::new();
+        for adapter in initial {
+            let (a, b) = adapter.weights.as_ref().ok_or_else(|| {
+                crate::error::Error::Invalid(format!(
+                    "`{}` has no starting weights",
+                    adapter.module
+                ))
+            })?;
+            let (name_a, name_b) = lora_input_names(&adapter.module);
+            names.extend([name_a, name_b]);
+            params.extend([GpuTensor::from_host(gpu, a), GpuTensor::from_host(gpu, b)]);
+        }
+        let adapters: Vec<LoraAdapter> = initial
+            .iter()
+            .map(|a| LoraAdapter {
+                weights: None,
+                ..a.clone()
+            })
+            .collect();
+        let objective = Objective {
+            output: output.into(),
+            target: TARGET.into(),
+            wrt: names.clone(),
+        };
+        let trained = model.with_lora(&adapters)?.with_objective(objective)?;
+        let session = Session::new(gpu, &trained, dims).await?;
+        let refs: Vec<&GpuTensor> = params.iter().collect();
+        let optimizer = Optimizer::new(gpu, config, &refs)?;
+        Ok(LoraTrainer {
+            session,
+            adapters,
+            names,
+            params,
+            optimizer,
+        })
+    }
+
+    /// One step towards `target` from `inputs` (the model's own inputs); returns the loss
+    /// before the step.
+    pub async fn step(&mut self, inputs: &[(&str, &GpuTensor)], target: &GpuTensor) -> Result<f32> {
+        let mut feeds: Vec<(&str, &GpuTensor)> = inputs.to_vec();
+        feeds.push((TARGET, target));
+        feeds.extend(self.names.iter().map(String::as_str).zip(&self.params));
+        let out = self.session.run(&feeds).await?;
+        let grads: Vec<&GpuTensor> = self.names.iter().map(|n| &out[&grad_name(n)]).collect();
+        let params: Vec<&GpuTensor> = self.params.iter().collect();
+        self.optimizer.step(&params, &grads)?;
+        Ok(out[LOSS].to_host().await?.to_f32()[0])
+    }
+
+    /// The global norm of the last step's gradients.
+    pub async fn last_grad_norm(&self) -> Result<f32> {
+        Ok(self.optimizer.last_grad_norm().await?)
+    }
+
+    /// The adapters with their current weights (read back from the GPU).
+    pub async fn adapters(&self) -> Result<Vec<LoraAdapter>> {
+        let mut out = Vec::with_capacity(self.adapters.len());
+        for (adapter, pair) in self.adapters.iter().zip(self.params.chunks(2)) {
+            out.push(LoraAdapter {
+                weights: Some((pair[0].to_host().await?, pair[1].to_host().await?)),
+                ..adapter.clone()
+            });
+        }
+        Ok(out)
+    }
+}

@@ -207,7 +207,7 @@ def tiny_unet_lora(unet, inputs, target):
     os.makedirs(folder, exist_ok=True)
     save = lambda file: StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=file,
-        unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4})
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     save("initial.safetensors")
     initial = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
     # The first step's gradients in float64 too: the reference websd's float32 ones are
@@ -230,7 +230,8 @@ def tiny_unet_lora(unet, inputs, target):
     unet_float = double.float()
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=get_peft_model_state_dict(unet_float),
-        weight_name="trained_f64.safetensors", unet_lora_adapter_metadata={"r": 2, "lora_alpha": 4})
+        weight_name="trained_f64.safetensors",
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     np.save(os.path.join(folder, "losses.npy"), np.array(losses, dtype=np.float32))
     print("tiny_unet_lora: losses", losses)
 

@@ -99,6 +99,20 @@ def guidance_distilled(lcm_dir):
     image.save(os.path.join(folder, "lcm_4_steps_w8.5_seed21.png"))
 
 
+def with_lora(base):
+    """The tiny pipeline with the peft LoRA of tests/fixtures/grads/tiny_unet_lora loaded
+    (`load_lora_weights`) at scale 0.7 (`cross_attention_kwargs`), as users apply one."""
+    pipe = StableDiffusionPipeline(**base.components)
+    lora = os.path.join(ROOT, "..", "grads", "tiny_unet_lora")
+    pipe.load_lora_weights(lora, weight_name="initial.safetensors")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    image = pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
+                 cross_attention_kwargs={"scale": 0.7},
+                 generator=torch.Generator("cpu").manual_seed(12)).images[0]
+    image.save(os.path.join(ROOT, "lora_euler_scale0.7_seed12.png"))
+    pipe.unload_lora_weights()
+
+
 if __name__ == "__main__":
     os.makedirs(ROOT, exist_ok=True)
     base = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
@@ -113,4 +127,5 @@ if __name__ == "__main__":
     with open(os.path.join(ROOT, "cases.json"), "w") as f:
         json.dump(all_cases, f, indent=1)
     guidance_distilled(os.path.dirname(os.path.abspath(sys.argv[1])))
+    with_lora(base)
     print(len(all_cases), "cases")

@@ -2,8 +2,9 @@
 //! (`StableDiffusionPipeline.save_lora_weights`): per layer
 //! `unet.<module>.lora_A.weight` `[rank, in]` and `unet.<module>.lora_B.weight` `[out, rank]`
 //! (torch's Linear layout; older files say `lora.down` / `lora.up`), the scale
-//! `lora_alpha / rank` from a per-layer `<module>.alpha` or the `lora_adapter_metadata`
-//! header entry (`unet.lora_alpha`), else 1.
+//! `lora_alpha / rank` (`/ sqrt(rank)` for rsLoRA) from a per-layer `<module>.alpha` or the
+//! `lora_adapter_metadata` header entry (`unet.lora_alpha`), else 1. Per-module
+//! `alpha_pattern` / `rank_pattern` overrides are not read.
 
 use std::collections::BTreeMap;
 
@@ -33,12 +34,20 @@ fn transpose(t: &HostTensor) -> HostTensor {
 /// The UNet adapters of a LoRA file, each scaled by `alpha / rank` times `strength`.
 pub fn read_unet_lora(name: &str, bytes: &[u8], strength: f32) -> Result<Vec<LoraAdapter>> {
     let file = safetensors::read(bytes).map_err(|e| bad_file(name, e))?;
-    let alpha: Option<f32> = file
+    let config: Option<serde_json::Value> = file
         .metadata
         .get("lora_adapter_metadata")
-        .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
-        .and_then(|m| m.get("unet.lora_alpha").and_then(|a| a.as_f64()))
+        .and_then(|m| serde_json::from_str(m).ok());
+    let setting = |key: &str| {
+        config
+            .as_ref()
+            .and_then(|c| c.get(format!("{PREFIX}{key}")))
+    };
+    let alpha = setting("lora_alpha")
+        .and_then(|a| a.as_f64())
         .map(|a| a as f32);
+    // rsLoRA scales by alpha / sqrt(rank).
+    let rs = setting("use_rslora").and_then(|u| u.as_bool()) == Some(true);
     let mut adapters = Vec::new();
     for (key, down) in &file.tensors {
         let Some((stem, up_suffix)) = FACTORS
@@ -71,7 +80,13 @@ pub fn read_unet_lora(name: &str, bytes: &[u8], strength: f32) -> Result<Vec<Lor
         adapters.push(LoraAdapter {
             module: module.to_string(),
             rank,
-            scale: layer_alpha / rank as f32 * strength,
+            scale: layer_alpha
+                / if rs {
+                    (rank as f32).sqrt()
+                } else {
+                    rank as f32
+                }
+                * strength,
             weights: Some((transpose(down), transpose(up))),
         });
     }
@@ -115,9 +130,14 @@ pub fn write_unet_lora(adapters: &[LoraAdapter]) -> Result<Vec<u8>> {
         );
     }
     file.tensors = tensors;
+    // The peft LoraConfig diffusers' `load_lora_weights` rebuilds the layers from.
+    let modules: Vec<&str> = adapters.iter().map(|a| a.module.as_str()).collect();
     let metadata = serde_json::json!({
         "unet.r": rank,
         "unet.lora_alpha": first.scale * rank as f32,
+        "unet.rank_pattern": {},
+        "unet.alpha_pattern": {},
+        "unet.target_modules": modules,
     });
     file.metadata.insert("format".into(), "pt".into());
     file.metadata

@@ -6,7 +6,7 @@
 use std::rc::Rc;
 
 use crate::clock::now_ms;
-use crate::engine::{Gpu, GpuTensor, HostTensor, Model, Session, ShapePlan};
+use crate::engine::{Gpu, GpuTensor, HostTensor, LoraAdapter, Model, Session, ShapePlan};
 use crate::error::{Error, Result, invalid};
 use crate::image::RgbaImage;
 use crate::model::{self, ModelConfig, ModelFiles};
@@ -142,6 +142,8 @@ pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
     text_encoder: Model,
     unet: Model,
+    /// The UNet with LoRA adapters attached (see [`StableDiffusion::set_lora`]).
+    adapted_unet: Option<Model>,
     vae_decoder: Model,
     vae_encoder: Option<Model>,
     text_session: Cached,
@@ -172,6 +174,7 @@ impl StableDiffusion {
             tokenizer: model::read_tokenizer(&*files).await?,
             text_encoder: model::read_graph(&files, "text_encoder").await?,
             unet: model::read_graph(&files, "unet").await?,
+            adapted_unet: None,
             vae_decoder: model::read_graph(&files, "vae_decoder").await?,
             vae_encoder,
             text_session: Cached::default(),
@@ -196,6 +199,19 @@ impl StableDiffusion {
         ] {
             cached.release_if(on);
         }
+    }
+
+    /// Attaches LoRA adapters (from [`crate::lora::read_unet_lora`]) to the UNet for the
+    /// next generations, replacing any attached before; none detaches them. The UNet's
+    /// session is rebuilt on next use.
+    pub fn set_lora(&mut self, adapters: &[LoraAdapter]) -> Result<()> {
+        self.adapted_unet = if adapters.is_empty() {
+            None
+        } else {
+            Some(self.unet.with_lora(adapters)?)
+        };
+        self.unet_session.session = None;
+        Ok(())
     }
 
     /// GPU memory the built sessions hold (weights and activations), in bytes.
@@ -336,7 +352,10 @@ impl StableDiffusion {
         let latents = self.latent_shape(width, height);
         let sample = [batch, latents[1], latents[2], latents[3]];
         let cond = self.config.time_cond_proj_dim.map(|d| [batch, d]);
-        let unet = plan(&self.unet, &unet_inputs(&sample, &context, cond.as_ref()))?;
+        let unet = plan(
+            self.adapted_unet.as_ref().unwrap_or(&self.unet),
+            &unet_inputs(&sample, &context, cond.as_ref()),
+        )?;
         let decoder_input = self.vae_decoder.input_names()[0];
         let decoder = plan(&self.vae_decoder, &[(decoder_input, &latents)])?;
         let mut parts = vec![("UNet", unet.largest), ("VAE decoder", decoder.largest)];
@@ -441,9 +460,8 @@ impl StableDiffusion {
         let sample = [batch, latents[1], latents[2], latents[3]];
         let cond = guidance_embedding.map(|e| [batch, e.len()]);
         let shapes = unet_inputs(&sample, &context.shape, cond.as_ref());
-        self.unet_session
-            .get(&self.gpu, &self.unet, &shapes)
-            .await?;
+        let unet = self.adapted_unet.as_ref().unwrap_or(&self.unet);
+        self.unet_session.get(&self.gpu, unet, &shapes).await?;
         peak = peak.max(self.gpu_memory_bytes());
         self.unet_session.release_if(self.low_memory);
         let input = self.vae_decoder.input_names()[0].to_string();
@@ -513,10 +531,8 @@ impl StableDiffusion {
         let sample_shape = [batch, shape[1], shape[2], shape[3]];
         let cond_shape = guidance_embedding.as_ref().map(|e| [batch, e.len()]);
         let shapes = unet_inputs(&sample_shape, &context.shape, cond_shape.as_ref());
-        let unet = self
-            .unet_session
-            .get(&self.gpu, &self.unet, &shapes)
-            .await?;
+        let unet = self.adapted_unet.as_ref().unwrap_or(&self.unet);
+        let unet = self.unet_session.get(&self.gpu, unet, &shapes).await?;
         let denoiser = Denoiser {
             timestep: TimestepInput::of(unet, batch)?,
             unet,

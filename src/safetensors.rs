@@ -27,10 +27,10 @@ pub fn read(bytes: &[u8]) -> Result<SafeTensors, String> {
     let length = bytes
         .get(..8)
         .map(|b| u64::from_le_bytes(b.try_into().unwrap()) as usize)
-        .ok_or("shorter than a safetensors header")?;
+        .ok_or("not a .safetensors file (shorter than its header)")?;
     let header = bytes
         .get(8..8usize.saturating_add(length))
-        .ok_or("the header runs past the end of the file")?;
+        .ok_or("not a .safetensors file (its header runs past the end)")?;
     let mut header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(header).map_err(|e| format!("header: {e}"))?;
     let data = &bytes[8 + length..];

@@ -436,3 +436,41 @@ fn lost_device_fails_generation_cleanly() {
         .expect("an error");
     assert!(matches!(error, websd::Error::Engine(_)), "{error}");
 }
+
+/// A peft LoRA saved by diffusers, loaded at scale 0.7, draws diffusers' image
+/// (`load_lora_weights` + `cross_attention_kwargs={"scale": 0.7}`); detached, the plain
+/// model's image comes back.
+#[test]
+fn lora_matches_diffusers() {
+    let gpu = common::gpu();
+    let mut sd = load(&gpu, None);
+    let lora =
+        std::fs::read(common::fixtures().join("grads/tiny_unet_lora/initial.safetensors")).unwrap();
+    let adapters = websd::lora::read_unet_lora("initial.safetensors", &lora, 0.7).unwrap();
+    let request = Request {
+        prompt: "a red 7 on a blue background".into(),
+        steps: 4,
+        guidance_scale: 7.5,
+        seed: 12,
+        scheduler: Some(SchedulerKind::parse("euler").unwrap()),
+        width: Some(16),
+        height: Some(16),
+        ..Request::default()
+    };
+    let plain = pollster::block_on(sd.generate(&request, &mut |_| Control::Continue)).unwrap();
+    sd.set_lora(&adapters).unwrap();
+    let adapted = pollster::block_on(sd.generate(&request, &mut |_| Control::Continue)).unwrap();
+    let dir = common::fixtures().join("pipeline");
+    let expected =
+        RgbaImage::decode(&std::fs::read(dir.join("lora_euler_scale0.7_seed12.png")).unwrap())
+            .unwrap();
+    let diff = common::max_pixel_difference(&adapted.image, &expected);
+    assert!(diff <= 3, "max pixel difference {diff}");
+    assert!(
+        common::max_pixel_difference(&plain.image, &expected) > 3,
+        "the LoRA changes the image"
+    );
+    sd.set_lora(&[]).unwrap();
+    let again = pollster::block_on(sd.generate(&request, &mut |_| Control::Continue)).unwrap();
+    assert_eq!(again.image.pixels, plain.image.pixels);
+}

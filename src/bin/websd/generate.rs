@@ -60,6 +60,25 @@ pub struct GenerateArgs {
     /// every generation.
     #[arg(long)]
     low_memory: bool,
+    /// A LoRA for the UNet in diffusers/peft's .safetensors layout, optionally with its
+    /// strength (default 1): `--lora style.safetensors:0.8`. May be given several times.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
+}
+
+/// The adapters of every `--lora FILE[:SCALE]`.
+fn read_loras(specs: &[String]) -> Result<Vec<websd::engine::LoraAdapter>, String> {
+    let mut adapters = Vec::new();
+    for spec in specs {
+        let (file, scale) = match spec.rsplit_once(':') {
+            Some((file, scale)) if scale.parse::<f32>().is_ok() => (file, scale.parse().unwrap()),
+            _ => (spec.as_str(), 1.0),
+        };
+        let bytes = read(Path::new(file))?;
+        adapters
+            .extend(websd::lora::read_unet_lora(file, &bytes, scale).map_err(|e| e.to_string())?);
+    }
+    Ok(adapters)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {
@@ -97,6 +116,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         }
         None => None,
     };
+    let adapters = read_loras(&args.lora)?;
     let seed = args.seed.unwrap_or_else(random_seed);
     let request = Request {
         prompt: args.prompt.clone(),
@@ -118,6 +138,10 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
     eprintln!("adapter: {}", gpu.describe());
     let mut pipeline = load(&gpu, &args.model).await?;
     pipeline.set_low_memory(args.low_memory);
+    pipeline.set_lora(&adapters).map_err(|e| e.to_string())?;
+    if !adapters.is_empty() {
+        eprintln!("LoRA: {} adapted layers", adapters.len());
+    }
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
     eprintln!(
         "seed {seed}, scheduler {}, {} steps, guidance {}",

@@ -53,6 +53,8 @@ struct State {
     cancel: Cell<bool>,
     /// Set when a generation failed because the device was lost or out of memory.
     device_failed: Cell<bool>,
+    /// A fingerprint of the LoRA file and strength attached to the pipeline's UNet, if any.
+    lora: Cell<Option<u64>>,
 }
 
 /// The state behind the page.
@@ -125,7 +127,8 @@ impl App {
     }
 
     /// Generates. `params`: {prompt, negativePrompt, steps, guidanceScale, seed, scheduler,
-    /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery, lowMemory}. `on_step` gets
+    /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery, lowMemory, lora
+    /// (.safetensors bytes), loraScale}. `on_step` gets
     /// {step, total, timestep, stepMs, live: {width, height, rgba}, preview: {...}}.
     /// Resolves to {png, width, height, rgba, seed, scheduler, timings (per stage, and the
     /// GPU memory the sessions hold), warnings}.
@@ -308,6 +311,7 @@ impl State {
             .map_err(js_error)?;
         *self.pipeline.borrow_mut() = Some(pipeline);
         *self.source.borrow_mut() = Some(source);
+        self.lora.set(None);
         Ok(JsValue::TRUE)
     }
 }
@@ -332,6 +336,44 @@ struct GenerateParams {
     preview_every: usize,
     #[serde(default)]
     low_memory: bool,
+    /// A LoRA file (.safetensors, diffusers/peft layout) and its strength.
+    #[serde(default)]
+    lora: Option<serde_bytes::ByteBuf>,
+    #[serde(default = "default_lora_scale")]
+    lora_scale: f32,
+}
+
+fn default_lora_scale() -> f32 {
+    1.0
+}
+
+/// Attaches the requested LoRA to the UNet unless it is attached already (the UNet's
+/// session is rebuilt when it changes, so an unchanged one costs nothing).
+fn apply_lora(
+    pipeline: &mut StableDiffusion,
+    state: &State,
+    params: &GenerateParams,
+) -> Result<(), JsValue> {
+    let fingerprint = params.lora.as_ref().map(|bytes| {
+        // FNV-1a over the file and the strength.
+        let mut hash = 0xcbf29ce484222325u64;
+        for &b in bytes.iter().chain(&params.lora_scale.to_le_bytes()) {
+            hash = (hash ^ b as u64).wrapping_mul(0x100000001b3);
+        }
+        hash
+    });
+    if fingerprint == state.lora.get() {
+        return Ok(());
+    }
+    let adapters = match &params.lora {
+        Some(bytes) => crate::lora::read_unet_lora("the LoRA file", bytes, params.lora_scale)
+            .map_err(js_error)?,
+        None => Vec::new(),
+    };
+    state.lora.set(None);
+    pipeline.set_lora(&adapters).map_err(js_error)?;
+    state.lora.set(fingerprint);
+    Ok(())
 }
 
 fn default_strength() -> f64 {
@@ -379,6 +421,7 @@ async fn run_generation(
     };
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
     pipeline.set_low_memory(params.low_memory);
+    apply_lora(pipeline, state, params)?;
     let mut on_event = |event: StepEvent| {
         let info = Object::new();
         set(&info, "step", event.step as u32);

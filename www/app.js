@@ -142,6 +142,7 @@ async function generate(event) {
   $("live").hidden = false;
   $("timings").replaceChildren();
   const initFile = $("init-image").files[0];
+  const loraFile = $("lora").files[0];
   const params = {
     prompt: $("prompt").value,
     negativePrompt: $("negative-prompt").value,
@@ -155,6 +156,8 @@ async function generate(event) {
     lowMemory: $("low-memory").checked,
     initImage: initFile ? new Uint8Array(await initFile.arrayBuffer()) : null,
     strength: Number($("strength").value),
+    lora: loraFile ? new Uint8Array(await loraFile.arrayBuffer()) : null,
+    loraScale: Number($("lora-scale").value),
   };
   try {
     const result = await app.generate(params, (step) => {
@@ -217,6 +220,7 @@ function wire() {
   $("cancel").addEventListener("click", () => app.cancel());
   $("randomise-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 4294967296); });
   $("strength").addEventListener("input", () => { $("strength-value").value = $("strength").value; });
+  $("lora-scale").addEventListener("input", () => { $("lora-scale-value").value = $("lora-scale").value; });
 }
 
 async function start() {

@@ -54,8 +54,7 @@ impl Model {
             .iter()
             .filter(|n| matches!(n.op, Op::MatMul))
             .filter_map(|n| {
-                let weight = &graph.values[n.inputs.get(1).copied().flatten()?];
-                let shape = weight_shape(weight)?;
+                let shape = weight_shape(graph, n.inputs.get(1).copied().flatten()?)?;
                 Some(LinearLayer {
                     module: module_of(n)?,
                     in_features: shape[0],
@@ -83,7 +82,15 @@ impl Model {
     }
 }
 
-fn weight_shape(value: &Value) -> Option<&[usize]> {
+/// The shape of a 2-D weight: an initializer, or one cast from one (as models whose weights
+/// are stored in f16 read them).
+fn weight_shape(graph: &Graph, id: ValueId) -> Option<&[usize]> {
+    let cast_from = graph
+        .nodes
+        .iter()
+        .find(|n| n.outputs.contains(&id) && matches!(n.op, Op::Cast(_)))
+        .and_then(|n| n.inputs[0]);
+    let value = &graph.values[cast_from.unwrap_or(id)];
     let shape = match (&value.constant, &value.stored) {
         (Some(c), _) => c.shape.as_slice(),
         (None, Some(s)) => s.shape.as_slice(),

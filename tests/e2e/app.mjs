@@ -120,6 +120,14 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.locator("#step-status", { hasText: /^Done:/ }).waitFor({ timeout: 120_000 });
   assert.match(await page.locator("#step-status").innerText(), /Note: the prompt is longer than the model's \d+ tokens; ignored: ".*sharp, clean edges"/);
   assert.equal(await page.locator("#message").isVisible(), false);
+  // A LoRA made for another model (the tiny SD's, 16 channels wide) is refused by name; once
+  // removed, the page generates again.
+  await page.setInputFiles("#lora", path.resolve("tests/fixtures/grads/tiny_unet_lora/initial.safetensors"));
+  await page.click("#generate");
+  await page.locator("#message", { hasText: "LoRA A of shape" }).waitFor({ timeout: 60_000 });
+  await page.setInputFiles("#lora", []);
+  await page.click("#generate");
+  await page.locator("#step-status", { hasText: /^Done:/ }).waitFor({ timeout: 120_000 });
   assert.deepEqual(problems, []);
 }));
 

@@ -14,6 +14,17 @@ use crate::rng::TorchRng;
 /// The graph input holding the objective's target.
 pub const TARGET: &str = "target";
 
+/// The layers LoRAs for SD usually adapt: attention projections.
+pub const ATTENTION_PROJECTIONS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+
+/// Those of `layers` whose module ends in one of `names` (`to_q`...).
+pub fn layers_named(layers: Vec<LinearLayer>, names: &[&str]) -> Vec<LinearLayer> {
+    layers
+        .into_iter()
+        .filter(|l| names.iter().any(|n| l.module.ends_with(&format!(".{n}"))))
+        .collect()
+}
+
 /// New adapters on `layers` as peft's `init_lora_weights="gaussian"` makes them: A drawn
 /// from N(0, 1/rank²), B zero (so the adapted model starts equal to the model), scaled by
 /// `alpha / rank`.
@@ -118,6 +129,13 @@ impl LoraTrainer {
         let params: Vec<&GpuTensor> = self.params.iter().collect();
         self.optimizer.step(&params, &grads)?;
         Ok(out[LOSS].to_host().await?.to_f32()[0])
+    }
+
+    /// GPU memory one step holds: the session (weights, activations kept for the backward
+    /// pass, gradients) and the optimizer's moments.
+    pub fn memory_bytes(&self) -> u64 {
+        let params: u64 = self.params.iter().map(|p| p.byte_len()).sum();
+        self.session.memory_bytes + 3 * params
     }
 
     /// The global norm of the last step's gradients.

@@ -69,6 +69,11 @@ mod cli {
             /// Prints the time spent in each kernel family (launches timed one by one).
             #[arg(long)]
             profile: bool,
+            /// Instead of running once, trains a fresh LoRA of rank R on the graph's
+            /// attention projections (toward a random target for its first output) for
+            /// --bench N steps, printing loss, time and memory per step.
+            #[arg(long, value_name = "R")]
+            train_lora: Option<usize>,
         },
         /// Measures the adapter's peak throughput and bandwidth, then times each kernel
         /// family at Stable Diffusion 1.5's shapes (512x512, guidance) against them.
@@ -103,8 +108,13 @@ mod cli {
                 output_dir,
                 bench,
                 profile,
+                train_lora,
             } => {
-                let options = RunOptions { bench, profile };
+                let options = RunOptions {
+                    bench,
+                    profile,
+                    train_lora,
+                };
                 pollster::block_on(crate::run::run(
                     &model,
                     dims.into_iter().collect(),

@@ -6,8 +6,9 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use websd::engine::Directory;
-use websd::engine::{Gpu, HostTensor, Model, Session};
+use websd::engine::{AdamW, Gpu, GpuTensor, HostTensor, Model, Session};
 use websd::npy;
+use websd::train::{ATTENTION_PROJECTIONS, LoraTrainer, fresh_adapters, layers_named};
 
 use crate::memory::report_memory;
 
@@ -23,6 +24,8 @@ pub async fn load_model(path: &Path) -> Result<Model, String> {
 pub struct RunOptions {
     pub bench: usize,
     pub profile: bool,
+    /// Train a fresh LoRA of this rank instead (see `train_lora`).
+    pub train_lora: Option<usize>,
 }
 
 pub async fn run(
@@ -63,6 +66,9 @@ pub async fn run(
         .collect();
     let mut bound = model.dims_for_shapes(&shapes).map_err(|e| e.to_string())?;
     bound.extend(dims);
+    if let Some(rank) = options.train_lora {
+        return train_lora(&gpu, &model, &bound, &tensors, rank, options.bench.max(1)).await;
+    }
     let started = Instant::now();
     let session = Session::new(&gpu, &model, &bound)
         .await
@@ -105,5 +111,54 @@ pub async fn run(
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         eprintln!("wrote {} {:?}", path.display(), tensor.shape);
     }
+    Ok(())
+}
+
+/// Trains a fresh LoRA of `rank` on the graph's attention projections for `steps` AdamW
+/// steps, towards a random target for its first output, printing each step's loss and time
+/// and the GPU memory a step holds: what fine-tuning costs at this model's size.
+async fn train_lora(
+    gpu: &Gpu,
+    model: &Model,
+    dims: &HashMap<String, usize>,
+    tensors: &[(String, HostTensor)],
+    rank: usize,
+    steps: usize,
+) -> Result<(), String> {
+    let layers = layers_named(model.linear_layers(), &ATTENTION_PROJECTIONS);
+    if layers.is_empty() {
+        return Err(
+            "the graph has no attention projections (to_q, to_k, to_v, to_out.0) to adapt".into(),
+        );
+    }
+    let adapters = fresh_adapters(&layers, rank, rank as f32, 0);
+    let output = model.output_names()[0].to_string();
+    let started = Instant::now();
+    let mut trainer = LoraTrainer::new(gpu, model, &adapters, &output, dims, AdamW::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "LoRA of rank {rank} on {} layers: training session built in {:.2?}",
+        layers.len(),
+        started.elapsed()
+    );
+    let inputs: Vec<(&str, GpuTensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.as_str(), GpuTensor::from_host(gpu, t)))
+        .collect();
+    let feeds: Vec<(&str, &GpuTensor)> = inputs.iter().map(|(n, t)| (*n, t)).collect();
+    let plan = model.plan(dims).map_err(|e| e.to_string())?;
+    let shape = plan.outputs[&output].clone();
+    let n = shape.iter().product();
+    let target = GpuTensor::from_host(gpu, &HostTensor::f32(shape, websd::bench::noise(n, 7, 1.0)));
+    for step in 1..=steps {
+        let started = Instant::now();
+        let loss = trainer
+            .step(&feeds, &target)
+            .await
+            .map_err(|e| e.to_string())?;
+        eprintln!("step {step}: loss {loss:.6}, {:.2?}", started.elapsed());
+    }
+    report_memory(trainer.memory_bytes());
     Ok(())
 }

@@ -4,8 +4,11 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use websd::engine::{
-    AdamW, GpuTensor, HostTensor, LoraAdapter, Objective, Session, grad_name, lora_input_names,
+    AdamW, GpuTensor, HostTensor, LoraAdapter, Model, Objective, Session, grad_name,
+    lora_input_names,
 };
 use websd::lora::{read_unet_lora, write_unet_lora};
 use websd::train::LoraTrainer;
@@ -30,6 +33,21 @@ fn largest_difference(a: &[LoraAdapter], b: &[LoraAdapter]) -> f32 {
     worst
 }
 
+/// The tiny UNet, its inputs and target (tests/fixtures/grads/tiny_unet) and the peft
+/// LoRA torch trained from them.
+fn tiny_unet_case() -> (
+    Model,
+    HashMap<String, HostTensor>,
+    HostTensor,
+    Vec<LoraAdapter>,
+) {
+    let model = common::load_model(&common::tiny_sd().join("unet/model.onnx"));
+    let dir = common::fixtures().join("grads/tiny_unet");
+    let inputs = common::tensors(&dir, "in_");
+    let target = common::tensors(&dir, "target").remove("").unwrap();
+    (model, inputs, target, lora_fixture("initial.safetensors"))
+}
+
 fn weights(adapter: &LoraAdapter) -> (&HostTensor, &HostTensor) {
     let (a, b) = adapter.weights.as_ref().unwrap();
     (a, b)
@@ -38,11 +56,7 @@ fn weights(adapter: &LoraAdapter) -> (&HostTensor, &HostTensor) {
 #[test]
 fn lora_training_matches_torch_and_saves_as_diffusers_does() {
     let gpu = common::gpu();
-    let model = common::load_model(&common::tiny_sd().join("unet/model.onnx"));
-    let dir = common::fixtures().join("grads/tiny_unet");
-    let inputs = common::tensors(&dir, "in_");
-    let target = common::tensors(&dir, "target").remove("").unwrap();
-    let initial = lora_fixture("initial.safetensors");
+    let (model, inputs, target, initial) = tiny_unet_case();
     assert_eq!(
         initial.len(),
         32,
@@ -157,11 +171,7 @@ fn adapters_attach_where_their_modules_are() {
 #[test]
 fn lora_gradients_match_torch_autograd() {
     let gpu = common::gpu();
-    let model = common::load_model(&common::tiny_sd().join("unet/model.onnx"));
-    let dir = common::fixtures().join("grads/tiny_unet");
-    let inputs = common::tensors(&dir, "in_");
-    let target = common::tensors(&dir, "target").remove("").unwrap();
-    let initial = lora_fixture("initial.safetensors");
+    let (model, inputs, target, initial) = tiny_unet_case();
     let trainable: Vec<LoraAdapter> = initial
         .iter()
         .map(|a| LoraAdapter {

@@ -49,6 +49,30 @@ pub struct Graph {
 }
 
 impl Graph {
+    /// A new f32 value: an intermediate whose shape inference sets, or with `constant`, a
+    /// constant.
+    pub fn add_value(&mut self, name: &str, constant: Option<HostTensor>) -> ValueId {
+        self.values.push(Value {
+            name: name.into(),
+            dtype: constant.as_ref().map_or(DType::F32, HostTensor::dtype),
+            dims: None,
+            shape: constant.as_ref().map_or(vec![], |c| c.shape.clone()),
+            constant: constant.map(Arc::new),
+            stored: None,
+        });
+        self.values.len() - 1
+    }
+
+    /// A new f32 graph input of a fixed shape.
+    pub fn add_input(&mut self, name: &str, shape: &[usize]) -> ValueId {
+        let id = self.add_value(name, None);
+        let value = &mut self.values[id];
+        value.dims = Some(shape.iter().map(|&d| Dim::Fixed(d)).collect());
+        value.shape = shape.to_vec();
+        self.inputs.push(id);
+        id
+    }
+
     pub fn input_names(&self) -> Vec<&str> {
         self.inputs
             .iter()

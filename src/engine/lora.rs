@@ -5,13 +5,11 @@
 //! `y = x W + scale (x A) B`, with A `[in, rank]` and B `[rank, out]` either constants (an
 //! adapter loaded for inference) or new graph inputs (an adapter being trained).
 
-use std::sync::Arc;
-
 use super::error::{Error, Result};
-use super::graph::{Dim, Graph, Node, Value, ValueId};
+use super::graph::{Graph, Node, ValueId};
 use super::ops::{BinaryOp, Op};
 use super::session::Model;
-use super::tensor::{DType, HostTensor};
+use super::tensor::HostTensor;
 
 /// A linear layer an adapter can attach to.
 #[derive(Clone, Debug, PartialEq)]
@@ -124,28 +122,27 @@ fn attach(graph: &mut Graph, layer: &LinearLayer, adapter: &LoraAdapter) -> Resu
                 }
             }
             [
-                constant(graph, &input_a, a.clone()),
-                constant(graph, &input_b, b.clone()),
+                graph.add_value(&input_a, Some(a.clone())),
+                graph.add_value(&input_b, Some(b.clone())),
             ]
         }
         None => [
-            input(graph, &input_a, &shapes[0]),
-            input(graph, &input_b, &shapes[1]),
+            graph.add_input(&input_a, &shapes[0]),
+            graph.add_input(&input_b, &shapes[1]),
         ],
     };
-    let scale = constant(
-        graph,
+    let scale = graph.add_value(
         &format!("{}.lora_scale", adapter.module),
-        HostTensor::f32(vec![], vec![adapter.scale]),
+        Some(HostTensor::f32(vec![], vec![adapter.scale])),
     );
     // The original product now lands in `base`; the layer's output is base + adapter.
     let node = &graph.nodes[position];
     let (x, output, name) = (node.inputs[0], node.outputs[0], node.name.clone());
-    let base = intermediate(graph, &format!("{name}/base"));
+    let base = graph.add_value(&format!("{name}/base"), None);
     graph.nodes[position].outputs[0] = base;
-    let down = intermediate(graph, &format!("{name}/lora_down"));
-    let up = intermediate(graph, &format!("{name}/lora_up"));
-    let scaled = intermediate(graph, &format!("{name}/lora_scaled"));
+    let down = graph.add_value(&format!("{name}/lora_down"), None);
+    let up = graph.add_value(&format!("{name}/lora_up"), None);
+    let scaled = graph.add_value(&format!("{name}/lora_scaled"), None);
     let lora_node = |suffix: &str, op: Op, inputs: Vec<Option<ValueId>>, out: ValueId| Node {
         name: format!("{name}/{suffix}"),
         op,
@@ -170,53 +167,4 @@ fn attach(graph: &mut Graph, layer: &LinearLayer, adapter: &LoraAdapter) -> Resu
     ];
     graph.nodes.splice(position + 1..position + 1, added);
     Ok(())
-}
-
-fn push(graph: &mut Graph, value: Value) -> ValueId {
-    graph.values.push(value);
-    graph.values.len() - 1
-}
-
-fn intermediate(graph: &mut Graph, name: &str) -> ValueId {
-    push(
-        graph,
-        Value {
-            name: name.into(),
-            dtype: DType::F32,
-            dims: None,
-            shape: vec![],
-            constant: None,
-            stored: None,
-        },
-    )
-}
-
-fn constant(graph: &mut Graph, name: &str, tensor: HostTensor) -> ValueId {
-    push(
-        graph,
-        Value {
-            name: name.into(),
-            dtype: DType::F32,
-            dims: None,
-            shape: tensor.shape.clone(),
-            constant: Some(Arc::new(tensor)),
-            stored: None,
-        },
-    )
-}
-
-fn input(graph: &mut Graph, name: &str, shape: &[usize]) -> ValueId {
-    let id = push(
-        graph,
-        Value {
-            name: name.into(),
-            dtype: DType::F32,
-            dims: Some(shape.iter().map(|&d| Dim::Fixed(d)).collect()),
-            shape: shape.to_vec(),
-            constant: None,
-            stored: None,
-        },
-    );
-    graph.inputs.push(id);
-    id
 }

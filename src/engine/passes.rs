@@ -90,17 +90,9 @@ fn infer_and_fold(graph: &mut Graph, fold_limit: usize) -> Result<()> {
     Ok(())
 }
 
-/// Sets the types and shapes of `node`'s outputs from its inputs'; folds it into constant
-/// outputs when its inputs are all constant and its outputs have at most `fold_limit`
-/// elements. Returns whether it was folded (and needs no node).
-pub(super) fn infer_node(graph: &mut Graph, node: &Node, fold_limit: usize) -> Result<bool> {
-    let node_error = |reason: String| Error::Node {
-        node: node.name.clone(),
-        op_type: node.op.name(),
-        reason,
-    };
-    let infos: Vec<Option<InputInfo>> = node
-        .inputs
+/// What shape inference knows of `node`'s inputs.
+pub(super) fn input_infos<'a>(graph: &'a Graph, node: &Node) -> Vec<Option<InputInfo<'a>>> {
+    node.inputs
         .iter()
         .map(|i| {
             i.map(|i| {
@@ -112,7 +104,19 @@ pub(super) fn infer_node(graph: &mut Graph, node: &Node, fold_limit: usize) -> R
                 }
             })
         })
-        .collect();
+        .collect()
+}
+
+/// Sets the types and shapes of `node`'s outputs from its inputs'; folds it into constant
+/// outputs when its inputs are all constant and its outputs have at most `fold_limit`
+/// elements. Returns whether it was folded (and needs no node).
+pub(super) fn infer_node(graph: &mut Graph, node: &Node, fold_limit: usize) -> Result<bool> {
+    let node_error = |reason: String| Error::Node {
+        node: node.name.clone(),
+        op_type: node.op.name(),
+        reason,
+    };
+    let infos = input_infos(graph, node);
     let outputs = infer::infer(&node.op, &infos, node.outputs.len()).map_err(node_error)?;
     let all_constant = infos.iter().flatten().all(|i| i.constant.is_some());
     let small = outputs.iter().all(|(_, shape)| numel(shape) <= fold_limit);

@@ -12,9 +12,9 @@ mod tape;
 use std::collections::HashMap;
 
 use super::error::{Error, Result};
-use super::graph::{Dim, Graph, Value, ValueId};
+use super::graph::{Graph, ValueId};
 use super::ops::{BinaryOp, Op, ReduceOp};
-use super::tensor::{DType, HostTensor};
+use super::tensor::HostTensor;
 
 use tape::Tape;
 
@@ -60,7 +60,8 @@ pub fn append_backward(graph: &mut Graph, objective: &Objective) -> Result<()> {
                 .ok_or_else(|| objective_error(format!("no float input `{name}`")))
         })
         .collect::<Result<_>>()?;
-    let target = add_target(graph, output, &objective.target);
+    let shape = graph.values[output].shape.clone();
+    let target = graph.add_input(&objective.target, &shape);
 
     let mut tape = Tape::new(graph, "grad");
     let diff = tape.binary(BinaryOp::Sub, output, target)?;
@@ -119,22 +120,6 @@ fn objective_error(reason: String) -> Error {
         name: "objective".into(),
         reason,
     }
-}
-
-/// The target: a new graph input shaped like `output`.
-fn add_target(graph: &mut Graph, output: ValueId, name: &str) -> ValueId {
-    let shape = graph.values[output].shape.clone();
-    graph.values.push(Value {
-        name: name.into(),
-        dtype: DType::F32,
-        dims: Some(shape.iter().map(|&d| Dim::Fixed(d)).collect()),
-        shape,
-        constant: None,
-        stored: None,
-    });
-    let id = graph.values.len() - 1;
-    graph.inputs.push(id);
-    id
 }
 
 /// Which values depend on any of `sources`: only those carry gradients.

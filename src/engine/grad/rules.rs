@@ -5,12 +5,13 @@
 use super::super::error::{Error, Result};
 use super::super::graph::{Node, ValueId};
 use super::super::infer::{
-    ConvGeometry, InputInfo, conv_geometry, reduce_axes, reduced_shape, slice_plan, transpose_perm,
+    ConvGeometry, conv_geometry, reduce_axes, reduced_shape, slice_plan, transpose_perm,
 };
 use super::super::ops::{
     BinaryOp, ConvAttrs, CoordinateMode, NearestMode, Op, ReduceOp, ResizeMode, UnaryOp,
     normalize_axis,
 };
+use super::super::passes::input_infos;
 use super::super::tensor::{HostTensor, numel};
 use super::tape::Tape;
 
@@ -130,7 +131,7 @@ pub fn backward(
         Op::Concat { axis } => concat(tape, node, g, *axis, wanted),
         Op::Split { axis, .. } => split(tape, node, upstream, *axis),
         Op::Slice => {
-            let plan = slice_plan(&infos(tape, node)).map_err(|e| refuse(&e))?;
+            let plan = slice_plan(&input_infos(tape.graph, node)).map_err(|e| refuse(&e))?;
             if plan.steps.iter().any(|&s| s != 1) {
                 return Err(refuse("slices with steps other than 1"));
             }
@@ -169,7 +170,7 @@ pub fn backward(
             let (x_shape, y_count) = (tape.shape(input(0)).to_vec(), numel(tape.shape(y)));
             let axes = reduce_axes(
                 axes,
-                &infos(tape, node),
+                &input_infos(tape.graph, node),
                 x_shape.len(),
                 *noop_with_empty_axes,
             )
@@ -590,23 +591,6 @@ fn split(tape: &mut Tape, node: &Node, upstream: &[Option<ValueId>], axis: i64) 
     let mut grads = vec![None; node.inputs.len()];
     grads[0] = Some(tape.op(Op::Concat { axis }, &pieces)?);
     Ok(grads)
-}
-
-/// What shape inference knows of `node`'s inputs.
-fn infos<'a>(tape: &'a Tape, node: &Node) -> Vec<Option<InputInfo<'a>>> {
-    node.inputs
-        .iter()
-        .map(|i| {
-            i.map(|i| {
-                let v = &tape.graph.values[i];
-                InputInfo {
-                    dtype: v.dtype,
-                    shape: &v.shape,
-                    constant: v.constant.as_deref(),
-                }
-            })
-        })
-        .collect()
 }
 
 /// Nearest-neighbour upsampling by whole factors: each input pixel's gradient is the sum

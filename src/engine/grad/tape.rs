@@ -2,13 +2,11 @@
 //! it goes (so gradient rules can read the shapes of what they just built) and folding the
 //! small all-constant ones on the host.
 
-use std::sync::Arc;
-
 use super::super::error::Result;
-use super::super::graph::{Graph, Node, Value, ValueId};
+use super::super::graph::{Graph, Node, ValueId};
 use super::super::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
 use super::super::passes::infer_node;
-use super::super::tensor::{DType, HostTensor};
+use super::super::tensor::HostTensor;
 
 /// Elements up to which a new all-constant node is folded (shape tensors, scalars), never
 /// a weight-sized one.
@@ -28,17 +26,9 @@ impl<'g> Tape<'g> {
         &self.graph.values[v].shape
     }
 
-    fn new_value(&mut self) -> ValueId {
-        let id = self.graph.values.len();
-        self.graph.values.push(Value {
-            name: format!("{}/{id}", self.prefix),
-            dtype: DType::F32,
-            dims: None,
-            shape: vec![],
-            constant: None,
-            stored: None,
-        });
-        id
+    fn new_value(&mut self, constant: Option<HostTensor>) -> ValueId {
+        let name = format!("{}/{}", self.prefix, self.graph.values.len());
+        self.graph.add_value(&name, constant)
     }
 
     /// A node with `outputs` results; optional inputs may be `None`.
@@ -48,7 +38,7 @@ impl<'g> Tape<'g> {
         inputs: &[Option<ValueId>],
         outputs: usize,
     ) -> Result<Vec<ValueId>> {
-        let outputs: Vec<ValueId> = (0..outputs).map(|_| self.new_value()).collect();
+        let outputs: Vec<ValueId> = (0..outputs).map(|_| self.new_value(None)).collect();
         let node = Node {
             name: format!("{}/{}", self.prefix, self.graph.nodes.len()),
             op,
@@ -68,12 +58,7 @@ impl<'g> Tape<'g> {
     }
 
     pub fn constant(&mut self, tensor: HostTensor) -> ValueId {
-        let id = self.new_value();
-        let value = &mut self.graph.values[id];
-        value.dtype = tensor.dtype();
-        value.shape = tensor.shape.clone();
-        value.constant = Some(Arc::new(tensor));
-        id
+        self.new_value(Some(tensor))
     }
 
     pub fn scalar(&mut self, x: f32) -> ValueId {

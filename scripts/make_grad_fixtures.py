@@ -163,6 +163,34 @@ def tiny_unet(work):
     tiny_unet_lora(unet, (sample, timestep, states), target)
 
 
+def tiny_text_encoder(work):
+    """The committed tiny CLIP text encoder differentiated by its token and position
+    embedding tables (loss on last_hidden_state)."""
+    from transformers import CLIPTextModel
+
+    model = CLIPTextModel.from_pretrained(os.path.join(work, "diffusers", "text_encoder")).eval()
+    io = os.path.join(ROOT, "tiny-sd-io", "text_encoder")
+    ids = torch.from_numpy(np.load(os.path.join(io, "in_input_ids.npy")))
+    y = model(ids).last_hidden_state
+    expected = np.load(os.path.join(io, "out_last_hidden_state.npy"))
+    drift = np.abs(y.detach().numpy() - expected).max()
+    assert drift < 1e-4, f"rebuilt text encoder differs from the committed export by {drift}"
+    target = randn(*y.shape)
+    F.mse_loss(y, target).backward()
+    folder = os.path.join(OUT, "tiny_text_encoder")
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "in_input_ids.npy"), ids.numpy())
+    np.save(os.path.join(folder, "target.npy"), target.numpy())
+    np.save(os.path.join(folder, "loss.npy"), F.mse_loss(y, target).detach().numpy())
+    params = dict(model.named_parameters())
+    # (Its zero-initialised biases and unit norm scales are one initializer in the export,
+    # shared by every layer, so their gradients there are sums over the layers.)
+    for name in ["text_model.embeddings.token_embedding.weight",
+                 "text_model.embeddings.position_embedding.weight"]:
+        np.save(os.path.join(folder, f"grad_{name}.npy"), params[name].grad.numpy())
+    print(f"tiny_text_encoder: export drift {drift:.2e}")
+
+
 LORA_STEPS = 3
 
 
@@ -205,9 +233,12 @@ def tiny_unet_lora(unet, inputs, target):
                 p.copy_(randn(*p.shape) * 0.3)
     folder = os.path.join(OUT, "tiny_unet_lora")
     os.makedirs(folder, exist_ok=True)
+    # target_modules is a set: sorted, so that reruns write the same bytes.
+    metadata = dict(unet.peft_config["default"].to_dict())
+    metadata["target_modules"] = sorted(metadata["target_modules"])
     save = lambda file: StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=file,
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        unet_lora_adapter_metadata=metadata)
     save("initial.safetensors")
     initial = {n: p.detach().clone() for n, p in unet.named_parameters() if "lora_" in n}
     # The first step's gradients in float64 too: the reference websd's float32 ones are
@@ -230,8 +261,7 @@ def tiny_unet_lora(unet, inputs, target):
     unet_float = double.float()
     StableDiffusionPipeline.save_lora_weights(
         folder, unet_lora_layers=get_peft_model_state_dict(unet_float),
-        weight_name="trained_f64.safetensors",
-        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        weight_name="trained_f64.safetensors", unet_lora_adapter_metadata=metadata)
     np.save(os.path.join(folder, "losses.npy"), np.array(losses, dtype=np.float32))
     print("tiny_unet_lora: losses", losses)
 
@@ -244,3 +274,4 @@ if __name__ == "__main__":
               dict(x=randn(2, 5, 6), w=randn(6), b=randn(6)), opset=17)
     adam()
     tiny_unet(sys.argv[1])
+    tiny_text_encoder(sys.argv[1])

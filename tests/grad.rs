@@ -229,3 +229,39 @@ fn adamw_matches_torch() {
         }
     }
 }
+
+/// The tiny CLIP text encoder differentiated by its embedding tables (gathered rows: the
+/// gradient sums over repeated token ids), initializers made trainable.
+#[test]
+fn text_encoder_gradients_match_torch_autograd() {
+    let model = common::load_model(&common::tiny_sd().join("text_encoder/model.onnx"));
+    let dir = common::fixtures().join("grads/tiny_text_encoder");
+    let expected = common::tensors(&dir, "grad_");
+    let mut wrt: Vec<String> = expected.keys().cloned().collect();
+    wrt.sort();
+    let initial: Vec<HostTensor> = wrt
+        .iter()
+        .map(|name| pollster::block_on(model.initializer(name)).unwrap())
+        .collect();
+    let trained = model
+        .with_objective(Objective {
+            output: "last_hidden_state".into(),
+            target: "target".into(),
+            wrt: wrt.clone(),
+        })
+        .unwrap();
+    let ids = common::tensors(&dir, "in_").remove("input_ids").unwrap();
+    let target = common::tensors(&dir, "target").remove("").unwrap();
+    let dims = model.dims_for_shapes(&[("input_ids", &ids.shape)]).unwrap();
+    let gpu = common::gpu();
+    let session = pollster::block_on(Session::new(&gpu, &trained, &dims)).unwrap();
+    let mut feeds: Vec<(&str, &HostTensor)> = vec![("input_ids", &ids), ("target", &target)];
+    feeds.extend(wrt.iter().map(String::as_str).zip(&initial));
+    let out = pollster::block_on(session.run_host(&feeds)).unwrap();
+    let loss = common::tensors(&dir, "loss").remove("").unwrap();
+    compare_scaled(LOSS, &out[LOSS], &loss).unwrap();
+    for name in &wrt {
+        let worst = compare_scaled(name, &out[&grad_name(name)], &expected[name]).unwrap();
+        eprintln!("{name}: worst {worst:.1e} of scale");
+    }
+}

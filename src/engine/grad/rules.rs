@@ -12,7 +12,7 @@ use super::super::ops::{
     normalize_axis,
 };
 use super::super::passes::input_infos;
-use super::super::tensor::{HostTensor, numel};
+use super::super::tensor::{DType, HostTensor, numel};
 use super::tape::Tape;
 
 type Grads = Vec<Option<ValueId>>;
@@ -183,8 +183,13 @@ pub fn backward(
             }
             only_first(spread)
         }
-        Op::Gather { .. } if !wanted[0] => Ok(vec![None; node.inputs.len()]),
-        Op::Gather { .. } => Err(refuse("a gathered table (needs a scatter-add kernel)")),
+        Op::Gather { axis } => {
+            let rank = tape.shape(input(0)).len();
+            if normalize_axis(*axis, rank) != Ok(0) {
+                return Err(refuse("gathering along an axis other than the first"));
+            }
+            only_first(gather_table(tape, input(0), input(1), g)?)
+        }
         other => Err(refuse(&format!("no gradient rule for {}", other.name()))),
     }
 }
@@ -591,6 +596,32 @@ fn split(tape: &mut Tape, node: &Node, upstream: &[Option<ValueId>], axis: i64) 
     let mut grads = vec![None; node.inputs.len()];
     grads[0] = Some(tape.op(Op::Concat { axis }, &pieces)?);
     Ok(grads)
+}
+
+/// The gradient of a table gathered by rows (an embedding): each row sums the gradients of
+/// the positions that read it, as a product with the indices' one-hot matrix, so repeated
+/// indices add up without a scatter kernel.
+fn gather_table(tape: &mut Tape, table: ValueId, indices: ValueId, g: ValueId) -> Result<ValueId> {
+    let table_shape = tape.shape(table).to_vec();
+    let rows = table_shape[0];
+    let width = numel(&table_shape[1..]);
+    let picks = numel(tape.shape(indices));
+    let column = tape.reshape(indices, &[picks, 1])?;
+    // Negative indices count from the end, as Gather reads them.
+    let wrapped = {
+        let zero = tape.constant(HostTensor::i64(vec![], vec![0]));
+        let negative = tape.binary(BinaryOp::Less, column, zero)?;
+        let count = tape.constant(HostTensor::i64(vec![], vec![rows as i64]));
+        let shifted = tape.binary(BinaryOp::Add, column, count)?;
+        tape.op(Op::Where, &[negative, shifted, column])?
+    };
+    let ids = tape.constant(HostTensor::i64(vec![1, rows], (0..rows as i64).collect()));
+    let hits = tape.binary(BinaryOp::Equal, wrapped, ids)?;
+    let one_hot = tape.op(Op::Cast(DType::F32), &[hits])?;
+    let by_row = tape.transpose(one_hot, &[1, 0])?;
+    let flat = tape.reshape(g, &[picks, width])?;
+    let summed = tape.op(Op::MatMul, &[by_row, flat])?;
+    tape.reshape(summed, &table_shape)
 }
 
 /// Nearest-neighbour upsampling by whole factors: each input pixel's gradient is the sum

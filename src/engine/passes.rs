@@ -23,6 +23,9 @@ pub fn prepare(
     bind_inputs(graph, dims)?;
     infer_and_fold(graph, usize::MAX)?;
     if let Some(objective) = objective {
+        // Fused first, so that the forward pass does not keep the score matrices for the
+        // backward pass: its attention gradient recomputes them layer by layer.
+        fuse_attention(graph);
         grad::append_backward(graph, objective)?;
     }
     fuse(graph);

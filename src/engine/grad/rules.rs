@@ -76,6 +76,7 @@ pub fn backward(
             trans_a,
             trans_b,
         } => gemm(tape, node, g, wanted, *alpha, *beta, *trans_a, *trans_b),
+        Op::Attention { scale } => attention(tape, input(0), input(1), input(2), g, *scale, wanted),
         Op::Conv(attrs) => {
             if attrs.group != 1 {
                 return Err(refuse("grouped convolution"));
@@ -342,6 +343,52 @@ fn matmul(tape: &mut Tape, a: ValueId, b: ValueId, g: ValueId, wanted: &[bool]) 
         let at = tape.swap_last_two(a)?;
         let gb = tape.op(Op::MatMul, &[at, g])?;
         grads[1] = Some(tape.unbroadcast(gb, &b_shape)?);
+    }
+    Ok(grads)
+}
+
+/// The fused attention softmax(scale Q Kt) V, whose forward pass never stores the score
+/// matrix: the backward pass recomputes it, one layer at a time (P below lives only while
+/// this layer's gradients are computed), then
+/// dV = P^T g, dP = g V^T, dS = scale P (dP - rowsum(dP P)), dQ = dS Kt^T, dKt = Q^T dS.
+fn attention(
+    tape: &mut Tape,
+    q: ValueId,
+    kt: ValueId,
+    v: ValueId,
+    g: ValueId,
+    scale: f32,
+    wanted: &[bool],
+) -> Result<Grads> {
+    let scores = tape.op(Op::MatMul, &[q, kt])?;
+    let scaled = tape.scale(scores, scale)?;
+    let softmax = Op::Softmax {
+        axis: -1,
+        legacy: false,
+    };
+    let p = tape.op(softmax, &[scaled])?;
+    let mut grads = vec![None; 3];
+    if wanted[2] {
+        let pt = tape.swap_last_two(p)?;
+        grads[2] = Some(tape.op(Op::MatMul, &[pt, g])?);
+    }
+    if wanted[0] || wanted[1] {
+        let vt = tape.swap_last_two(v)?;
+        let dp = tape.op(Op::MatMul, &[g, vt])?;
+        let weighted = tape.mul(dp, p)?;
+        let last = tape.shape(p).len() - 1;
+        let rows = tape.reduce(ReduceOp::Sum, weighted, vec![last], true)?;
+        let centred = tape.sub(dp, rows)?;
+        let ds = tape.mul(p, centred)?;
+        let ds = tape.scale(ds, scale)?;
+        if wanted[0] {
+            let k = tape.swap_last_two(kt)?;
+            grads[0] = Some(tape.op(Op::MatMul, &[ds, k])?);
+        }
+        if wanted[1] {
+            let qt = tape.swap_last_two(q)?;
+            grads[1] = Some(tape.op(Op::MatMul, &[qt, ds])?);
+        }
     }
     Ok(grads)
 }

@@ -74,6 +74,9 @@ mod cli {
             /// --bench N steps, printing loss, time and memory per step.
             #[arg(long, value_name = "R")]
             train_lora: Option<usize>,
+            /// With --train-lora: saves the trained LoRA (diffusers/peft .safetensors).
+            #[arg(long, value_name = "FILE", requires = "train_lora")]
+            save_lora: Option<PathBuf>,
         },
         /// Measures the adapter's peak throughput and bandwidth, then times each kernel
         /// family at Stable Diffusion 1.5's shapes (512x512, guidance) against them.
@@ -109,11 +112,13 @@ mod cli {
                 bench,
                 profile,
                 train_lora,
+                save_lora,
             } => {
                 let options = RunOptions {
                     bench,
                     profile,
                     train_lora,
+                    save_lora,
                 };
                 pollster::block_on(crate::run::run(
                     &model,

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use websd::engine::Directory;
 use websd::engine::{AdamW, Gpu, GpuTensor, HostTensor, Model, Session};
+use websd::lora::write_unet_lora;
 use websd::npy;
 use websd::train::{ATTENTION_PROJECTIONS, LoraTrainer, fresh_adapters, layers_named};
 
@@ -26,6 +27,8 @@ pub struct RunOptions {
     pub profile: bool,
     /// Train a fresh LoRA of this rank instead (see `train_lora`).
     pub train_lora: Option<usize>,
+    /// Where to save the trained LoRA (diffusers' layout).
+    pub save_lora: Option<PathBuf>,
 }
 
 pub async fn run(
@@ -67,7 +70,17 @@ pub async fn run(
     let mut bound = model.dims_for_shapes(&shapes).map_err(|e| e.to_string())?;
     bound.extend(dims);
     if let Some(rank) = options.train_lora {
-        return train_lora(&gpu, &model, &bound, &tensors, rank, options.bench.max(1)).await;
+        let steps = options.bench.max(1);
+        return train_lora(
+            &gpu,
+            &model,
+            &bound,
+            &tensors,
+            rank,
+            steps,
+            options.save_lora,
+        )
+        .await;
     }
     let started = Instant::now();
     let session = Session::new(&gpu, &model, &bound)
@@ -124,6 +137,7 @@ async fn train_lora(
     tensors: &[(String, HostTensor)],
     rank: usize,
     steps: usize,
+    save: Option<PathBuf>,
 ) -> Result<(), String> {
     let layers = layers_named(model.linear_layers(), &ATTENTION_PROJECTIONS);
     if layers.is_empty() {
@@ -160,5 +174,12 @@ async fn train_lora(
         eprintln!("step {step}: loss {loss:.6}, {:.2?}", started.elapsed());
     }
     report_memory(trainer.memory_bytes());
+    if let Some(path) = save {
+        let adapters = trainer.adapters().await.map_err(|e| e.to_string())?;
+        let bytes = write_unet_lora(&adapters).map_err(|e| e.to_string())?;
+        std::fs::write(&path, bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(())
 }

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use crate::engine::{HostTensor, LoraAdapter};
-use crate::error::{Result, bad_file};
+use crate::error::{Error, Result, bad_file};
 use crate::safetensors::{self, SafeTensors};
 
 /// The component prefix of UNet keys.
@@ -105,21 +105,22 @@ pub fn write_unet_lora(adapters: &[LoraAdapter]) -> Result<Vec<u8>> {
     let mut file = SafeTensors::default();
     let first = adapters
         .first()
-        .ok_or_else(|| crate::error::Error::Invalid("no adapters to save".into()))?;
+        .ok_or_else(|| Error::Invalid("no adapters to save".into()))?;
     let rank = first.rank;
     if adapters
         .iter()
         .any(|a| a.rank != rank || a.scale != first.scale)
     {
-        return Err(crate::error::Error::Invalid(
+        return Err(Error::Invalid(
             "adapters of different ranks or scales in one file".into(),
         ));
     }
     let mut tensors = BTreeMap::new();
     for adapter in adapters {
-        let (a, b) = adapter.weights.as_ref().ok_or_else(|| {
-            crate::error::Error::Invalid(format!("`{}` has no weights", adapter.module))
-        })?;
+        let (a, b) = adapter
+            .weights
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("`{}` has no weights", adapter.module)))?;
         tensors.insert(
             format!("{PREFIX}{}{}", adapter.module, FACTORS[0].0),
             transpose(a),

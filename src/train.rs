@@ -5,10 +5,10 @@
 use std::collections::HashMap;
 
 use crate::engine::{
-    AdamW, Gpu, GpuTensor, LOSS, LinearLayer, LoraAdapter, Model, Objective, Optimizer, Session,
-    grad_name, lora_input_names,
+    AdamW, Gpu, GpuTensor, HostTensor, LOSS, LinearLayer, LoraAdapter, Model, Objective, Optimizer,
+    Session, grad_name, lora_input_names,
 };
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::rng::TorchRng;
 
 /// The graph input holding the objective's target.
@@ -49,8 +49,8 @@ pub fn fresh_adapters(
                 rank,
                 scale: alpha / rank as f32,
                 weights: Some((
-                    crate::engine::HostTensor::f32(vec![layer.in_features, rank], a),
-                    crate::engine::HostTensor::f32(
+                    HostTensor::f32(vec![layer.in_features, rank], a),
+                    HostTensor::f32(
                         vec![rank, layer.out_features],
                         vec![0.0; rank * layer.out_features],
                     ),
@@ -84,10 +84,7 @@ impl LoraTrainer {
         let mut params = Vec::new();
         for adapter in initial {
             let (a, b) = adapter.weights.as_ref().ok_or_else(|| {
-                crate::error::Error::Invalid(format!(
-                    "`{}` has no starting weights",
-                    adapter.module
-                ))
+                Error::Invalid(format!("`{}` has no starting weights", adapter.module))
             })?;
             let (name_a, name_b) = lora_input_names(&adapter.module);
             names.extend([name_a, name_b]);

@@ -6,6 +6,7 @@
 //! GPU like any graph, with nothing read back. The gradients become graph outputs named
 //! `<input>.grad`, beside `loss`.
 
+mod layers;
 mod rules;
 mod tape;
 
@@ -13,10 +14,13 @@ use std::collections::HashMap;
 
 use super::error::{Error, Result};
 use super::graph::{Graph, ValueId};
-use super::ops::{BinaryOp, Op, ReduceOp};
+use super::ops::{BinaryOp, Op, ReduceOp, UnaryOp};
 use super::tensor::HostTensor;
 
 use tape::Tape;
+
+/// The gradients of a node's inputs, `None` where an input gets none.
+type Grads = Vec<Option<ValueId>>;
 
 /// What a training step minimises and what it differentiates by.
 #[derive(Clone, Debug)]
@@ -108,7 +112,7 @@ pub fn append_backward(graph: &mut Graph, objective: &Objective) -> Result<()> {
         })?;
         // A gradient may also be a forward value or another input's gradient: an identity
         // gives the output its own value and name.
-        let named = tape.unary_identity(grad)?;
+        let named = tape.unary(UnaryOp::Identity, grad)?;
         tape.graph.values[named].name = grad_name(name);
         tape.graph.outputs.push(named);
     }

@@ -73,10 +73,6 @@ impl<'g> Tape<'g> {
         self.op(Op::Unary(op), &[x])
     }
 
-    pub fn unary_identity(&mut self, x: ValueId) -> Result<ValueId> {
-        self.unary(UnaryOp::Identity, x)
-    }
-
     pub fn binary(&mut self, op: BinaryOp, a: ValueId, b: ValueId) -> Result<ValueId> {
         self.op(Op::Binary(op), &[a, b])
     }

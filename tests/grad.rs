@@ -165,6 +165,23 @@ fn weight_gradient_matches_finite_differences() {
 }
 
 #[test]
+fn an_integer_initializer_is_not_trainable() {
+    let model = common::load_model(&common::tiny_sd().join("text_encoder/model.onnx"));
+    let integer = model
+        .with_objective(Objective {
+            output: "last_hidden_state".into(),
+            target: "t".into(),
+            wrt: vec!["/text_model/Constant_output_0".into()],
+        })
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        integer.as_ref().is_some_and(|e| e.contains("only float")),
+        "{integer:?}"
+    );
+}
+
+#[test]
 fn an_input_the_loss_does_not_reach_is_a_clear_error() {
     let model = GraphBuilder::new(14)
         .input("a", &[4])

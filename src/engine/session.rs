@@ -72,6 +72,12 @@ impl Model {
                 continue;
             }
             let value = &mut graph.values[id];
+            if !value.dtype.is_float() {
+                return Err(Error::Input {
+                    name: name.clone(),
+                    reason: format!("of type {:?}: only float tensors are trained", value.dtype),
+                });
+            }
             let shape = match (&value.constant, &value.stored) {
                 (Some(c), _) => c.shape.clone(),
                 (None, Some(s)) => s.shape.clone(),

@@ -34,6 +34,15 @@ fn transpose(t: &HostTensor) -> HostTensor {
 /// The UNet adapters of a LoRA file, each scaled by `alpha / rank` times `strength`.
 pub fn read_unet_lora(name: &str, bytes: &[u8], strength: f32) -> Result<Vec<LoraAdapter>> {
     let file = safetensors::read(bytes).map_err(|e| bad_file(name, e))?;
+    unet_lora_adapters(name, &file, strength)
+}
+
+/// [`read_unet_lora`] of a file already read.
+pub fn unet_lora_adapters(
+    name: &str,
+    file: &SafeTensors,
+    strength: f32,
+) -> Result<Vec<LoraAdapter>> {
     let config: Option<serde_json::Value> = file
         .metadata
         .get("lora_adapter_metadata")
@@ -102,6 +111,11 @@ pub fn read_unet_lora(name: &str, bytes: &[u8], strength: f32) -> Result<Vec<Lor
 /// A LoRA file of the given adapters (weights present), in diffusers' layout, with the
 /// `alpha` that gives each its scale.
 pub fn write_unet_lora(adapters: &[LoraAdapter]) -> Result<Vec<u8>> {
+    Ok(safetensors::write(&unet_lora_file(adapters)?))
+}
+
+/// The tensors and header of [`write_unet_lora`]'s file, for files that carry more.
+pub fn unet_lora_file(adapters: &[LoraAdapter]) -> Result<SafeTensors> {
     let mut file = SafeTensors::default();
     let first = adapters
         .first()
@@ -143,5 +157,5 @@ pub fn write_unet_lora(adapters: &[LoraAdapter]) -> Result<Vec<u8>> {
     file.metadata.insert("format".into(), "pt".into());
     file.metadata
         .insert("lora_adapter_metadata".into(), metadata.to_string());
-    Ok(safetensors::write(&file))
+    Ok(file)
 }

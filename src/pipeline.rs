@@ -15,9 +15,11 @@ use crate::scheduler::{Scheduler, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 
 mod denoiser;
+mod imagic;
 
 pub use denoiser::guidance_embedding;
 use denoiser::{Denoiser, TimestepInput, unet_inputs};
+pub use imagic::{Edit, EditProgress, EditSettings, EditStage};
 
 /// What to generate. `Default` gives diffusers' defaults (50 steps, guidance 7.5).
 #[derive(Clone, Debug)]
@@ -37,6 +39,9 @@ pub struct Request {
     pub strength: f64,
     /// Starting latents instead of seeded noise (diffusers' `latents=`).
     pub init_latents: Option<HostTensor>,
+    /// The prompt's text embeddings `[1, tokens, width]` instead of encoding `prompt`
+    /// (diffusers' `prompt_embeds=`), e.g. an Imagic edit's.
+    pub prompt_embeds: Option<HostTensor>,
     /// Decode the latents through the VAE every this many steps (0: never).
     pub preview_every: usize,
     /// After every step, a cheap latent-space RGB picture (1/8 size, no VAE).
@@ -57,6 +62,7 @@ impl Default for Request {
             init_image: None,
             strength: 0.8,
             init_latents: None,
+            prompt_embeds: None,
             preview_every: 0,
             live_preview: false,
         }
@@ -263,6 +269,15 @@ impl StableDiffusion {
         if request.steps == 0 {
             return invalid("steps must be at least 1");
         }
+        if let Some(embeds) = &request.prompt_embeds {
+            let own = self.text_embedding_shape()?;
+            if embeds.shape.len() != 3 || embeds.shape[0] != 1 || embeds.shape[2] != own[2] {
+                return invalid(format!(
+                    "prompt embeddings of shape {:?}, the text encoder makes {own:?}",
+                    embeds.shape
+                ));
+            }
+        }
         if !request.guidance_scale.is_finite() || request.guidance_scale < 0.0 {
             return invalid(format!(
                 "guidance scale must be a non-negative number (got {})",
@@ -338,16 +353,7 @@ impl StableDiffusion {
         let plan = |model: &Model, shapes: &[(&str, &[usize])]| -> Result<ShapePlan> {
             Ok(model.plan(&model.dims_for_shapes(shapes)?)?)
         };
-        let ids_input = self.text_encoder.input_names()[0];
-        let text = plan(
-            &self.text_encoder,
-            &[(ids_input, &[1, self.tokenizer.max_length()])],
-        )?;
-        let hidden_name = match text.outputs.contains_key("last_hidden_state") {
-            true => "last_hidden_state",
-            false => self.text_encoder.output_names()[0],
-        };
-        let hidden = &text.outputs[hidden_name];
+        let hidden = self.text_embedding_shape()?;
         let context = [batch, hidden[1], hidden[2]];
         let latents = self.latent_shape(width, height);
         let sample = [batch, latents[1], latents[2], latents[3]];
@@ -369,6 +375,21 @@ impl StableDiffusion {
             .max_by_key(|(_, (_, bytes))| *bytes)
             .expect("two parts at least");
         Ok((part, name, bytes))
+    }
+
+    /// The text encoder's output for one prompt, `[1, tokens, width]`, by shape inference.
+    fn text_embedding_shape(&self) -> Result<Vec<usize>> {
+        let ids_input = self.text_encoder.input_names()[0];
+        let ids = [1, self.tokenizer.max_length()];
+        let dims = self.text_encoder.dims_for_shapes(&[(ids_input, &ids)])?;
+        let mut plan = self.text_encoder.plan(&dims)?;
+        let name = match plan.outputs.contains_key("last_hidden_state") {
+            true => "last_hidden_state",
+            false => self.text_encoder.output_names()[0],
+        };
+        plan.outputs
+            .remove(name)
+            .ok_or_else(|| Error::Invalid("the text encoder has no outputs".into()))
     }
 
     /// Runs the text encoder on one prompt: `[1, 77, hidden]`.
@@ -615,7 +636,8 @@ impl StableDiffusion {
             ("negative prompt", &request.negative_prompt),
         ];
         let mut warnings = Vec::new();
-        for (name, text) in prompts.into_iter().take(1 + guided as usize) {
+        let given = request.prompt_embeds.is_some() as usize;
+        for (name, text) in prompts.into_iter().take(1 + guided as usize).skip(given) {
             if let Some(dropped) = self.tokenizer.dropped_text(text)? {
                 warnings.push(format!(
                     "the {name} is longer than the model's {} tokens; ignored: \"{dropped}\"",
@@ -629,7 +651,10 @@ impl StableDiffusion {
     /// Text embeddings: the prompt's, preceded by the negative prompt's when guiding
     /// (`[uncond, cond]`, as diffusers batches them).
     async fn encode_prompts(&mut self, request: &Request, guided: bool) -> Result<GpuTensor> {
-        let cond = self.encode_text(&request.prompt).await?;
+        let cond = match &request.prompt_embeds {
+            Some(embeds) => GpuTensor::from_host(&self.gpu, embeds),
+            None => self.encode_text(&request.prompt).await?,
+        };
         if !guided {
             return Ok(cond);
         }

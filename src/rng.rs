@@ -79,6 +79,12 @@ impl TorchRng {
         (self.next_u64() & ((1 << 53) - 1)) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 
+    /// `torch.randint(high, (1,))`: one 32-bit draw reduced modulo `high` (PyTorch's
+    /// path for ranges under 2^32).
+    pub fn randint(&mut self, high: u32) -> u32 {
+        self.next_u32() % high
+    }
+
     /// `torch.randn(shape)` for float32.
     pub fn randn(&mut self, shape: &[usize]) -> HostTensor {
         let n: usize = shape.iter().product();

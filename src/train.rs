@@ -1,6 +1,5 @@
-//! Training LoRA adapters on the user's GPU: the model with trainable adapters and a
-//! mean-squared-error objective runs forward and backward in one session, AdamW updates the
-//! adapters where they live, and only the loss is read back (for progress).
+//! Training on the user's GPU: chosen inputs of a model (a text embedding, LoRA adapters'
+//! factors) optimised against a mean squared error, all on the GPU.
 
 use std::collections::HashMap;
 
@@ -60,62 +59,46 @@ pub fn fresh_adapters(
         .collect()
 }
 
-pub struct LoraTrainer {
+/// Trains named inputs of a model (embeddings, adapter factors...) against a mean squared
+/// error on one of its outputs: forward and backward run in one session, AdamW updates the
+/// tensors where they live, and only the loss is read back (for progress).
+pub struct Trainer {
     session: Session,
-    adapters: Vec<LoraAdapter>,
-    /// Graph input names of the adapters' factors, A and B of each in turn.
+    /// The trained inputs' names, and their current values.
     names: Vec<String>,
     params: Vec<GpuTensor>,
     optimizer: Optimizer,
 }
 
-impl LoraTrainer {
-    /// A session training `initial` (adapters with their starting weights) on `model`,
-    /// towards targets for its `output`, at the given dimensions.
+impl Trainer {
+    /// A session training the inputs `params` (names and starting values) of `model` towards
+    /// targets for its `output`, at the given dimensions.
     pub async fn new(
         gpu: &Gpu,
         model: &Model,
-        initial: &[LoraAdapter],
+        params: Vec<(String, GpuTensor)>,
         output: &str,
         dims: &HashMap<String, usize>,
         config: AdamW,
-    ) -> Result<LoraTrainer> {
-        let mut names = Vec::new();
-        let mut params = Vec::new();
-        for adapter in initial {
-            let (a, b) = adapter.weights.as_ref().ok_or_else(|| {
-                Error::Invalid(format!("`{}` has no starting weights", adapter.module))
-            })?;
-            let (name_a, name_b) = lora_input_names(&adapter.module);
-            names.extend([name_a, name_b]);
-            params.extend([GpuTensor::from_host(gpu, a), GpuTensor::from_host(gpu, b)]);
-        }
-        let adapters: Vec<LoraAdapter> = initial
-            .iter()
-            .map(|a| LoraAdapter {
-                weights: None,
-                ..a.clone()
-            })
-            .collect();
+    ) -> Result<Trainer> {
+        let (names, params): (Vec<String>, Vec<GpuTensor>) = params.into_iter().unzip();
         let objective = Objective {
             output: output.into(),
             target: TARGET.into(),
             wrt: names.clone(),
         };
-        let trained = model.with_lora(&adapters)?.with_objective(objective)?;
-        let session = Session::new(gpu, &trained, dims).await?;
+        let session = Session::new(gpu, &model.with_objective(objective)?, dims).await?;
         let refs: Vec<&GpuTensor> = params.iter().collect();
         let optimizer = Optimizer::new(gpu, config, &refs)?;
-        Ok(LoraTrainer {
+        Ok(Trainer {
             session,
-            adapters,
             names,
             params,
             optimizer,
         })
     }
 
-    /// One step towards `target` from `inputs` (the model's own inputs); returns the loss
+    /// One step towards `target` from `inputs` (the model's other inputs); returns the loss
     /// before the step.
     pub async fn step(&mut self, inputs: &[(&str, &GpuTensor)], target: &GpuTensor) -> Result<f32> {
         let mut feeds: Vec<(&str, &GpuTensor)> = inputs.to_vec();
@@ -126,6 +109,16 @@ impl LoraTrainer {
         let params: Vec<&GpuTensor> = self.params.iter().collect();
         self.optimizer.step(&params, &grads)?;
         Ok(out[LOSS].to_host().await?.to_f32()[0])
+    }
+
+    /// The current values of the trained inputs, in the order given.
+    pub fn params(&self) -> &[GpuTensor] {
+        &self.params
+    }
+
+    /// The training session (for its inputs' shapes and types).
+    pub fn session(&self) -> &Session {
+        &self.session
     }
 
     /// GPU memory one step holds: the session (weights, activations kept for the backward
@@ -139,11 +132,61 @@ impl LoraTrainer {
     pub async fn last_grad_norm(&self) -> Result<f32> {
         Ok(self.optimizer.last_grad_norm().await?)
     }
+}
+
+/// A [`Trainer`] of LoRA adapters.
+pub struct LoraTrainer {
+    trainer: Trainer,
+    adapters: Vec<LoraAdapter>,
+}
+
+impl LoraTrainer {
+    /// A session training `initial` (adapters with their starting weights) on `model`,
+    /// towards targets for its `output`, at the given dimensions.
+    pub async fn new(
+        gpu: &Gpu,
+        model: &Model,
+        initial: &[LoraAdapter],
+        output: &str,
+        dims: &HashMap<String, usize>,
+        config: AdamW,
+    ) -> Result<LoraTrainer> {
+        let mut params = Vec::new();
+        for adapter in initial {
+            let (a, b) = adapter.weights.as_ref().ok_or_else(|| {
+                Error::Invalid(format!("`{}` has no starting weights", adapter.module))
+            })?;
+            let (name_a, name_b) = lora_input_names(&adapter.module);
+            params.push((name_a, GpuTensor::from_host(gpu, a)));
+            params.push((name_b, GpuTensor::from_host(gpu, b)));
+        }
+        let adapters: Vec<LoraAdapter> = initial
+            .iter()
+            .map(|a| LoraAdapter {
+                weights: None,
+                ..a.clone()
+            })
+            .collect();
+        let adapted = model.with_lora(&adapters)?;
+        let trainer = Trainer::new(gpu, &adapted, params, output, dims, config).await?;
+        Ok(LoraTrainer { trainer, adapters })
+    }
+
+    /// One step towards `target` from `inputs` (the model's own inputs); returns the loss
+    /// before the step.
+    pub async fn step(&mut self, inputs: &[(&str, &GpuTensor)], target: &GpuTensor) -> Result<f32> {
+        self.trainer.step(inputs, target).await
+    }
+
+    /// The underlying trainer (memory, gradient norm, session).
+    pub fn trainer(&self) -> &Trainer {
+        &self.trainer
+    }
 
     /// The adapters with their current weights (read back from the GPU).
     pub async fn adapters(&self) -> Result<Vec<LoraAdapter>> {
         let mut out = Vec::with_capacity(self.adapters.len());
-        for (adapter, pair) in self.adapters.iter().zip(self.params.chunks(2)) {
+        for (adapter, pair) in self.adapters.iter().zip(self.trainer.params.chunks(2)) {
             out.push(LoraAdapter {
                 weights: Some((pair[0].to_host().await?, pair[1].to_host().await?)),
                 ..adapter.clone()

@@ -418,6 +418,7 @@ async fn run_generation(
         init_latents: None,
         preview_every: params.preview_every,
         live_preview: true,
+        ..Request::default()
     };
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
     pipeline.set_low_memory(params.low_memory);

@@ -90,7 +90,7 @@ impl TimestepInput {
         })
     }
 
-    fn tensor(&self, gpu: &Gpu, t: f64) -> GpuTensor {
+    pub(super) fn tensor(&self, gpu: &Gpu, t: f64) -> GpuTensor {
         let n = self.shape.iter().product();
         let host = match self.dtype {
             DType::F32 => HostTensor::f32(self.shape.clone(), vec![t as f32; n]),

@@ -14,9 +14,11 @@ mod lcm;
 mod pndm;
 mod schedule;
 mod tensor;
+mod training;
 
 pub use config::SchedulerConfig;
 pub use tensor::SampleTensor;
+pub use training::NoiseProcess;
 
 use crate::error::{Result, invalid};
 

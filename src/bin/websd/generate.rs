@@ -81,7 +81,7 @@ fn read_loras(specs: &[String]) -> Result<Vec<websd::engine::LoraAdapter>, Strin
     Ok(adapters)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, String> {
+pub fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
@@ -132,6 +132,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         init_latents,
         preview_every: args.preview_every,
         live_preview: false,
+        ..Request::default()
     };
 
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
@@ -206,7 +207,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
 }
 
 /// Writes `image` as a PNG with `text` in its metadata, warning about metadata left out.
-fn write_png(image: &RgbaImage, text: &[(&str, String)], path: &Path) -> Result<(), String> {
+pub fn write_png(image: &RgbaImage, text: &[(&str, String)], path: &Path) -> Result<(), String> {
     let png = image.to_png(text).map_err(|e| e.to_string())?;
     for warning in &png.warnings {
         eprintln!("warning: {warning}");

@@ -3,6 +3,7 @@
 //! - `websd bench [--filter TEXT] [--graph MODEL.onnx --dim NAME=N] [--json]`
 //! - `websd run MODEL.onnx [--dim NAME=N]... [--input NAME=FILE.npy]... --output-dir DIR [--bench N]`
 //! - `websd generate --model DIR --prompt P [...] --out OUT.png`
+//! - `websd edit --model DIR --image IN.png --prompt P --out OUT.png [--etas A,B,.. --grid G.png]`
 //! - `websd tokenize --model DIR TEXT`
 //! - `websd eval --model DIR --benchmark DIR [--steps N] [--limit N]`
 
@@ -11,6 +12,8 @@ fn main() {}
 
 #[cfg(not(target_arch = "wasm32"))]
 mod bench;
+#[cfg(not(target_arch = "wasm32"))]
+mod edit;
 #[cfg(not(target_arch = "wasm32"))]
 mod eval;
 #[cfg(not(target_arch = "wasm32"))]
@@ -33,6 +36,7 @@ mod cli {
     use clap::{Parser, Subcommand};
 
     use crate::bench::BenchArgs;
+    use crate::edit::EditArgs;
     use crate::eval::EvalArgs;
     use crate::generate::GenerateArgs;
     use crate::run::RunOptions;
@@ -83,6 +87,9 @@ mod cli {
         Bench(BenchArgs),
         /// Generates an image from a prompt with a Stable Diffusion model folder.
         Generate(GenerateArgs),
+        /// Edits a picture from a sentence (Imagic): optimises a text embedding and a LoRA
+        /// that reconstruct it, then draws it moved towards the sentence.
+        Edit(EditArgs),
         /// Scores a model on a benchmark: generates its prompts and classifies the images.
         Eval(EvalArgs),
         /// Prints the token ids of TEXT as the model's tokenizer makes them (a JSON array).
@@ -130,6 +137,7 @@ mod cli {
             }
             Command::Bench(args) => pollster::block_on(crate::bench::bench(args)),
             Command::Generate(args) => pollster::block_on(crate::generate::generate(args)),
+            Command::Edit(args) => pollster::block_on(crate::edit::edit(args)),
             Command::Eval(args) => pollster::block_on(crate::eval::eval(args)),
             Command::Tokenize { model, text } => {
                 pollster::block_on(crate::generate::tokenize(&model, &text))

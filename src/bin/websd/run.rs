@@ -173,7 +173,7 @@ async fn train_lora(
             .map_err(|e| e.to_string())?;
         eprintln!("step {step}: loss {loss:.6}, {:.2?}", started.elapsed());
     }
-    report_memory(trainer.memory_bytes());
+    report_memory(trainer.trainer().memory_bytes());
     if let Some(path) = save {
         let adapters = trainer.adapters().await.map_err(|e| e.to_string())?;
         let bytes = write_unet_lora(&adapters).map_err(|e| e.to_string())?;

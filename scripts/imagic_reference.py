@@ -89,6 +89,7 @@ class Model:
         self.noise = DDPMScheduler.from_config(self.scheduler_config)
         vae = json.load(open(os.path.join(folder, "vae_decoder", "config.json")))
         self.scaling = vae.get("scaling_factor", 0.18215)
+        self.vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
 
     def embed(self, text):
         ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -186,8 +187,8 @@ def sample(model, embedding, seed, steps, guidance, size):
     scheduler = DDIMScheduler.from_config(model.scheduler_config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
-    factor = 8 if size >= 64 else size // model.unet.config.sample_size
-    latents = torch.randn((1, 4, size // factor, size // factor), generator=generator)
+    side = size // model.vae_factor
+    latents = torch.randn((1, model.unet.config.in_channels, side, side), generator=generator)
     latents = latents * scheduler.init_noise_sigma
     context = torch.cat([model.embed(""), embedding])
     for t in scheduler.timesteps:
@@ -227,7 +228,32 @@ def fixture(out):
     np.save(os.path.join(out, "losses.npy"), np.array(losses, np.float32))
 
 
+def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=100, embed_lr=1e-2,
+          tune_steps=30, tune_lr=5e-4, rank=4):
+    """The edit benchmark's cases (edits.json) edited by this reference, written as
+    OUT/eta_<eta>/<source name> for `websd eval-edit --method images`."""
+    from PIL import Image
+    import time
+    cases = json.load(open(os.path.join(benchmark, "edits.json")))["cases"]
+    folder = os.path.join(ROOT, "onnx", "glyph-sd")
+    for case in cases:
+        started = time.time()
+        model = Model(folder)  # a fresh UNet: stage B changed the last one
+        image = np.asarray(Image.open(os.path.join(benchmark, case["source"])).convert("RGB"))
+        target, optimized, _, _ = optimize(model, image, case["prompt"], case["seed"], embed_steps,
+                                           embed_lr, tune_steps, tune_lr, rank)
+        for eta in etas:
+            embedding = eta * target + (1 - eta) * optimized
+            picture = sample(model, embedding, case["seed"], steps, guidance, image.shape[0])
+            path = os.path.join(out, f"eta_{eta}", os.path.basename(case["source"]))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            Image.fromarray(picture).save(path)
+        print(f"{case['prompt']}: {time.time() - started:.1f} s")
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
     if sys.argv[1] == "fixture":
         fixture(sys.argv[2])
+    elif sys.argv[1] == "bench":
+        bench(sys.argv[2], sys.argv[3], [float(e) for e in sys.argv[4].split(",")])

@@ -20,6 +20,9 @@ use crate::image::RgbaImage;
 use crate::model::{ModelFiles, read_graph, read_json};
 use crate::pipeline::{Control, Request, StableDiffusion, StepEvent};
 
+mod edits;
+pub use edits::{EditBenchmark, EditCase, EditMethod, EditOutcome, glyph_mask, shifted_iou};
+
 /// One benchmark prompt and the classes it asks for, by attribute.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Case {

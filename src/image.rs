@@ -192,6 +192,24 @@ impl RgbaImage {
             pixels,
         })
     }
+
+    /// Images of one width stacked top to bottom (rows of a grid).
+    pub fn column(images: &[RgbaImage]) -> Result<RgbaImage> {
+        let Some(first) = images.first() else {
+            return invalid("a grid of no images");
+        };
+        if images.iter().any(|i| i.width != first.width) {
+            return invalid("grid rows differ in width");
+        }
+        Ok(RgbaImage {
+            width: first.width,
+            height: images.iter().map(|i| i.height).sum(),
+            pixels: images
+                .iter()
+                .flat_map(|i| i.pixels.iter().copied())
+                .collect(),
+        })
+    }
 }
 
 /// A cheap look at SD 1.x/2.x latents without the VAE: each latent pixel's RGB is a fixed

@@ -66,7 +66,7 @@ pub struct ModelConfig {
 }
 
 /// The bytes of `path`; a file that cannot be read is a [`bad_file`] error naming it.
-async fn read(files: &dyn ModelFiles, path: &str) -> Result<Bytes> {
+pub(crate) async fn read(files: &dyn ModelFiles, path: &str) -> Result<Bytes> {
     read_all(files, path)
         .await
         .map_err(|reason| bad_file(path, reason))

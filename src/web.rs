@@ -11,15 +11,17 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{JsFuture, future_to_promise};
 use web_sys::Blob;
 
+mod edit;
 mod files;
 
 use files::{BlobFolder, CACHE_NAME, fetch_folder};
 
 use crate::bench::time_session;
 use crate::clock::now_ms;
+use crate::engine::HostTensor;
 use crate::engine::{DType, Gpu, Model, Session};
 use crate::image::RgbaImage;
-use crate::pipeline::{Control, Request, StableDiffusion, StepEvent};
+use crate::pipeline::{Control, Edit, Request, StableDiffusion, StepEvent};
 use crate::scheduler::SchedulerKind;
 
 const NO_WEBGPU: &str = "This browser does not offer WebGPU. Use a recent Chrome or Edge (113+) on a machine \
@@ -53,8 +55,12 @@ struct State {
     cancel: Cell<bool>,
     /// Set when a generation failed because the device was lost or out of memory.
     device_failed: Cell<bool>,
-    /// A fingerprint of the LoRA file and strength attached to the pipeline's UNet, if any.
+    /// A fingerprint of the adapters attached to the pipeline's UNet (a LoRA file and its
+    /// strength, or a kept edit's), if any.
     lora: Cell<Option<u64>>,
+    /// The Imagic edit `generate({eta})` draws, and how many were kept before it.
+    edit: RefCell<Option<Edit>>,
+    edits_kept: Cell<u64>,
 }
 
 /// The state behind the page.
@@ -137,32 +143,11 @@ impl App {
         future_to_promise(async move {
             let params: GenerateParams = serde_wasm_bindgen::from_value(params)
                 .map_err(|e| js_error(format!("bad parameters: {e}")))?;
-            state.ensure_idle()?;
-            // After a lost device, rebuild everything from the files still at hand.
-            if state.pipeline.borrow().is_none() {
-                let source = state
-                    .source
-                    .borrow()
-                    .clone()
-                    .ok_or_else(|| js_error("load a model first"))?;
-                state.install(source).await?;
-            }
-            let mut pipeline = state
-                .pipeline
-                .borrow_mut()
-                .take()
-                .ok_or_else(|| js_error("load a model first"))?;
-            state.busy.set(true);
-            state.cancel.set(false);
-            let result = run_generation(&mut pipeline, &state, &params, &on_step).await;
-            state.busy.set(false);
-            if state.device_failed.replace(false) {
-                // The next Generate starts from a fresh device and the kept files.
-                state.gpu.borrow_mut().take();
-            } else {
-                *state.pipeline.borrow_mut() = Some(pipeline);
-            }
-            result
+            state
+                .exclusive(async |pipeline| {
+                    run_generation(pipeline, &state, &params, &on_step).await
+                })
+                .await
         })
     }
 
@@ -282,6 +267,40 @@ impl State {
         }
     }
 
+    /// Runs `job` on the pipeline with the page's other calls kept out (`busy`) and the
+    /// cancel flag cleared.
+    async fn exclusive<T>(
+        &self,
+        job: impl AsyncFnOnce(&mut StableDiffusion) -> Result<T, JsValue>,
+    ) -> Result<T, JsValue> {
+        self.ensure_idle()?;
+        // After a lost device, rebuild everything from the files still at hand.
+        if self.pipeline.borrow().is_none() {
+            let source = self
+                .source
+                .borrow()
+                .clone()
+                .ok_or_else(|| js_error("load a model first"))?;
+            self.install(source).await?;
+        }
+        let mut pipeline = self
+            .pipeline
+            .borrow_mut()
+            .take()
+            .ok_or_else(|| js_error("load a model first"))?;
+        self.busy.set(true);
+        self.cancel.set(false);
+        let result = job(&mut pipeline).await;
+        self.busy.set(false);
+        if self.device_failed.replace(false) {
+            // The next call starts from a fresh device and the kept files.
+            self.gpu.borrow_mut().take();
+        } else {
+            *self.pipeline.borrow_mut() = Some(pipeline);
+        }
+        result
+    }
+
     /// The device, opened on first use (and again after a loss).
     async fn gpu(&self) -> Result<Gpu, JsValue> {
         if let Some(gpu) = self.gpu.borrow().as_ref() {
@@ -300,6 +319,11 @@ impl State {
             .map_err(|e| js_error(format!("{e}. {NO_WEBGPU}")))?;
         *self.gpu.borrow_mut() = Some(gpu.clone());
         Ok(gpu)
+    }
+
+    fn keep_edit(&self, edit: Edit) {
+        *self.edit.borrow_mut() = Some(edit);
+        self.edits_kept.set(self.edits_kept.get() + 1);
     }
 
     /// Builds the pipeline from a model's files and keeps the files.
@@ -341,39 +365,62 @@ struct GenerateParams {
     lora: Option<serde_bytes::ByteBuf>,
     #[serde(default = "default_lora_scale")]
     lora_scale: f32,
+    /// Draws the kept Imagic edit at this eta instead of the prompt (and the LoRA file).
+    #[serde(default)]
+    eta: Option<f32>,
 }
 
 fn default_lora_scale() -> f32 {
     1.0
 }
 
-/// Attaches the requested LoRA to the UNet unless it is attached already (the UNet's
-/// session is rebuilt when it changes, so an unchanged one costs nothing).
-fn apply_lora(
+/// Attaches the adapters this generation needs unless they are attached already (the UNet's
+/// session is rebuilt when they change, so unchanged ones cost nothing): the kept edit's
+/// when drawing an edit, else the LoRA file's. Returns the edit's embedding at `eta`.
+fn attach_adapters(
     pipeline: &mut StableDiffusion,
     state: &State,
     params: &GenerateParams,
-) -> Result<(), JsValue> {
-    let fingerprint = params.lora.as_ref().map(|bytes| {
-        // FNV-1a over the file and the strength.
-        let mut hash = 0xcbf29ce484222325u64;
-        for &b in bytes.iter().chain(&params.lora_scale.to_le_bytes()) {
-            hash = (hash ^ b as u64).wrapping_mul(0x100000001b3);
+) -> Result<Option<HostTensor>, JsValue> {
+    let edit = state.edit.borrow();
+    let (fingerprint, embeds) = match params.eta {
+        Some(eta) => {
+            let edit = edit
+                .as_ref()
+                .ok_or_else(|| js_error("optimise or load an edit first"))?;
+            // Edits are told apart from files by the top bit.
+            (
+                Some(1 << 63 | state.edits_kept.get()),
+                Some(edit.embedding(eta)),
+            )
         }
-        hash
-    });
+        None => (
+            params.lora.as_ref().map(|bytes| {
+                // FNV-1a over the file and the strength.
+                let mut hash = 0xcbf29ce484222325u64;
+                for &b in bytes.iter().chain(&params.lora_scale.to_le_bytes()) {
+                    hash = (hash ^ b as u64).wrapping_mul(0x100000001b3);
+                }
+                hash >> 1
+            }),
+            None,
+        ),
+    };
     if fingerprint == state.lora.get() {
-        return Ok(());
+        return Ok(embeds);
     }
-    let adapters = match &params.lora {
-        Some(bytes) => crate::lora::read_unet_lora("the LoRA file", bytes, params.lora_scale)
-            .map_err(js_error)?,
-        None => Vec::new(),
+    let adapters = match (&*edit, params.eta, &params.lora) {
+        (Some(edit), Some(_), _) => edit.lora.clone(),
+        (_, None, Some(bytes)) => {
+            crate::lora::read_unet_lora("the LoRA file", bytes, params.lora_scale)
+                .map_err(js_error)?
+        }
+        _ => Vec::new(),
     };
     state.lora.set(None);
     pipeline.set_lora(&adapters).map_err(js_error)?;
     state.lora.set(fingerprint);
-    Ok(())
+    Ok(embeds)
 }
 
 fn default_strength() -> f64 {
@@ -404,6 +451,8 @@ async fn run_generation(
             "the seed must be a whole number from 0 to 4294967295",
         ));
     }
+    pipeline.set_low_memory(params.low_memory);
+    let prompt_embeds = attach_adapters(pipeline, state, params)?;
     let request = Request {
         prompt: params.prompt.clone(),
         negative_prompt: params.negative_prompt.clone(),
@@ -415,14 +464,12 @@ async fn run_generation(
         height: params.height,
         init_image,
         strength: params.strength,
-        init_latents: None,
+        prompt_embeds,
         preview_every: params.preview_every,
         live_preview: true,
         ..Request::default()
     };
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
-    pipeline.set_low_memory(params.low_memory);
-    apply_lora(pipeline, state, params)?;
     let mut on_event = |event: StepEvent| {
         let info = Object::new();
         set(&info, "step", event.step as u32);

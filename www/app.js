@@ -15,7 +15,10 @@ function showMessage(error) {
 
 function setBusy(busy) {
   running = busy;
-  $("generate").disabled = busy || !app?.modelInfo();
+  const info = busy ? null : app?.modelInfo();
+  $("generate").disabled = busy || !info;
+  $("optimize").disabled = busy || !info?.hasEncoder;
+  $("edit-strip").disabled = busy;
   $("cancel").disabled = !busy;
   $("load-model").disabled = busy;
 }
@@ -35,6 +38,7 @@ function showModel(info) {
     $(id).min = info.sizeStep;
   }
   $("init-image").disabled = !info.hasEncoder;
+  $("edit-image").disabled = !info.hasEncoder;
   $("model-status").textContent = `Loaded ${info.name} (native size ${info.defaultSize}px, scheduler ${info.scheduler}).`;
   setBusy(false);
 }
@@ -132,18 +136,12 @@ async function loadFolderInput(event) {
   }
 }
 
-async function generate(event) {
-  event.preventDefault();
-  if (running) return;
-  showMessage(null);
-  setBusy(true);
-  $("strip").replaceChildren();
-  $("result").hidden = true;
-  $("live").hidden = false;
-  $("timings").replaceChildren();
+// What the form asks for; `eta` draws the kept edit (when "Generate draws the edit" is on).
+async function formParams() {
   const initFile = $("init-image").files[0];
   const loraFile = $("lora").files[0];
-  const params = {
+  const drawEdit = !$("edit-draw").hidden && $("use-edit").checked;
+  return {
     prompt: $("prompt").value,
     negativePrompt: $("negative-prompt").value,
     steps: Number($("steps").value),
@@ -154,11 +152,24 @@ async function generate(event) {
     height: Number($("height").value),
     previewEvery: Number($("preview-every").value),
     lowMemory: $("low-memory").checked,
-    initImage: initFile ? new Uint8Array(await initFile.arrayBuffer()) : null,
+    initImage: initFile && !drawEdit ? new Uint8Array(await initFile.arrayBuffer()) : null,
     strength: Number($("strength").value),
     lora: loraFile ? new Uint8Array(await loraFile.arrayBuffer()) : null,
     loraScale: Number($("lora-scale").value),
+    eta: drawEdit ? Number($("edit-eta").value) : null,
   };
+}
+
+async function generate(event) {
+  event?.preventDefault();
+  if (running) return;
+  showMessage(null);
+  setBusy(true);
+  $("strip").replaceChildren();
+  $("result").hidden = true;
+  $("live").hidden = false;
+  $("timings").replaceChildren();
+  const params = await formParams();
   try {
     const result = await app.generate(params, (step) => {
       if (step.live) drawImage($("live"), step.live);
@@ -171,27 +182,115 @@ async function generate(event) {
       }
       $("step-status").textContent = `Step ${step.step} / ${step.total} (${step.stepMs.toFixed(0)} ms)`;
     });
-    const url = URL.createObjectURL(new Blob([result.png], { type: "image/png" }));
-    $("result-image").src = url;
-    $("download").href = url;
-    $("download").download = `websd-${result.seed}.png`;
-    $("live").hidden = true;
-    $("result").hidden = false;
-    const t = result.timings;
-    const steps = Array.from(t.unetStepMs);
-    const rows = [
-      ["Adapter", $("adapter").textContent],
-      ["Text encoder", `${t.textEncoderMs.toFixed(0)} ms`],
-      ["UNet steps", `${steps.length} × ${(steps.reduce((a, b) => a + b, 0) / Math.max(1, steps.length)).toFixed(0)} ms`],
-      ["VAE decode", `${t.vaeDecoderMs.toFixed(0)} ms`],
-      ["Total", `${t.totalMs.toFixed(0)} ms`],
-      ["GPU memory", `${(t.gpuMemoryBytes / 1048576).toFixed(0)} MiB`],
-    ];
-    if (t.vaeEncoderMs > 0) rows.splice(2, 0, ["VAE encode", `${t.vaeEncoderMs.toFixed(0)} ms`]);
-    $("timings").replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement("dt"), { textContent: k }),
-      Object.assign(document.createElement("dd"), { textContent: v })]));
-    const notes = Array.from(result.warnings, (warning) => ` Note: ${warning}.`).join("");
-    $("step-status").textContent = `Done: seed ${result.seed}, ${result.scheduler}.${notes}`;
+    showResult(result, params.eta);
+  } catch (error) {
+    $("step-status").textContent = "";
+    showMessage(error);
+  } finally {
+    setBusy(false);
+  }
+}
+
+function showResult(result, eta) {
+  const url = URL.createObjectURL(new Blob([result.png], { type: "image/png" }));
+  $("result-image").src = url;
+  $("download").href = url;
+  $("download").download = eta == null ? `websd-${result.seed}.png` : `websd-edit-${result.seed}-eta${eta}.png`;
+  $("live").hidden = true;
+  $("result").hidden = false;
+  const t = result.timings;
+  const steps = Array.from(t.unetStepMs);
+  const rows = [
+    ["Adapter", $("adapter").textContent],
+    ["Text encoder", `${t.textEncoderMs.toFixed(0)} ms`],
+    ["UNet steps", `${steps.length} × ${(steps.reduce((a, b) => a + b, 0) / Math.max(1, steps.length)).toFixed(0)} ms`],
+    ["VAE decode", `${t.vaeDecoderMs.toFixed(0)} ms`],
+    ["Total", `${t.totalMs.toFixed(0)} ms`],
+    ["GPU memory", `${(t.gpuMemoryBytes / 1048576).toFixed(0)} MiB`],
+  ];
+  if (t.vaeEncoderMs > 0) rows.splice(2, 0, ["VAE encode", `${t.vaeEncoderMs.toFixed(0)} ms`]);
+  $("timings").replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement("dt"), { textContent: k }),
+    Object.assign(document.createElement("dd"), { textContent: v })]));
+  const notes = Array.from(result.warnings, (warning) => ` Note: ${warning}.`).join("");
+  const what = eta == null ? "" : ` edit at eta ${eta},`;
+  $("step-status").textContent = `Done:${what} seed ${result.seed}, ${result.scheduler}.${notes}`;
+}
+
+// Imagic: optimise an edit of the picture towards the prompt, then draw it.
+async function optimize() {
+  const file = $("edit-image").files[0];
+  if (running) return;
+  if (!file) { showMessage("Pick a picture to edit first."); return; }
+  showMessage(null);
+  setBusy(true);
+  const embedSteps = Number($("edit-embed-steps").value);
+  const tuneSteps = Number($("edit-tune-steps").value);
+  const bar = $("edit-progress");
+  bar.hidden = false;
+  bar.max = embedSteps + tuneSteps;
+  bar.value = 0;
+  let edit = null;
+  try {
+    edit = await app.optimizeEdit({
+      image: new Uint8Array(await file.arrayBuffer()),
+      prompt: $("prompt").value,
+      seed: Number($("seed").value),
+      embedSteps,
+      tuneSteps,
+    }, (p) => {
+      bar.value = (p.stage === "embedding" ? 0 : embedSteps) + p.step;
+      $("edit-status").textContent = `${p.stage} step ${p.step} / ${p.total}: loss ${p.loss.toFixed(4)} (${p.stepMs.toFixed(0)} ms)`;
+    });
+  } catch (error) {
+    $("edit-status").textContent = "";
+    showMessage(error);
+  } finally {
+    bar.hidden = true;
+    setBusy(false);
+  }
+  if (edit) {
+    showEdit(edit);
+    await generate();
+  }
+}
+
+function showEdit(edit) {
+  const url = URL.createObjectURL(new Blob([edit.file], { type: "application/octet-stream" }));
+  $("edit-download").href = url;
+  $("edit-download").download = `websd-edit-${edit.seed}.safetensors`;
+  $("edit-draw").hidden = false;
+  $("use-edit").checked = true;
+  $("edit-status").textContent = `Edit ready: "${edit.prompt}" (seed ${edit.seed}, ${edit.embedSteps} embedding and ${edit.tuneSteps} fine-tuning steps).`;
+}
+
+async function loadEditFile(event) {
+  const file = event.target.files[0];
+  if (!file) return;
+  try {
+    showMessage(null);
+    showEdit(app.loadEdit(new Uint8Array(await file.arrayBuffer())));
+  } catch (error) {
+    showMessage(error);
+  }
+}
+
+// The kept edit drawn at a range of etas, side by side in the strip.
+async function etaStrip() {
+  if (running) return;
+  showMessage(null);
+  setBusy(true);
+  $("strip").replaceChildren();
+  const params = await formParams();
+  try {
+    for (const eta of [0, 0.4, 0.6, 0.7, 0.8, 0.9, 1.0]) {
+      $("step-status").textContent = `Drawing eta ${eta}…`;
+      const result = await app.generate({ ...params, eta, previewEvery: 0 }, () => {});
+      const canvas = document.createElement("canvas");
+      canvas.title = `eta ${eta}`;
+      drawImage(canvas, result);
+      $("strip").append(canvas);
+    }
+    $("step-status").textContent = "Done: the edit from eta 0 (the picture) to 1 (the prompt).";
   } catch (error) {
     $("step-status").textContent = "";
     showMessage(error);
@@ -221,6 +320,12 @@ function wire() {
   $("randomise-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 4294967296); });
   $("strength").addEventListener("input", () => { $("strength-value").value = $("strength").value; });
   $("lora-scale").addEventListener("input", () => { $("lora-scale-value").value = $("lora-scale").value; });
+  $("optimize").addEventListener("click", optimize);
+  $("edit-file").addEventListener("change", loadEditFile);
+  $("edit-strip").addEventListener("click", etaStrip);
+  $("edit-eta").addEventListener("input", () => { $("edit-eta-value").value = $("edit-eta").value; });
+  // Redraw when the slider is let go.
+  $("edit-eta").addEventListener("change", () => { if ($("use-edit").checked && !running) generate(); });
 }
 
 async function start() {

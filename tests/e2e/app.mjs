@@ -46,7 +46,10 @@ async function withPage(args, body) {
 }
 
 let failed = false;
+// E2E_ONLY=TEXT runs only the steps whose names contain TEXT.
+const only = process.env.E2E_ONLY;
 async function step(name, fn) {
+  if (only && !name.includes(only)) return;
   try { await fn(); console.log(`ok   ${name}`); }
   catch (e) { failed = true; console.log(`FAIL ${name}\n${e.stack ?? e}`); }
 }
@@ -128,6 +131,63 @@ await step("generates with the bundled model, previews, download, cache", () => 
   await page.setInputFiles("#lora", []);
   await page.click("#generate");
   await page.locator("#step-status", { hasText: /^Done:/ }).waitFor({ timeout: 120_000 });
+  assert.deepEqual(problems, []);
+}));
+
+await step("edits a picture (Imagic): optimize, cancel, eta strip, edit file", () => withPage(["--enable-unsafe-webgpu"], async (page, problems) => {
+  await page.goto(site);
+  await page.locator("#model-status", { hasText: /^Loaded / }).waitFor({ timeout: 120_000 });
+  await page.fill("#steps", "2");
+  await page.fill("#width", "32");
+  await page.fill("#height", "32");
+  await page.fill("#prompt", "a green 7 on a blue background");
+  // Optimize without a picture is explained.
+  await page.click("#optimize");
+  await page.locator("#message", { hasText: "Pick a picture" }).waitFor({ timeout: 10_000 });
+  await page.setInputFiles("#edit-image", path.resolve("tests/fixtures/imagic/source.png"));
+  // Cancelling an optimisation leaves the page usable.
+  await page.fill("#edit-embed-steps", "500");
+  await page.click("#optimize");
+  await page.locator("#edit-status", { hasText: /embedding step 2 \/ 500: loss \d/ }).waitFor({ timeout: 120_000 });
+  await page.click("#cancel");
+  await page.locator("#message", { hasText: "cancelled" }).waitFor({ timeout: 60_000 });
+  assert.equal(await page.locator("#optimize").isDisabled(), false);
+  // A short edit: both stages report their loss, then the edit is drawn.
+  await page.fill("#edit-embed-steps", "3");
+  await page.fill("#edit-tune-steps", "2");
+  const stages = new Set();
+  const watch = setInterval(async () => {
+    const text = await page.locator("#edit-status").innerText().catch(() => "");
+    const match = text.match(/^(embedding|fine-tuning) step/);
+    if (match) stages.add(match[1]);
+  }, 50);
+  await page.click("#optimize");
+  await page.locator("#edit-status", { hasText: /^Edit ready: "a green 7 on a blue background"/ }).waitFor({ timeout: 240_000 });
+  await page.locator("#step-status", { hasText: /^Done: edit at eta 0.7,/ }).waitFor({ timeout: 120_000 });
+  clearInterval(watch);
+  assert.ok(stages.has("fine-tuning"), `progress showed ${[...stages]}`);
+  const [editDownload] = await Promise.all([page.waitForEvent("download"), page.click("#edit-download")]);
+  const editFile = path.join(outDir, "edit.safetensors");
+  await editDownload.saveAs(editFile);
+  const edit = fs.readFileSync(editFile);
+  for (const key of ["imagic.target_embedding", "imagic.optimized_embedding", "lora_A.weight", "lora_adapter_metadata"]) {
+    assert.ok(edit.includes(Buffer.from(key)), `the edit file lacks ${key}`);
+  }
+  // Letting go of the slider redraws; the strip shows the edit across eta.
+  await page.locator("#edit-eta").fill("1");
+  await page.locator("#edit-eta").dispatchEvent("change");
+  await page.locator("#step-status", { hasText: /^Done: edit at eta 1,/ }).waitFor({ timeout: 120_000 });
+  await page.click("#edit-strip");
+  await page.locator("#step-status", { hasText: /^Done: the edit from eta 0/ }).waitFor({ timeout: 240_000 });
+  assert.equal(await page.locator("#strip canvas").count(), 7);
+  // The file loads back; a file that is no edit is refused by name.
+  await page.setInputFiles("#edit-file", path.resolve("tests/fixtures/grads/tiny_unet_lora/initial.safetensors"));
+  await page.locator("#message", { hasText: "not an edit file" }).waitFor({ timeout: 10_000 });
+  await page.setInputFiles("#edit-file", editFile);
+  await page.locator("#edit-status", { hasText: /^Edit ready/ }).waitFor({ timeout: 10_000 });
+  await page.click("#generate");
+  await page.locator("#step-status", { hasText: /^Done: edit at eta 1,/ }).waitFor({ timeout: 120_000 });
+  await page.screenshot({ path: path.join(outDir, "edit.png"), fullPage: true });
   assert.deepEqual(problems, []);
 }));
 

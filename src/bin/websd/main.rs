@@ -4,6 +4,7 @@
 //! - `websd run MODEL.onnx [--dim NAME=N]... [--input NAME=FILE.npy]... --output-dir DIR [--bench N]`
 //! - `websd generate --model DIR --prompt P [...] --out OUT.png`
 //! - `websd edit --model DIR --image IN.png --prompt P --out OUT.png [--etas A,B,.. --grid G.png]`
+//! - `websd eval-edit --model DIR --benchmark DIR --method imagic|img2img|txt2img|images`
 //! - `websd tokenize --model DIR TEXT`
 //! - `websd eval --model DIR --benchmark DIR [--steps N] [--limit N]`
 
@@ -16,6 +17,8 @@ mod bench;
 mod edit;
 #[cfg(not(target_arch = "wasm32"))]
 mod eval;
+#[cfg(not(target_arch = "wasm32"))]
+mod eval_edit;
 #[cfg(not(target_arch = "wasm32"))]
 mod generate;
 #[cfg(not(target_arch = "wasm32"))]
@@ -38,6 +41,7 @@ mod cli {
     use crate::bench::BenchArgs;
     use crate::edit::EditArgs;
     use crate::eval::EvalArgs;
+    use crate::eval_edit::EvalEditArgs;
     use crate::generate::GenerateArgs;
     use crate::run::RunOptions;
 
@@ -92,6 +96,9 @@ mod cli {
         Edit(EditArgs),
         /// Scores a model on a benchmark: generates its prompts and classifies the images.
         Eval(EvalArgs),
+        /// Scores an editing method on a benchmark's real pictures: success (the classifier
+        /// reads the target labels) and fidelity (the glyph's mask kept).
+        EvalEdit(EvalEditArgs),
         /// Prints the token ids of TEXT as the model's tokenizer makes them (a JSON array).
         Tokenize {
             #[arg(long)]
@@ -138,6 +145,7 @@ mod cli {
             Command::Bench(args) => pollster::block_on(crate::bench::bench(args)),
             Command::Generate(args) => pollster::block_on(crate::generate::generate(args)),
             Command::Edit(args) => pollster::block_on(crate::edit::edit(args)),
+            Command::EvalEdit(args) => pollster::block_on(crate::eval_edit::eval_edit(args)),
             Command::Eval(args) => pollster::block_on(crate::eval::eval(args)),
             Command::Tokenize { model, text } => {
                 pollster::block_on(crate::generate::tokenize(&model, &text))

@@ -1,0 +1,57 @@
+"""The glyph editing benchmark (onnx/glyph-benchmark/edits.json + edits/*.png).
+
+Real renders from the glyph data generator (scripts/glyph_data.py) of held-out triples,
+each with one edit: the glyph's colour, the background's colour, or the glyph itself,
+e.g. a render of "a red 7 on a blue background" -> "a green 7 on a blue background". The
+palette is written alongside, so fidelity (the glyph's pixel mask kept) can be measured.
+
+    python scripts/make_edit_benchmark.py onnx/glyph-benchmark [PER_KIND]
+"""
+import json
+import os
+import random
+import sys
+
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import glyph_data as g  # noqa: E402
+
+KINDS = ("foreground", "background", "glyph")
+
+
+def edited(triple, kind, rng):
+    glyph, fg, bg = triple
+    if kind == "glyph":
+        return (rng.choice([i for i in range(len(g.GLYPHS)) if i != glyph]), fg, bg)
+    others = [c for c in range(len(g.COLORS)) if c not in (fg, bg)]
+    return (glyph, rng.choice(others), bg) if kind == "foreground" else (glyph, fg, rng.choice(others))
+
+
+def labels(triple):
+    glyph, fg, bg = triple
+    return {"glyph": g.GLYPHS[glyph], "foreground": g.COLOR_NAMES[fg], "background": g.COLOR_NAMES[bg]}
+
+
+def main(out, per_kind):
+    _, held = g.split_triples()
+    rng = random.Random(2024)
+    os.makedirs(os.path.join(out, "edits"), exist_ok=True)
+    cases = []
+    for kind in KINDS:
+        for _ in range(per_kind):
+            source = rng.choice(held)
+            target = edited(source, kind, rng)
+            name = f"edits/{len(cases):02d}.png"
+            Image.fromarray(g.render(source, rng)).save(os.path.join(out, name))
+            cases.append({"source": name, "kind": kind, "seed": 500 + len(cases),
+                          "prompt": g.caption(target, 0), "source_labels": labels(source),
+                          "target_labels": labels(target)})
+    data = {"colors": {n: list(c) for n, c in g.COLORS.items()}, "cases": cases}
+    with open(os.path.join(out, "edits.json"), "w") as f:
+        json.dump(data, f, indent=1)
+    print(f"{len(cases)} edits in {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 4)

@@ -1,0 +1,208 @@
+//! `websd eval-edit`: edit a benchmark's real pictures with one method and score success
+//! and fidelity (see `websd::eval::EditBenchmark`).
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use clap::Args;
+use websd::engine::Gpu;
+use websd::eval::{Benchmark, EditBenchmark, EditMethod, EditOutcome};
+use websd::image::RgbaImage;
+use websd::model::Directory;
+use websd::pipeline::{EditSettings, Request};
+
+use crate::generate::{load, read};
+
+#[derive(Args)]
+pub struct EvalEditArgs {
+    /// The model folder (with a VAE encoder).
+    #[arg(long)]
+    model: PathBuf,
+    /// The benchmark folder (classifier, labels.json, edits.json and its pictures).
+    #[arg(long)]
+    benchmark: PathBuf,
+    /// imagic, img2img or txt2img; or `images` to score pictures made elsewhere (--images).
+    #[arg(long, default_value = "imagic")]
+    method: String,
+    /// img2img: how much of the schedule runs over the source.
+    #[arg(long, default_value_t = 0.5)]
+    strength: f64,
+    /// Imagic: the etas to draw each optimised edit at, and the optimisation settings
+    /// (defaults: `websd edit`'s).
+    #[arg(long, value_delimiter = ',', default_value = "0.7")]
+    etas: Vec<f32>,
+    #[arg(long)]
+    embed_steps: Option<usize>,
+    #[arg(long)]
+    embed_lr: Option<f32>,
+    #[arg(long)]
+    tune_steps: Option<usize>,
+    #[arg(long)]
+    tune_lr: Option<f32>,
+    #[arg(long)]
+    lora_rank: Option<usize>,
+    /// With --method images: the folder holding each case's picture under its source's
+    /// file name.
+    #[arg(long)]
+    images: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// Only the first N edits.
+    #[arg(long, default_value_t = usize::MAX)]
+    limit: usize,
+    /// Writes sources (top) and results (bottom) as one PNG.
+    #[arg(long)]
+    grid: Option<PathBuf>,
+    /// Adds this run to a JSON list of results under --label (replacing one of that label).
+    #[arg(long)]
+    results: Option<PathBuf>,
+    #[arg(long)]
+    label: Option<String>,
+}
+
+impl EvalEditArgs {
+    fn method(&self) -> Result<Option<EditMethod>, String> {
+        let defaults = EditSettings::default();
+        Ok(Some(match self.method.as_str() {
+            "imagic" => EditMethod::Imagic {
+                settings: EditSettings {
+                    embed_steps: self.embed_steps.unwrap_or(defaults.embed_steps),
+                    embed_lr: self.embed_lr.unwrap_or(defaults.embed_lr),
+                    tune_steps: self.tune_steps.unwrap_or(defaults.tune_steps),
+                    tune_lr: self.tune_lr.unwrap_or(defaults.tune_lr),
+                    lora_rank: self.lora_rank.unwrap_or(defaults.lora_rank),
+                    ..defaults
+                },
+                etas: self.etas.clone(),
+            },
+            "img2img" => EditMethod::ImageToImage {
+                strength: self.strength,
+            },
+            "txt2img" => EditMethod::TextToImage,
+            "images" if self.images.is_some() => return Ok(None),
+            "images" => return Err("--method images needs --images DIR".into()),
+            other => {
+                return Err(format!(
+                    "unknown method `{other}` (imagic, img2img, txt2img, images)"
+                ));
+            }
+        }))
+    }
+}
+
+pub async fn eval_edit(args: EvalEditArgs) -> Result<(), String> {
+    let method = args.method()?;
+    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    eprintln!("adapter: {}", gpu.describe());
+    let mut pipeline = load(&gpu, &args.model).await?;
+    let files = Rc::new(Directory(args.benchmark.clone()));
+    let context = |e: websd::error::Error| format!("{}: {e}", args.benchmark.display());
+    let mut classifier = Benchmark::load(files.clone()).await.map_err(context)?;
+    let edits = EditBenchmark::load(files).await.map_err(context)?;
+    let base = Request {
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        ..Request::default()
+    };
+    // One list of outcomes per variant (each eta of one Imagic optimisation).
+    let mut sources = Vec::new();
+    let mut variants: Vec<Vec<EditOutcome>> = Vec::new();
+    for (i, case) in edits.cases.iter().take(args.limit).enumerate() {
+        let source = edits.source(case).await.map_err(|e| e.to_string())?;
+        let outcomes = match &method {
+            Some(method) => {
+                edits
+                    .run(&mut pipeline, &mut classifier, case, method, &base)
+                    .await
+            }
+            None => {
+                let name = Path::new(&case.source).file_name().unwrap_or_default();
+                let dir = args.images.as_deref().expect("checked with the method");
+                let image = picture(&dir.join(name))?;
+                let scored = edits.score(&gpu, &mut classifier, case, &source, image);
+                scored.await.map(|o| vec![o])
+            }
+        }
+        .map_err(|e| e.to_string())?;
+        variants.resize_with(outcomes.len(), Vec::new);
+        for (k, outcome) in outcomes.into_iter().enumerate() {
+            eprintln!(
+                "{:>3} {:<10} {:<36} {:<9} read {:<14} {} fidelity {:.2} ({:.0} ms)",
+                i + 1,
+                case.kind,
+                case.prompt,
+                variant_label(&args, k),
+                outcome.read.join(" "),
+                if outcome.success { "ok  " } else { "miss" },
+                outcome.fidelity,
+                outcome.ms
+            );
+            variants[k].push(outcome);
+        }
+        sources.push(source);
+    }
+    let mut rows = vec![sources];
+    for (k, outcomes) in variants.iter().enumerate() {
+        let label = format!(
+            "{}{}",
+            args.label.as_deref().unwrap_or(&args.method),
+            variant_label(&args, k)
+        );
+        let n = outcomes.len().max(1) as f64;
+        let successes = outcomes.iter().filter(|o| o.success).count();
+        let fidelity = outcomes.iter().map(|o| o.fidelity).sum::<f64>() / n;
+        let ms = outcomes.iter().map(|o| o.ms).sum::<f64>() / n;
+        println!(
+            "{label}: {successes}/{} edits succeed, mean fidelity {fidelity:.3}, {ms:.0} ms per edit",
+            outcomes.len()
+        );
+        if let Some(path) = &args.results {
+            let entry = serde_json::json!({
+                "label": label,
+                "edits": outcomes.len(),
+                "successes": successes,
+                "fidelity": fidelity,
+                "ms_per_edit": ms.round(),
+                "by_edit": outcomes.iter().map(|o| serde_json::json!({
+                    "read": o.read, "success": o.success, "fidelity": o.fidelity,
+                })).collect::<Vec<_>>(),
+            });
+            record(path, &label, entry)?;
+        }
+        rows.push(outcomes.iter().map(|o| o.image.clone()).collect());
+    }
+    if let Some(path) = &args.grid {
+        let rows: Result<Vec<RgbaImage>, _> = rows.iter().map(|r| RgbaImage::row(r)).collect();
+        let grid = rows.and_then(|r| RgbaImage::column(&r)?.to_png(&[]));
+        let png = grid.map_err(|e| e.to_string())?;
+        std::fs::write(path, png.bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// " eta=X" for each of several Imagic etas; nothing for a single variant.
+fn variant_label(args: &EvalEditArgs, k: usize) -> String {
+    match args.method.as_str() {
+        "imagic" if args.etas.len() > 1 => format!(" eta={}", args.etas[k]),
+        _ => String::new(),
+    }
+}
+
+fn picture(path: &Path) -> Result<RgbaImage, String> {
+    RgbaImage::decode(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Replaces (or adds) the entry labelled `label` in the JSON list at `path`.
+fn record(path: &Path, label: &str, entry: serde_json::Value) -> Result<(), String> {
+    let mut entries: Vec<serde_json::Value> = match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+        Err(_) => Vec::new(),
+    };
+    entries.retain(|e| e["label"] != label);
+    entries.push(entry);
+    let text = serde_json::to_string_pretty(&entries).expect("results serialise");
+    std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
+}

@@ -183,6 +183,11 @@ impl LoraTrainer {
         &self.trainer
     }
 
+    /// The underlying trainer, to step it like any other.
+    pub fn trainer_mut(&mut self) -> &mut Trainer {
+        &mut self.trainer
+    }
+
     /// The adapters with their current weights (read back from the GPU).
     pub async fn adapters(&self) -> Result<Vec<LoraAdapter>> {
         let mut out = Vec::with_capacity(self.adapters.len());

@@ -77,6 +77,7 @@ fn glyph_edit_matches_the_torch_reference_and_round_trips() {
     );
     let moved = largest_difference(&reference.optimized, &reference.target);
     let error = largest_difference(&edit.optimized, &reference.optimized);
+    eprintln!("optimised embedding off by {error} (it moved {moved})");
     assert!(
         moved > 1e-2,
         "the reference embedding barely moved ({moved})"

@@ -194,10 +194,6 @@ impl StableDiffusion {
             .unet
             .dims_for_shapes(&unet_inputs(&clean.shape, &target.shape, None))?;
 
-        let noising = Noising {
-            process: &process,
-            clean: &clean,
-        };
         let adam = |lr| AdamW {
             lr,
             weight_decay: 0.0,
@@ -215,25 +211,18 @@ impl StableDiffusion {
             adam(settings.embed_lr),
         )
         .await?;
-        let timestep = TimestepInput::of(trainer.session(), 1)?;
-        for step in 0..settings.embed_steps {
-            let t0 = now_ms();
-            let (sample, t, goal) = noising.draw(&mut rng, &timestep)?;
-            let loss = trainer
-                .step(&[("sample", &sample), ("timestep", &t)], &goal)
-                .await?;
-            let progress = EditProgress {
-                stage: EditStage::Embedding,
-                step: step + 1,
-                total: settings.embed_steps,
-                loss,
-                step_ms: now_ms() - t0,
-                gpu_bytes: self.memory_with(&trainer),
-            };
-            if on_step(progress) == Control::Cancel {
-                return Err(Error::Cancelled);
-            }
-        }
+        let mut examples = Examples {
+            timestep: TimestepInput::of(trainer.session(), 1)?,
+            process: &process,
+            clean: &clean,
+            rng: &mut rng,
+        };
+        let stage = Stage {
+            stage: EditStage::Embedding,
+            steps: settings.embed_steps,
+            gpu_bytes: self.memory_with(&trainer),
+        };
+        stage.run(&mut trainer, &[], &mut examples, on_step).await?;
         let optimized = trainer.params()[0].clone();
         drop(trainer);
 
@@ -252,27 +241,14 @@ impl StableDiffusion {
                 adam(settings.tune_lr),
             )
             .await?;
-            for step in 0..settings.tune_steps {
-                let t0 = now_ms();
-                let (sample, t, goal) = noising.draw(&mut rng, &timestep)?;
-                let inputs = [
-                    ("sample", &sample),
-                    ("timestep", &t),
-                    ("encoder_hidden_states", &optimized),
-                ];
-                let loss = trainer.step(&inputs, &goal).await?;
-                let progress = EditProgress {
-                    stage: EditStage::Tuning,
-                    step: step + 1,
-                    total: settings.tune_steps,
-                    loss,
-                    step_ms: now_ms() - t0,
-                    gpu_bytes: self.memory_with(trainer.trainer()),
-                };
-                if on_step(progress) == Control::Cancel {
-                    return Err(Error::Cancelled);
-                }
-            }
+            let stage = Stage {
+                stage: EditStage::Tuning,
+                steps: settings.tune_steps,
+                gpu_bytes: self.memory_with(trainer.trainer()),
+            };
+            let inputs = [("encoder_hidden_states", &optimized)];
+            let tuned = trainer.trainer_mut();
+            stage.run(tuned, &inputs, &mut examples, on_step).await?;
             trainer.adapters().await?
         };
         Ok(Edit {
@@ -330,25 +306,62 @@ impl StableDiffusion {
     }
 }
 
-/// Draws training examples from one clean sample.
-struct Noising<'a> {
+/// Training examples drawn from one clean sample.
+struct Examples<'a> {
     process: &'a NoiseProcess,
     clean: &'a GpuTensor,
+    timestep: TimestepInput,
+    rng: &'a mut TorchRng,
 }
 
-impl Noising<'_> {
+impl Examples<'_> {
     /// The noisy sample, its timestep input and the prediction's target, with the noise
-    /// and the timestep drawn from `rng` in that order (`torch.randn`, `torch.randint`).
-    fn draw(
-        &self,
-        rng: &mut TorchRng,
-        timestep: &TimestepInput,
-    ) -> Result<(GpuTensor, GpuTensor, GpuTensor)> {
+    /// and the timestep drawn in that order (`torch.randn`, `torch.randint`).
+    fn draw(&mut self) -> Result<(GpuTensor, GpuTensor, GpuTensor)> {
         let gpu = self.clean.gpu();
-        let noise = GpuTensor::from_host(gpu, &rng.randn(&self.clean.shape));
-        let t = rng.randint(self.process.train_steps() as u32) as usize;
+        let noise = GpuTensor::from_host(gpu, &self.rng.randn(&self.clean.shape));
+        let t = self.rng.randint(self.process.train_steps() as u32) as usize;
         let sample = self.process.add_noise(self.clean, &noise, t)?;
         let target = self.process.target(self.clean, &noise, t)?;
-        Ok((sample, timestep.tensor(gpu, t as f64), target))
+        Ok((sample, self.timestep.tensor(gpu, t as f64), target))
+    }
+}
+
+/// One optimisation stage and what its progress reports say.
+struct Stage {
+    stage: EditStage,
+    steps: usize,
+    gpu_bytes: u64,
+}
+
+impl Stage {
+    /// `steps` steps of `trainer` on fresh examples, with `inputs` as the UNet's other
+    /// inputs; `on_step` sees each and may cancel.
+    async fn run(
+        &self,
+        trainer: &mut Trainer,
+        inputs: &[(&str, &GpuTensor)],
+        examples: &mut Examples<'_>,
+        on_step: &mut dyn FnMut(EditProgress) -> Control,
+    ) -> Result<()> {
+        for step in 0..self.steps {
+            let t0 = now_ms();
+            let (sample, t, goal) = examples.draw()?;
+            let mut feeds = vec![("sample", &sample), ("timestep", &t)];
+            feeds.extend_from_slice(inputs);
+            let loss = trainer.step(&feeds, &goal).await?;
+            let progress = EditProgress {
+                stage: self.stage,
+                step: step + 1,
+                total: self.steps,
+                loss,
+                step_ms: now_ms() - t0,
+                gpu_bytes: self.gpu_bytes,
+            };
+            if on_step(progress) == Control::Cancel {
+                return Err(Error::Cancelled);
+            }
+        }
+        Ok(())
     }
 }

@@ -46,6 +46,12 @@ pub struct EditArgs {
     tune_lr: Option<f32>,
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// The size to optimise and draw at (default: the model's native size); the picture is
+    /// resized to it.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
     /// Seeds the posterior sample, the training noise and timesteps, and the sampling.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -75,8 +81,8 @@ impl EditArgs {
             tune_steps: self.tune_steps.unwrap_or(defaults.tune_steps),
             tune_lr: self.tune_lr.unwrap_or(defaults.tune_lr),
             lora_rank: self.lora_rank.unwrap_or(defaults.lora_rank),
-            width: None,
-            height: None,
+            width: self.width,
+            height: self.height,
         }
     }
 }

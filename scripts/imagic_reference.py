@@ -228,8 +228,8 @@ def fixture(out):
     np.save(os.path.join(out, "losses.npy"), np.array(losses, np.float32))
 
 
-def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=100, embed_lr=1e-2,
-          tune_steps=30, tune_lr=5e-4, rank=4):
+def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=60, embed_lr=1e-2,
+          tune_steps=40, tune_lr=2e-3, rank=4):
     """The edit benchmark's cases (edits.json) edited by this reference, written as
     OUT/eta_<eta>/<source name> for `websd eval-edit --method images`."""
     from PIL import Image

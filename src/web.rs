@@ -321,6 +321,17 @@ impl State {
         Ok(gpu)
     }
 
+    /// `error` for the page, remembering a lost device or exhausted memory so that the next
+    /// call starts from a fresh device (and the kept files).
+    fn fail(&self, error: crate::error::Error) -> JsValue {
+        use crate::engine::Error as Engine;
+        use crate::error::Error::Engine as Wrapped;
+        if matches!(error, Wrapped(Engine::Device(_) | Engine::OutOfMemory(_))) {
+            self.device_failed.set(true);
+        }
+        js_error(error)
+    }
+
     fn keep_edit(&self, edit: Edit) {
         *self.edit.borrow_mut() = Some(edit);
         self.edits_kept.set(self.edits_kept.get() + 1);
@@ -492,7 +503,7 @@ async fn run_generation(
     let generated = pipeline
         .generate(&request, &mut on_event)
         .await
-        .map_err(js_error)?;
+        .map_err(|e| state.fail(e))?;
     let model = state
         .source
         .borrow()

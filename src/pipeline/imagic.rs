@@ -54,10 +54,10 @@ impl Default for EditSettings {
         EditSettings {
             prompt: String::new(),
             seed: 0,
-            embed_steps: 100,
+            embed_steps: 60,
             embed_lr: 1e-2,
-            tune_steps: 30,
-            tune_lr: 5e-4,
+            tune_steps: 40,
+            tune_lr: 2e-3,
             lora_rank: 4,
             width: None,
             height: None,

@@ -91,7 +91,7 @@ impl App {
                     pipeline
                         .optimize_edit(&image, &settings, &mut on_progress)
                         .await
-                        .map_err(js_error)
+                        .map_err(|e| state.fail(e))
                 })
                 .await?;
             let info = edit_info(&edit)?;

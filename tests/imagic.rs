@@ -26,16 +26,15 @@ fn largest_difference(a: &HostTensor, b: &HostTensor) -> f32 {
         .fold(0.0, f32::max)
 }
 
+fn glyph_sd() -> StableDiffusion {
+    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/glyph-sd");
+    let files = Rc::new(Directory(folder));
+    pollster::block_on(StableDiffusion::load(&common::gpu(), files, "glyph-sd")).unwrap()
+}
+
 #[test]
 fn glyph_edit_matches_the_torch_reference_and_round_trips() {
-    let gpu = common::gpu();
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/glyph-sd");
-    let mut pipeline = pollster::block_on(StableDiffusion::load(
-        &gpu,
-        Rc::new(Directory(folder)),
-        "glyph-sd",
-    ))
-    .unwrap();
+    let mut pipeline = glyph_sd();
     let reference = Edit::from_bytes("edit.safetensors", &fixture("edit.safetensors")).unwrap();
     let losses = websd::npy::read(&fixture("losses.npy")).unwrap();
     let image = RgbaImage::decode(&fixture("source.png")).unwrap();
@@ -126,14 +125,7 @@ fn glyph_edit_matches_the_torch_reference_and_round_trips() {
 
 #[test]
 fn edits_refuse_bad_settings_and_files() {
-    let gpu = common::gpu();
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("onnx/glyph-sd");
-    let mut pipeline = pollster::block_on(StableDiffusion::load(
-        &gpu,
-        Rc::new(Directory(folder)),
-        "glyph-sd",
-    ))
-    .unwrap();
+    let mut pipeline = glyph_sd();
     let image = RgbaImage::decode(&fixture("source.png")).unwrap();
     let mut settings = Edit::from_bytes("edit", &fixture("edit.safetensors"))
         .unwrap()

@@ -34,18 +34,8 @@ pub struct EditArgs {
     etas: Vec<f32>,
     #[arg(long)]
     grid: Option<PathBuf>,
-    /// Stage A: Adam steps on the text embedding, and their learning rate.
-    #[arg(long)]
-    embed_steps: Option<usize>,
-    #[arg(long)]
-    embed_lr: Option<f32>,
-    /// Stage B: Adam steps on a LoRA of the UNet (0: none), their learning rate, its rank.
-    #[arg(long)]
-    tune_steps: Option<usize>,
-    #[arg(long)]
-    tune_lr: Option<f32>,
-    #[arg(long)]
-    lora_rank: Option<usize>,
+    #[command(flatten)]
+    training: TrainingArgs,
     /// The size to optimise and draw at (default: the model's native size); the picture is
     /// resized to it.
     #[arg(long)]
@@ -70,19 +60,46 @@ pub struct EditArgs {
     scheduler: Option<String>,
 }
 
-impl EditArgs {
-    fn settings(&self) -> EditSettings {
+/// How to optimise an edit (defaults: [`EditSettings::default`]).
+#[derive(Args)]
+pub struct TrainingArgs {
+    /// Stage A: Adam steps on the text embedding, and their learning rate.
+    #[arg(long)]
+    embed_steps: Option<usize>,
+    #[arg(long)]
+    embed_lr: Option<f32>,
+    /// Stage B: Adam steps on a LoRA of the UNet (0: none), their learning rate, its rank.
+    #[arg(long)]
+    tune_steps: Option<usize>,
+    #[arg(long)]
+    tune_lr: Option<f32>,
+    #[arg(long)]
+    lora_rank: Option<usize>,
+}
+
+impl TrainingArgs {
+    /// The settings these flags give (prompt and seed left empty).
+    pub fn settings(&self) -> EditSettings {
         let defaults = EditSettings::default();
         EditSettings {
-            prompt: self.prompt.clone().unwrap_or_default(),
-            seed: self.seed,
             embed_steps: self.embed_steps.unwrap_or(defaults.embed_steps),
             embed_lr: self.embed_lr.unwrap_or(defaults.embed_lr),
             tune_steps: self.tune_steps.unwrap_or(defaults.tune_steps),
             tune_lr: self.tune_lr.unwrap_or(defaults.tune_lr),
             lora_rank: self.lora_rank.unwrap_or(defaults.lora_rank),
+            ..defaults
+        }
+    }
+}
+
+impl EditArgs {
+    fn settings(&self) -> EditSettings {
+        EditSettings {
+            prompt: self.prompt.clone().unwrap_or_default(),
+            seed: self.seed,
             width: self.width,
             height: self.height,
+            ..self.training.settings()
         }
     }
 }

@@ -9,8 +9,9 @@ use websd::engine::Gpu;
 use websd::eval::{Benchmark, EditBenchmark, EditMethod, EditOutcome};
 use websd::image::RgbaImage;
 use websd::model::Directory;
-use websd::pipeline::{EditSettings, Request};
+use websd::pipeline::Request;
 
+use crate::edit::TrainingArgs;
 use crate::generate::{load, read};
 
 #[derive(Args)]
@@ -31,16 +32,8 @@ pub struct EvalEditArgs {
     /// (defaults: `websd edit`'s).
     #[arg(long, value_delimiter = ',', default_value = "0.7")]
     etas: Vec<f32>,
-    #[arg(long)]
-    embed_steps: Option<usize>,
-    #[arg(long)]
-    embed_lr: Option<f32>,
-    #[arg(long)]
-    tune_steps: Option<usize>,
-    #[arg(long)]
-    tune_lr: Option<f32>,
-    #[arg(long)]
-    lora_rank: Option<usize>,
+    #[command(flatten)]
+    training: TrainingArgs,
     /// With --method images: the folder holding each case's picture under its source's
     /// file name.
     #[arg(long)]
@@ -64,17 +57,9 @@ pub struct EvalEditArgs {
 
 impl EvalEditArgs {
     fn method(&self) -> Result<Option<EditMethod>, String> {
-        let defaults = EditSettings::default();
         Ok(Some(match self.method.as_str() {
             "imagic" => EditMethod::Imagic {
-                settings: EditSettings {
-                    embed_steps: self.embed_steps.unwrap_or(defaults.embed_steps),
-                    embed_lr: self.embed_lr.unwrap_or(defaults.embed_lr),
-                    tune_steps: self.tune_steps.unwrap_or(defaults.tune_steps),
-                    tune_lr: self.tune_lr.unwrap_or(defaults.tune_lr),
-                    lora_rank: self.lora_rank.unwrap_or(defaults.lora_rank),
-                    ..defaults
-                },
+                settings: self.training.settings(),
                 etas: self.etas.clone(),
             },
             "img2img" => EditMethod::ImageToImage {

@@ -145,6 +145,8 @@ impl Cached {
 /// A loaded Stable Diffusion model folder on the GPU.
 pub struct StableDiffusion {
     gpu: Gpu,
+    /// The folder's name, for messages.
+    folder: String,
     pub config: ModelConfig,
     tokenizer: ClipTokenizer,
     text_encoder: Model,
@@ -177,6 +179,7 @@ impl StableDiffusion {
         };
         Ok(StableDiffusion {
             gpu: gpu.clone(),
+            folder: folder.to_string(),
             config: ModelConfig::read(&*files).await?,
             tokenizer: model::read_tokenizer(&*files).await?,
             text_encoder: model::read_graph(&files, "text_encoder").await?,

@@ -53,7 +53,7 @@ impl StableDiffusion {
             }
             if self.vae_encoder.is_none() {
                 return Err(Error::MissingFiles {
-                    folder: "model".into(),
+                    folder: self.folder.clone(),
                     missing: vec!["vae_encoder/model.onnx (needed for img2img)".into()],
                 });
             }

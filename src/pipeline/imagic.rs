@@ -269,7 +269,7 @@ impl StableDiffusion {
     fn edit_size(&self, settings: &EditSettings) -> Result<(usize, usize)> {
         if self.vae_encoder.is_none() {
             return Err(Error::MissingFiles {
-                folder: "model".into(),
+                folder: self.folder.clone(),
                 missing: vec!["vae_encoder/model.onnx (needed to edit an image)".into()],
             });
         }

@@ -110,6 +110,30 @@ impl RgbaImage {
         }
     }
 
+    /// The largest centred part with the aspect ratio of `width` x `height`, resized to it
+    /// (a photo is cropped, never stretched).
+    pub fn cropped_to(&self, width: usize, height: usize) -> RgbaImage {
+        // Compare width / height ratios without rounding: w * height vs h * width.
+        let (w, h) = if self.width * height > self.height * width {
+            (self.height * width / height, self.height)
+        } else {
+            (self.width, self.width * height / width)
+        };
+        let (x0, y0) = ((self.width - w) / 2, (self.height - h) / 2);
+        let pixels = (y0..y0 + h)
+            .flat_map(|y| {
+                let row = (y * self.width + x0) * 4;
+                self.pixels[row..row + w * 4].iter().copied()
+            })
+            .collect();
+        RgbaImage {
+            width: w,
+            height: h,
+            pixels,
+        }
+        .resized(width, height)
+    }
+
     /// PNG bytes with `text` (key, value) as text chunks: the generation parameters. Values
     /// that Latin-1 can hold go in tEXt chunks, others (most prompts outside Western
     /// European scripts) in UTF-8 iTXt chunks. Metadata never costs the picture: a chunk
@@ -242,4 +266,35 @@ pub fn latent_preview(latents: &HostTensor) -> Result<RgbaImage> {
         height,
         pixels,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `width` x `height` picture whose red channel is the column and green the row.
+    fn coordinates(width: usize, height: usize) -> RgbaImage {
+        let pixels = (0..width * height)
+            .flat_map(|i| [(i % width) as u8, (i / width) as u8, 0, 255])
+            .collect();
+        RgbaImage {
+            width,
+            height,
+            pixels,
+        }
+    }
+
+    #[test]
+    fn cropping_keeps_the_centre() {
+        let wide = coordinates(4, 2).cropped_to(2, 2);
+        let columns: Vec<u8> = wide.pixels.chunks(4).map(|p| p[0]).collect();
+        assert_eq!(columns, [1, 2, 1, 2]);
+        let rows: Vec<u8> = coordinates(2, 6)
+            .cropped_to(2, 2)
+            .pixels
+            .chunks(4)
+            .map(|p| p[1])
+            .collect();
+        assert_eq!(rows, [2, 2, 3, 3]);
+    }
 }

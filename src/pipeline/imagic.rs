@@ -184,7 +184,7 @@ impl StableDiffusion {
         self.unet_session.session = None;
 
         let mut rng = TorchRng::new(settings.seed);
-        let image = image.resized(width, height);
+        let image = image.cropped_to(width, height);
         let clean = self.encode_image(&image, &mut rng).await?;
         self.encoder_session.release_if(self.low_memory);
         let target = self.encode_text(&settings.prompt).await?.to_host().await?;

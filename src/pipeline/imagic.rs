@@ -43,8 +43,8 @@ pub struct EditSettings {
     pub tune_steps: usize,
     pub tune_lr: f32,
     pub lora_rank: usize,
-    /// The size to optimise and generate at (`None`: the model's native size); the image is
-    /// resized to it.
+    /// The size to optimise and generate at (`None`: the model's native size); the image's
+    /// centre is cropped to its aspect and resized to it.
     pub width: Option<usize>,
     pub height: Option<usize>,
 }

@@ -36,8 +36,8 @@ pub struct EditArgs {
     grid: Option<PathBuf>,
     #[command(flatten)]
     training: TrainingArgs,
-    /// The size to optimise and draw at (default: the model's native size); the picture is
-    /// resized to it.
+    /// The size to optimise and draw at (default: the model's native size); the picture's
+    /// centre is cropped to its aspect and resized to it.
     #[arg(long)]
     width: Option<usize>,
     #[arg(long)]

@@ -18,8 +18,7 @@ use files::{BlobFolder, CACHE_NAME, fetch_folder};
 
 use crate::bench::time_session;
 use crate::clock::now_ms;
-use crate::engine::HostTensor;
-use crate::engine::{DType, Gpu, Model, Session};
+use crate::engine::{DType, Gpu, HostTensor, Model, Session};
 use crate::image::RgbaImage;
 use crate::pipeline::{Control, Edit, Request, StableDiffusion, StepEvent};
 use crate::scheduler::SchedulerKind;

@@ -9,7 +9,7 @@ use websd::engine::Gpu;
 use websd::image::RgbaImage;
 use websd::pipeline::{Control, Edit, EditProgress, EditSettings, Request, StepEvent};
 
-use crate::generate::{load, parse_scheduler, read, write_png};
+use crate::generate::{load, parse_scheduler, read, read_image, write_png};
 use crate::memory::report_memory;
 
 #[derive(Args)]
@@ -106,12 +106,7 @@ impl EditArgs {
 
 pub async fn edit(args: EditArgs) -> Result<(), String> {
     let scheduler = parse_scheduler(args.scheduler.as_deref())?;
-    let source = match &args.image {
-        Some(path) => {
-            Some(RgbaImage::decode(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?)
-        }
-        None => None,
-    };
+    let source = args.image.as_deref().map(read_image).transpose()?;
     let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
     eprintln!("adapter: {}", gpu.describe());
     let mut pipeline = load(&gpu, &args.model).await?;

@@ -121,18 +121,13 @@ fn record(
         || args.model.display().to_string(),
         |n| n.to_string_lossy().to_string(),
     );
-    let mut entries: Vec<serde_json::Value> = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
-        Err(_) => Vec::new(),
-    };
-    entries.retain(|e| e["model"] != model.as_str());
     // Unrounded, so that what README shows (one decimal, as printed) follows from the file.
     let accuracy: serde_json::Map<String, serde_json::Value> = report
         .accuracy
         .iter()
         .map(|(name, acc)| (name.clone(), (*acc).into()))
         .collect();
-    entries.push(serde_json::json!({
+    let entry = serde_json::json!({
         "model": model,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
@@ -140,7 +135,24 @@ fn record(
         "accuracy": accuracy,
         "ms_per_image": report.ms_per_image.round(),
         "reads": reads,
-    }));
+    });
+    replace_entry(path, "model", &model, entry)
+}
+
+/// Replaces (or adds) the entry whose `key` is `value` in the JSON list of results at
+/// `path`.
+pub fn replace_entry(
+    path: &Path,
+    key: &str,
+    value: &str,
+    entry: serde_json::Value,
+) -> Result<(), String> {
+    let mut entries: Vec<serde_json::Value> = match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
+        Err(_) => Vec::new(),
+    };
+    entries.retain(|e| e[key] != value);
+    entries.push(entry);
     let text = serde_json::to_string_pretty(&entries).expect("results serialise");
     std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

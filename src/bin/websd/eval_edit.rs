@@ -12,7 +12,8 @@ use websd::model::Directory;
 use websd::pipeline::Request;
 
 use crate::edit::TrainingArgs;
-use crate::generate::{load, read};
+use crate::eval::replace_entry;
+use crate::generate::{load, read_image};
 
 #[derive(Args)]
 pub struct EvalEditArgs {
@@ -105,7 +106,7 @@ pub async fn eval_edit(args: EvalEditArgs) -> Result<(), String> {
             None => {
                 let name = Path::new(&case.source).file_name().unwrap_or_default();
                 let dir = args.images.as_deref().expect("checked with the method");
-                let image = picture(&dir.join(name))?;
+                let image = read_image(&dir.join(name))?;
                 let scored = edits.score(&gpu, &mut classifier, case, &source, image);
                 scored.await.map(|o| vec![o])
             }
@@ -154,7 +155,7 @@ pub async fn eval_edit(args: EvalEditArgs) -> Result<(), String> {
                     "read": o.read, "success": o.success, "fidelity": o.fidelity,
                 })).collect::<Vec<_>>(),
             });
-            record(path, &label, entry)?;
+            replace_entry(path, "label", &label, entry)?;
         }
         rows.push(outcomes.iter().map(|o| o.image.clone()).collect());
     }
@@ -174,20 +175,4 @@ fn variant_label(args: &EvalEditArgs, k: usize) -> String {
         "imagic" if args.etas.len() > 1 => format!(" eta={}", args.etas[k]),
         _ => String::new(),
     }
-}
-
-fn picture(path: &Path) -> Result<RgbaImage, String> {
-    RgbaImage::decode(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// Replaces (or adds) the entry labelled `label` in the JSON list at `path`.
-fn record(path: &Path, label: &str, entry: serde_json::Value) -> Result<(), String> {
-    let mut entries: Vec<serde_json::Value> = match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?,
-        Err(_) => Vec::new(),
-    };
-    entries.retain(|e| e["label"] != label);
-    entries.push(entry);
-    let text = serde_json::to_string_pretty(&entries).expect("results serialise");
-    std::fs::write(path, text + "\n").map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

@@ -85,6 +85,11 @@ pub fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
+/// A picture file (PNG or JPEG), decoded; errors name the file.
+pub fn read_image(path: &Path) -> Result<RgbaImage, String> {
+    RgbaImage::decode(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// A `--scheduler` value; `None` keeps the model folder's own.
 pub fn parse_scheduler(name: Option<&str>) -> Result<Option<SchedulerKind>, String> {
     name.map(SchedulerKind::parse)
@@ -104,12 +109,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         return Err("--grid needs --preview-every K".into());
     }
     let scheduler = parse_scheduler(args.scheduler.as_deref())?;
-    let init_image = match &args.init_image {
-        Some(path) => {
-            Some(RgbaImage::decode(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?)
-        }
-        None => None,
-    };
+    let init_image = args.init_image.as_deref().map(read_image).transpose()?;
     let init_latents = match &args.init_latents {
         Some(path) => {
             Some(websd::npy::read(&read(path)?).map_err(|e| format!("{}: {e}", path.display()))?)

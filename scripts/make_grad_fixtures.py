@@ -109,6 +109,41 @@ CASES = {
 }
 
 
+def extremes(a, b, x):
+    # Max/Min with ties impossible (continuous noise), Abs, ReduceMax/Min.
+    return (torch.maximum(a, b) - 0.5 * torch.minimum(a, b) + torch.abs(a)
+            + x.amax(dim=1, keepdim=True) * x.amin(dim=2, keepdim=True))
+
+
+def gathers(x, w):
+    # Gather on an inner and on the last axis, an index read twice.
+    rows = torch.tensor([2, 0, 2])
+    return x[:, rows] * 2.0 + w.index_select(2, torch.tensor([1, 3, 3, 0]))
+
+
+def more_ops():
+    """Cases for rules torch's SD exports rarely produce, each with its own seed so that
+    adding them changed no other fixture."""
+    torch.manual_seed(8)
+    cases = {
+        "conv_grouped": (lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, groups=2),
+                         dict(x=randn(2, 4, 7, 6), w=randn(6, 2, 3, 3), b=randn(6))),
+        "conv_depthwise": (lambda x, w: F.conv2d(x, w, padding=1, groups=3),
+                           dict(x=randn(1, 3, 5, 6), w=randn(3, 1, 3, 3))),
+        "resize_bilinear": (lambda x: F.interpolate(x, size=(5, 7), mode="bilinear"),
+                            dict(x=randn(1, 2, 3, 4))),
+        "resize_bilinear_corners": (
+            lambda x: F.interpolate(x, size=(6, 3), mode="bilinear", align_corners=True),
+            dict(x=randn(1, 2, 4, 5))),
+        "resize_nearest_odd": (lambda x: F.interpolate(x, size=(5, 3), mode="nearest"),
+                               dict(x=randn(1, 2, 3, 4))),
+        "extremes": (extremes, dict(a=randn(3, 4), b=randn(4), x=randn(2, 3, 4))),
+        "gather_axes": (gathers, dict(x=randn(2, 3, 4), w=randn(2, 3, 4))),
+    }
+    for name, (fn, inputs) in cases.items():
+        save_case(name, fn, inputs)
+
+
 def adam():
     """torch.optim.AdamW with clip_grad_norm_ over three steps of given gradients."""
     folder = os.path.join(OUT, "adam")
@@ -273,5 +308,6 @@ if __name__ == "__main__":
     save_case("layer_norm", lambda x, w, b: F.layer_norm(x, (6,), w, b),
               dict(x=randn(2, 5, 6), w=randn(6), b=randn(6)), opset=17)
     adam()
+    more_ops()
     tiny_unet(sys.argv[1])
     tiny_text_encoder(sys.argv[1])

@@ -13,6 +13,7 @@ pub enum Attr {
     Int(i64),
     Ints(Vec<i64>),
     Float(f32),
+    Str(String),
 }
 
 /// An ONNX graph under construction: `input`s, `weight`s, `node`s, `output`s, then `build`.
@@ -73,6 +74,12 @@ impl GraphBuilder {
         self.initializer(name, shape, values.len(), onnx::data_type::FLOAT16, raw)
     }
 
+    /// An int64 initializer (indices, shapes, axes).
+    pub fn ints(self, name: &str, shape: &[usize], values: &[i64]) -> Self {
+        let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, shape, values.len(), onnx::data_type::INT64, raw)
+    }
+
     fn initializer(
         mut self,
         name: &str,
@@ -112,6 +119,10 @@ impl GraphBuilder {
                         (proto.r#type, proto.ints) = (onnx::attribute_type::INTS, v.clone())
                     }
                     Attr::Float(f) => (proto.r#type, proto.f) = (onnx::attribute_type::FLOAT, *f),
+                    Attr::Str(s) => {
+                        (proto.r#type, proto.s) =
+                            (onnx::attribute_type::STRING, s.clone().into_bytes().into())
+                    }
                 }
                 proto
             })

@@ -83,6 +83,7 @@ pub struct AttributeProto {
 pub mod data_type {
     pub const FLOAT: i32 = 1;
     pub const FLOAT16: i32 = 10;
+    pub const INT64: i32 = 7;
 }
 
 /// `AttributeProto.AttributeType` values the engine distinguishes.

@@ -5,6 +5,7 @@ use super::super::error::{Error, Result};
 use super::super::graph::{Node, ValueId};
 use super::super::infer::{ConvGeometry, conv_geometry};
 use super::super::ops::{BinaryOp, ConvAttrs, Op, ReduceOp, UnaryOp};
+use super::super::tensor::numel;
 use super::Grads;
 use super::tape::Tape;
 
@@ -127,9 +128,10 @@ pub(super) fn gemm(
 
 /// 2-D convolution. The input's gradient is the transposed convolution, spelled as a Conv
 /// of the gradient (zeros inserted between its pixels for strides > 1) with the filter
-/// flipped and its channel axes swapped; the filter's gradient is a Conv of the input (its
-/// channels as the batch) with the gradient as the filter (its batch as the channels),
-/// the stride and dilation trading places.
+/// flipped and its channel axes swapped within each group; the filter's gradient is a Conv
+/// of the input (its channels as the batch) with the gradient as the filter (its batch as
+/// the channels), the stride and dilation trading places. Groups stay groups: each group's
+/// channels only ever meet the same group's.
 pub(super) fn conv(
     tape: &mut Tape,
     node: &Node,
@@ -154,9 +156,9 @@ pub(super) fn conv(
     Ok(grads)
 }
 
-fn conv_attrs(strides: [usize; 2], dilations: [usize; 2], pads: [usize; 4]) -> Op {
+fn conv_attrs(group: usize, strides: [usize; 2], dilations: [usize; 2], pads: [usize; 4]) -> Op {
     Op::Conv(ConvAttrs {
-        group: 1,
+        group,
         strides: strides.to_vec(),
         dilations: dilations.to_vec(),
         pads: pads.to_vec(),
@@ -174,7 +176,15 @@ fn conv_input_grad(tape: &mut Tape, w: ValueId, g: ValueId, c: &ConvGeometry) ->
         let spaced = tape.reshape(padded, &[n, o, c.out_h * sh, c.out_w * sw])?;
         spread = tape.pad(spaced, &[0; 4], &[0, 0, 1 - sh as i64, 1 - sw as i64])?;
     }
-    let swapped = tape.transpose(w, &[1, 0, 2, 3])?;
+    // [O, I/G, kh, kw] -> [I, O/G, kh, kw]: within each group, outputs become inputs.
+    let (groups, w_shape) = (c.group, tape.shape(w).to_vec());
+    let per_group = [groups, o / groups, w_shape[1], w_shape[2], w_shape[3]];
+    let split = tape.reshape(w, &per_group)?;
+    let swapped = tape.transpose(split, &[0, 2, 1, 3, 4])?;
+    let swapped = tape.reshape(
+        swapped,
+        &[c.in_channels, o / groups, w_shape[2], w_shape[3]],
+    )?;
     let starts = tape.ints(&[-1, -1]);
     let ends = tape.ints(&[i64::MIN, i64::MIN]);
     let axes = tape.ints(&[2, 3]);
@@ -195,12 +205,23 @@ fn conv_input_grad(tape: &mut Tape, w: ValueId, g: ValueId, c: &ConvGeometry) ->
         }
         (pads[i], pads[i + 2]) = (begin as usize, end as usize);
     }
-    tape.op(conv_attrs([1, 1], c.dilation, pads), &[spread, flipped])
+    tape.op(
+        conv_attrs(groups, [1, 1], c.dilation, pads),
+        &[spread, flipped],
+    )
 }
 
 fn conv_filter_grad(tape: &mut Tape, x: ValueId, g: ValueId, c: &ConvGeometry) -> Result<ValueId> {
-    let mut input = tape.transpose(x, &[1, 0, 2, 3])?;
-    let filter = tape.transpose(g, &[1, 0, 2, 3])?;
+    // The batch becomes the channels, grouped: input [I/G, G*N, H, W] (a group's channels
+    // are the batch) and filter [O, N, oh, ow], so group k's outputs only see group k.
+    let (n, groups) = (c.batch, c.group);
+    let (per_in, per_out) = (c.in_channels / groups, c.out_channels / groups);
+    let split = tape.reshape(x, &[n, groups, per_in, c.in_h, c.in_w])?;
+    let moved = tape.transpose(split, &[2, 1, 0, 3, 4])?;
+    let mut input = tape.reshape(moved, &[per_in, groups * n, c.in_h, c.in_w])?;
+    let split = tape.reshape(g, &[n, groups, per_out, c.out_h, c.out_w])?;
+    let moved = tape.transpose(split, &[1, 2, 0, 3, 4])?;
+    let filter = tape.reshape(moved, &[c.out_channels, n, c.out_h, c.out_w])?;
     // Rows and columns past the last window the forward pass read are cropped; the rest
     // of the far side is padding.
     let mut pads = [c.pad[0], c.pad[1], 0, 0];
@@ -218,7 +239,10 @@ fn conv_filter_grad(tape: &mut Tape, x: ValueId, g: ValueId, c: &ConvGeometry) -
     if crop != [0; 4] {
         input = tape.pad(input, &[0; 4], &crop)?;
     }
-    let grad = tape.op(conv_attrs(c.dilation, c.stride, pads), &[input, filter])?;
+    let grad = tape.op(
+        conv_attrs(groups, c.dilation, c.stride, pads),
+        &[input, filter],
+    )?;
     tape.transpose(grad, &[1, 0, 2, 3])
 }
 
@@ -250,16 +274,7 @@ pub(super) fn affine_norm(
             .map(|(i, &d)| if i >= affine_from { d } else { 1 })
             .collect()
     };
-    let mean = tape.reduce(ReduceOp::Mean, x, axes.clone(), true)?;
-    let centred = tape.sub(x, mean)?;
-    let square = tape.mul(centred, centred)?;
-    let variance = tape.reduce(ReduceOp::Mean, square, axes.clone(), true)?;
-    let eps = tape.scalar(epsilon);
-    let shifted = tape.binary(BinaryOp::Add, variance, eps)?;
-    let std = tape.unary(UnaryOp::Sqrt, shifted)?;
-    let rstd = tape.unary(UnaryOp::Reciprocal, std)?;
-    let normalised = tape.mul(centred, rstd)?;
-
+    let stats = Standardised::new(tape, x, axes, epsilon)?;
     let mut grads = vec![None; node.inputs.len()];
     let affine_axes: Vec<usize> = (0..rank).filter(|&i| affine_shape[i] == 1).collect();
     let to_param = |tape: &mut Tape, v: ValueId, param: ValueId| -> Result<ValueId> {
@@ -268,7 +283,7 @@ pub(super) fn affine_norm(
         tape.reshape(summed, &shape)
     };
     if let Some(s) = scale.filter(|_| wanted[1]) {
-        let gn = tape.mul(g, normalised)?;
+        let gn = tape.mul(g, stats.normalised)?;
         grads[1] = Some(to_param(tape, gn, s)?);
     }
     if let Some(b) = bias.filter(|_| wanted[2]) {
@@ -281,13 +296,102 @@ pub(super) fn affine_norm(
         }
         None => g,
     };
-    // dx = rstd (gn - mean(gn) - xhat mean(gn xhat))
-    let m1 = tape.reduce(ReduceOp::Mean, g_normalised, axes.clone(), true)?;
-    let gx = tape.mul(g_normalised, normalised)?;
-    let m2 = tape.reduce(ReduceOp::Mean, gx, axes, true)?;
-    let along = tape.mul(normalised, m2)?;
-    let less = tape.sub(g_normalised, m1)?;
-    let inner = tape.sub(less, along)?;
-    grads[0] = Some(tape.mul(rstd, inner)?);
+    grads[0] = Some(stats.input_grad(tape, g_normalised)?);
     Ok(grads)
+}
+
+/// GroupNormalization: statistics over each group of channels and the spatial axes; the
+/// scale and bias per channel (opset 21) or per group (opset 18, shared by its channels).
+pub(super) fn group_norm(
+    tape: &mut Tape,
+    node: &Node,
+    g: ValueId,
+    wanted: &[bool],
+    epsilon: f32,
+    groups: usize,
+    per_channel_affine: bool,
+) -> Result<Grads> {
+    let (x, scale) = (node.inputs[0].unwrap(), node.inputs[1].unwrap());
+    let x_shape = tape.shape(x).to_vec();
+    let (n, channels) = (x_shape[0], x_shape[1]);
+    let spatial: Vec<usize> = (2..x_shape.len()).collect();
+    let by_group = [n, groups, numel(&x_shape) / (n * groups)];
+    let grouped = tape.reshape(x, &by_group)?;
+    let stats = Standardised::new(tape, grouped, vec![2], epsilon)?;
+    let normalised = tape.reshape(stats.normalised, &x_shape)?;
+
+    // Per-channel views of the parameters and back: [C] or [G] -> [1, C, 1...].
+    let mut channel_shape = vec![1; x_shape.len()];
+    channel_shape[1] = channels;
+    let per_channel = |tape: &mut Tape, p: ValueId| -> Result<ValueId> {
+        let p = if per_channel_affine {
+            p
+        } else {
+            let column = tape.reshape(p, &[groups, 1])?;
+            tape.expand(column, &[groups, channels / groups])?
+        };
+        tape.reshape(p, &channel_shape)
+    };
+    let to_param = |tape: &mut Tape, v: ValueId| -> Result<ValueId> {
+        let mut axes = vec![0];
+        axes.extend(&spatial);
+        let summed = tape.reduce(ReduceOp::Sum, v, axes, false)?;
+        if per_channel_affine {
+            return Ok(summed);
+        }
+        let split = tape.reshape(summed, &[groups, channels / groups])?;
+        tape.reduce(ReduceOp::Sum, split, vec![1], false)
+    };
+    let mut grads = vec![None; node.inputs.len()];
+    if wanted[1] {
+        let gn = tape.mul(g, normalised)?;
+        grads[1] = Some(to_param(tape, gn)?);
+    }
+    if wanted.get(2) == Some(&true) {
+        grads[2] = Some(to_param(tape, g)?);
+    }
+    let scale = per_channel(tape, scale)?;
+    let g_normalised = tape.mul(g, scale)?;
+    let g_grouped = tape.reshape(g_normalised, &by_group)?;
+    let grad = stats.input_grad(tape, g_grouped)?;
+    grads[0] = Some(tape.reshape(grad, &x_shape)?);
+    Ok(grads)
+}
+
+/// x standardised over some axes, xhat = (x - mean) / sqrt(var + eps), recomputed for the
+/// backward pass.
+struct Standardised {
+    axes: Vec<usize>,
+    normalised: ValueId,
+    rstd: ValueId,
+}
+
+impl Standardised {
+    fn new(tape: &mut Tape, x: ValueId, axes: Vec<usize>, epsilon: f32) -> Result<Self> {
+        let mean = tape.reduce(ReduceOp::Mean, x, axes.clone(), true)?;
+        let centred = tape.sub(x, mean)?;
+        let square = tape.mul(centred, centred)?;
+        let variance = tape.reduce(ReduceOp::Mean, square, axes.clone(), true)?;
+        let eps = tape.scalar(epsilon);
+        let shifted = tape.binary(BinaryOp::Add, variance, eps)?;
+        let std = tape.unary(UnaryOp::Sqrt, shifted)?;
+        let rstd = tape.unary(UnaryOp::Reciprocal, std)?;
+        let normalised = tape.mul(centred, rstd)?;
+        Ok(Standardised {
+            axes,
+            normalised,
+            rstd,
+        })
+    }
+
+    /// dx from the gradient of xhat: rstd (gn - mean(gn) - xhat mean(gn xhat)).
+    fn input_grad(&self, tape: &mut Tape, gn: ValueId) -> Result<ValueId> {
+        let m1 = tape.reduce(ReduceOp::Mean, gn, self.axes.clone(), true)?;
+        let gx = tape.mul(gn, self.normalised)?;
+        let m2 = tape.reduce(ReduceOp::Mean, gx, self.axes.clone(), true)?;
+        let along = tape.mul(self.normalised, m2)?;
+        let less = tape.sub(gn, m1)?;
+        let inner = tape.sub(less, along)?;
+        tape.mul(self.rstd, inner)
+    }
 }

@@ -7,6 +7,7 @@
 //! `<input>.grad`, beside `loss`.
 
 mod layers;
+mod resize;
 mod rules;
 mod tape;
 

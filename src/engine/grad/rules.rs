@@ -4,14 +4,13 @@
 
 use super::super::error::{Error, Result};
 use super::super::graph::{Node, ValueId};
-use super::super::infer::{reduce_axes, reduced_shape, slice_plan, transpose_perm};
-use super::super::ops::{
-    BinaryOp, CoordinateMode, NearestMode, Op, ReduceOp, ResizeMode, UnaryOp, normalize_axis,
-};
+use super::super::infer::{self, reduce_axes, reduced_shape, slice_plan, transpose_perm};
+use super::super::ops::{BinaryOp, Op, ReduceOp, UnaryOp, normalize_axis};
 use super::super::passes::input_infos;
 use super::super::tensor::{DType, HostTensor, numel};
 use super::Grads;
-use super::layers::{affine_norm, attention, conv, gemm, matmul};
+use super::layers::{affine_norm, attention, conv, gemm, group_norm, matmul};
+use super::resize::Resize;
 use super::tape::Tape;
 
 /// The gradients of `node`'s inputs from those of its outputs (`upstream`, `None` where an
@@ -74,12 +73,7 @@ pub fn backward(
             trans_b,
         } => gemm(tape, node, g, wanted, *alpha, *beta, *trans_a, *trans_b),
         Op::Attention { scale } => attention(tape, input(0), input(1), input(2), g, *scale, wanted),
-        Op::Conv(attrs) => {
-            if attrs.group != 1 {
-                return Err(refuse("grouped convolution"));
-            }
-            conv(tape, node, attrs, g, wanted)
-        }
+        Op::Conv(attrs) => conv(tape, node, attrs, g, wanted),
         Op::InstanceNorm { epsilon } => {
             let rank = tape.shape(input(0)).len();
             affine_norm(tape, node, g, wanted, (2..rank).collect(), *epsilon, 1)
@@ -97,6 +91,20 @@ pub fn backward(
                 axis,
             )
         }
+        Op::GroupNorm {
+            epsilon,
+            groups,
+            per_channel_affine,
+            silu: false,
+        } => group_norm(
+            tape,
+            node,
+            g,
+            wanted,
+            *epsilon,
+            *groups,
+            *per_channel_affine,
+        ),
         Op::Softmax { axis, legacy } => {
             let rank = tape.shape(y).len();
             let axis = normalize_axis(*axis, rank).map_err(|e| refuse(&e))?;
@@ -156,8 +164,16 @@ pub fn backward(
             only_first(tape.pad(g, &begin, &end)?)
         }
         Op::Resize { mode, coordinates } => {
-            let grad = resize(tape, input(0), g, *mode, *coordinates)?;
-            only_first(grad.ok_or_else(|| refuse("only nearest upsampling by whole factors"))?)
+            let scales = infer::const_input(&input_infos(tape.graph, node), 2, "scales")
+                .map_err(|e| refuse(&e))?
+                .filter(|t| !t.is_empty())
+                .map(|t| t.to_f32().into_owned());
+            let resize = Resize {
+                mode: *mode,
+                coordinates: *coordinates,
+                scales,
+            };
+            only_first(resize.backward(tape, input(0), g).map_err(|e| refuse(&e))?)
         }
         Op::Reduce {
             op: op @ (ReduceOp::Sum | ReduceOp::Mean),
@@ -181,12 +197,34 @@ pub fn backward(
             }
             only_first(spread)
         }
+        Op::Reduce {
+            op: ReduceOp::Max | ReduceOp::Min,
+            axes,
+            noop_with_empty_axes,
+            ..
+        } => {
+            // The extreme elements share the gradient evenly (as torch's amax/amin).
+            let x_shape = tape.shape(input(0)).to_vec();
+            let axes = reduce_axes(
+                axes,
+                &input_infos(tape.graph, node),
+                x_shape.len(),
+                *noop_with_empty_axes,
+            )
+            .map_err(|e| refuse(&e))?;
+            let kept = reduced_shape(&x_shape, &axes, true);
+            let extreme = tape.reshape(y, &kept)?;
+            let hits = tape.binary(BinaryOp::Equal, input(0), extreme)?;
+            let ones = tape.op(Op::Cast(DType::F32), &[hits])?;
+            let count = tape.reduce(ReduceOp::Sum, ones, axes, true)?;
+            let g = tape.reshape(g, &kept)?;
+            let share = tape.binary(BinaryOp::Div, g, count)?;
+            only_first(tape.mul(ones, share)?)
+        }
         Op::Gather { axis } => {
             let rank = tape.shape(input(0)).len();
-            if normalize_axis(*axis, rank) != Ok(0) {
-                return Err(refuse("gathering along an axis other than the first"));
-            }
-            only_first(gather_table(tape, input(0), input(1), g)?)
+            let axis = normalize_axis(*axis, rank).map_err(|e| refuse(&e))?;
+            only_first(gather(tape, input(0), input(1), g, axis)?)
         }
         other => Err(refuse(&format!("no gradient rule for {}", other.name()))),
     }
@@ -258,7 +296,16 @@ fn unary(
             let slope = tape.scale(bell, std::f32::consts::FRAC_2_SQRT_PI)?;
             tape.mul(g, slope)?
         }
-        U::Abs | U::Floor | U::Ceil | U::Not => return Ok(None),
+        U::Abs => {
+            // sign(x) g, zero at zero (as torch).
+            let zero = tape.scalar(0.0);
+            let positive = tape.binary(BinaryOp::Greater, x, zero)?;
+            let negative = tape.binary(BinaryOp::Less, x, zero)?;
+            let flipped = tape.unary(U::Neg, g)?;
+            let lower = tape.op(Op::Where, &[negative, flipped, zero])?;
+            tape.op(Op::Where, &[positive, g, lower])?
+        }
+        U::Floor | U::Ceil | U::Not => return Ok(None),
     };
     Ok(Some(grad))
 }
@@ -312,6 +359,23 @@ fn binary(
             };
             (ga, gb)
         }
+        B::Max | B::Min => {
+            // The winning operand takes the gradient; a tie splits it (as torch).
+            let wins = if op == B::Max { B::Greater } else { B::Less };
+            let tie = tape.binary(B::Equal, a, b)?;
+            let half = tape.scale(g, 0.5)?;
+            let zero = tape.scalar(0.0);
+            let shared = tape.op(Op::Where, &[tie, half, zero])?;
+            let share = |tape: &mut Tape, k: usize, own: ValueId, other: ValueId| {
+                wanted[k]
+                    .then(|| {
+                        let won = tape.binary(wins, own, other)?;
+                        tape.op(Op::Where, &[won, g, shared])
+                    })
+                    .transpose()
+            };
+            (share(tape, 0, a, b)?, share(tape, 1, b, a)?)
+        }
         _ => return Ok(None),
     };
     let mut grads = vec![None, None];
@@ -364,11 +428,47 @@ fn split(tape: &mut Tape, node: &Node, upstream: &[Option<ValueId>], axis: i64) 
     Ok(grads)
 }
 
+/// The gradient of Gather along `axis`: the gathered axis is moved first (the indices' axes
+/// lead the gradient's), the rows summed as for a table, and the axes moved back.
+fn gather(
+    tape: &mut Tape,
+    data: ValueId,
+    indices: ValueId,
+    g: ValueId,
+    axis: usize,
+) -> Result<ValueId> {
+    let data_shape = tape.shape(data).to_vec();
+    let index_rank = tape.shape(indices).len();
+    if axis == 0 {
+        return gather_table(tape, &data_shape, indices, g);
+    }
+    let rank = tape.shape(g).len();
+    let leading: Vec<usize> = (axis..axis + index_rank)
+        .chain(0..axis)
+        .chain(axis + index_rank..rank)
+        .collect();
+    let g = tape.transpose(g, &leading)?;
+    let mut table_shape = vec![data_shape[axis]];
+    table_shape.extend(&data_shape[..axis]);
+    table_shape.extend(&data_shape[axis + 1..]);
+    let table_grad = gather_table(tape, &table_shape, indices, g)?;
+    // The table's axis 0 goes back to `axis`.
+    let back: Vec<usize> = (1..=axis)
+        .chain(std::iter::once(0))
+        .chain(axis + 1..data_shape.len())
+        .collect();
+    tape.transpose(table_grad, &back)
+}
+
 /// The gradient of a table gathered by rows (an embedding): each row sums the gradients of
 /// the positions that read it, as a product with the indices' one-hot matrix, so repeated
 /// indices add up without a scatter kernel.
-fn gather_table(tape: &mut Tape, table: ValueId, indices: ValueId, g: ValueId) -> Result<ValueId> {
-    let table_shape = tape.shape(table).to_vec();
+fn gather_table(
+    tape: &mut Tape,
+    table_shape: &[usize],
+    indices: ValueId,
+    g: ValueId,
+) -> Result<ValueId> {
     let rows = table_shape[0];
     let width = numel(&table_shape[1..]);
     let picks = numel(tape.shape(indices));
@@ -387,46 +487,5 @@ fn gather_table(tape: &mut Tape, table: ValueId, indices: ValueId, g: ValueId) -
     let by_row = tape.transpose(one_hot, &[1, 0])?;
     let flat = tape.reshape(g, &[picks, width])?;
     let summed = tape.op(Op::MatMul, &[by_row, flat])?;
-    tape.reshape(summed, &table_shape)
-}
-
-/// Nearest-neighbour upsampling by whole factors: each input pixel's gradient is the sum
-/// over the block of output pixels that copied it.
-fn resize(
-    tape: &mut Tape,
-    x: ValueId,
-    g: ValueId,
-    mode: ResizeMode,
-    coordinates: CoordinateMode,
-) -> Result<Option<ValueId>> {
-    let floors = matches!(
-        (mode, coordinates),
-        (
-            ResizeMode::Nearest(NearestMode::Floor),
-            CoordinateMode::Asymmetric
-        ) | (
-            ResizeMode::Nearest(NearestMode::RoundPreferFloor | NearestMode::RoundPreferCeil),
-            CoordinateMode::HalfPixel | CoordinateMode::PytorchHalfPixel
-        )
-    );
-    let (x_shape, y_shape) = (tape.shape(x).to_vec(), tape.shape(g).to_vec());
-    let whole = x_shape
-        .iter()
-        .zip(&y_shape)
-        .all(|(&i, &o)| i > 0 && o.is_multiple_of(i));
-    if !floors || !whole {
-        return Ok(None);
-    }
-    // Each upsampled axis splits into (input size, factor); the factors are summed away.
-    let mut blocks = Vec::new();
-    let mut axes = Vec::new();
-    for (&i, &o) in x_shape.iter().zip(&y_shape) {
-        blocks.push(i);
-        if o > i {
-            blocks.push(o / i);
-            axes.push(blocks.len() - 1);
-        }
-    }
-    let split = tape.reshape(g, &blocks)?;
-    Ok(Some(tape.reduce(ReduceOp::Sum, split, axes, false)?))
+    tape.reshape(summed, table_shape)
 }

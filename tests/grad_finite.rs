@@ -253,6 +253,21 @@ fn cases() -> Vec<Case> {
             .output("y"),
         &[("q", &[2, 5, 4]), ("kt", &[2, 4, 6]), ("v", &[2, 6, 3])],
     ));
+    // Several workgroups of rows and several tiles of keys and queries, odd head widths.
+    cases.push(case(
+        "attention, many tiles",
+        GraphBuilder::new(17)
+            .input("q", &[2, 70, 6])
+            .input("kt", &[2, 6, 37])
+            .input("v", &[2, 37, 5])
+            .weight("scale", &[], &[0.4])
+            .node("MatMul", &["q", "kt"], &["s"], &[])
+            .node("Mul", &["s", "scale"], &["scaled"], &[])
+            .node("Softmax", &["scaled"], &["p"], &[("axis", Attr::Int(-1))])
+            .node("MatMul", &["p", "v"], &["y"], &[])
+            .output("y"),
+        &[("q", &[2, 70, 6]), ("kt", &[2, 6, 37]), ("v", &[2, 37, 5])],
+    ));
     cases.push(case(
         "Softmax, inner axis",
         GraphBuilder::new(17)

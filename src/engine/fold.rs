@@ -24,6 +24,7 @@ pub fn can_fold(op: &Op) -> bool {
             | Op::Softmax { .. }
             | Op::Resize { .. }
             | Op::Attention { .. }
+            | Op::AttentionGrad { .. }
     )
 }
 

@@ -2,7 +2,7 @@
 //! follow from its inputs' shapes and, for shape-valued inputs (Reshape's `shape`, Slice's
 //! `starts`...), their folded constant values.
 
-use super::ops::{ConvAttrs, Op, ReduceOp, broadcast_shapes, normalize_axis};
+use super::ops::{AttentionPart, ConvAttrs, Op, ReduceOp, broadcast_shapes, normalize_axis};
 use super::tensor::{DType, HostTensor, numel};
 
 /// What inference knows about one input.
@@ -298,6 +298,19 @@ pub fn infer(
             let (q, kt, v) = (x()?.shape, input(inputs, 1)?.shape, input(inputs, 2)?.shape);
             let scores = matmul_shape(q, kt)?;
             Ok(vec![(DType::F32, matmul_shape(&scores, v)?)])
+        }
+        Op::AttentionGrad { part, .. } => {
+            let shape = match part {
+                AttentionPart::Statistics => {
+                    let mut rows = x()?.shape.to_vec();
+                    *rows.last_mut().ok_or("attention of a scalar")? = 2;
+                    rows
+                }
+                AttentionPart::Query => x()?.shape.to_vec(),
+                AttentionPart::Key => input(inputs, 1)?.shape.to_vec(),
+                AttentionPart::Value => input(inputs, 2)?.shape.to_vec(),
+            };
+            Ok(vec![(DType::F32, shape)])
         }
     }
 }

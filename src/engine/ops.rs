@@ -202,6 +202,23 @@ pub enum Op {
     Attention {
         scale: f32,
     },
+    /// One part of the fused attention's backward pass (attention_grad.wgsl), from inputs
+    /// Q, Kt, V, the output's gradient G and, for `Statistics`, the forward output O, else
+    /// the statistics.
+    AttentionGrad {
+        scale: f32,
+        part: AttentionPart,
+    },
+}
+
+/// What an `AttentionGrad` node computes. Discriminants are attention_grad.wgsl's `OP`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionPart {
+    /// Per query row: the log-sum-exp of its scores and G . O, shape [.., N, 2].
+    Statistics = 0,
+    Query = 1,
+    Key = 2,
+    Value = 3,
 }
 
 /// A node's attributes, by name.

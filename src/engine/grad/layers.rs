@@ -4,7 +4,7 @@
 use super::super::error::{Error, Result};
 use super::super::graph::{Node, ValueId};
 use super::super::infer::{ConvGeometry, conv_geometry};
-use super::super::ops::{BinaryOp, ConvAttrs, Op, ReduceOp, UnaryOp};
+use super::super::ops::{AttentionPart, BinaryOp, ConvAttrs, Op, ReduceOp, UnaryOp};
 use super::super::tensor::numel;
 use super::Grads;
 use super::tape::Tape;
@@ -36,49 +36,32 @@ pub(super) fn matmul(
 }
 
 /// The fused attention softmax(scale Q Kt) V, whose forward pass never stores the score
-/// matrix: the backward pass recomputes it, one layer at a time (P below lives only while
-/// this layer's gradients are computed), then
-/// dV = P^T g, dP = g V^T, dS = scale P (dP - rowsum(dP P)), dQ = dS Kt^T, dKt = Q^T dS.
+/// matrix: neither does its backward pass (attention_grad.wgsl). A statistics pass keeps
+/// each query row's log-sum-exp and G . O ([.., N, 2]); from those, dQ, dKt and dV each
+/// recompute the probabilities tile by tile.
 pub(super) fn attention(
     tape: &mut Tape,
-    q: ValueId,
-    kt: ValueId,
-    v: ValueId,
+    node: &Node,
     g: ValueId,
     scale: f32,
     wanted: &[bool],
 ) -> Result<Grads> {
-    let scores = tape.op(Op::MatMul, &[q, kt])?;
-    let scaled = tape.scale(scores, scale)?;
-    let softmax = Op::Softmax {
-        axis: -1,
-        legacy: false,
+    let inputs: Vec<ValueId> = node.inputs.iter().map(|i| i.unwrap()).collect();
+    let pass = |tape: &mut Tape, part: AttentionPart, last: ValueId| {
+        let op = Op::AttentionGrad { scale, part };
+        tape.op(op, &[inputs[0], inputs[1], inputs[2], g, last])
     };
-    let p = tape.op(softmax, &[scaled])?;
-    let mut grads = vec![None; 3];
-    if wanted[2] {
-        let pt = tape.swap_last_two(p)?;
-        grads[2] = Some(tape.op(Op::MatMul, &[pt, g])?);
-    }
-    if wanted[0] || wanted[1] {
-        let vt = tape.swap_last_two(v)?;
-        let dp = tape.op(Op::MatMul, &[g, vt])?;
-        let weighted = tape.mul(dp, p)?;
-        let last = tape.shape(p).len() - 1;
-        let rows = tape.reduce(ReduceOp::Sum, weighted, vec![last], true)?;
-        let centred = tape.sub(dp, rows)?;
-        let ds = tape.mul(p, centred)?;
-        let ds = tape.scale(ds, scale)?;
-        if wanted[0] {
-            let k = tape.swap_last_two(kt)?;
-            grads[0] = Some(tape.op(Op::MatMul, &[ds, k])?);
-        }
-        if wanted[1] {
-            let qt = tape.swap_last_two(q)?;
-            grads[1] = Some(tape.op(Op::MatMul, &[qt, ds])?);
-        }
-    }
-    Ok(grads)
+    let statistics = pass(tape, AttentionPart::Statistics, node.outputs[0])?;
+    let parts = [
+        AttentionPart::Query,
+        AttentionPart::Key,
+        AttentionPart::Value,
+    ];
+    parts
+        .into_iter()
+        .zip(wanted)
+        .map(|(part, &wanted)| wanted.then(|| pass(tape, part, statistics)).transpose())
+        .collect()
 }
 
 #[allow(clippy::too_many_arguments)]

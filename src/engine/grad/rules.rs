@@ -72,7 +72,7 @@ pub fn backward(
             trans_a,
             trans_b,
         } => gemm(tape, node, g, wanted, *alpha, *beta, *trans_a, *trans_b),
-        Op::Attention { scale } => attention(tape, input(0), input(1), input(2), g, *scale, wanted),
+        Op::Attention { scale } => attention(tape, node, g, *scale, wanted),
         Op::Conv(attrs) => conv(tape, node, attrs, g, wanted),
         Op::InstanceNorm { epsilon } => {
             let rank = tape.shape(input(0)).len();

@@ -1,8 +1,9 @@
-//! Matrix products: MatMul and Gemm (matmul.wgsl), and the fused attention (attention.wgsl).
+//! Matrix products: MatMul and Gemm (matmul.wgsl), and the fused attention (attention.wgsl)
+//! and its backward passes (attention_grad.wgsl).
 
 use super::super::graph::Node;
 use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader, gemm_tile_columns};
-use super::super::ops::{broadcast_shapes, broadcast_strides, contiguous_strides};
+use super::super::ops::{AttentionPart, broadcast_shapes, broadcast_strides, contiguous_strides};
 use super::super::tensor::numel;
 use super::{LowerResult, Lowering};
 
@@ -221,6 +222,43 @@ impl Lowering<'_> {
             Shader::Attention.into(),
             params,
             out,
+            inputs,
+            groups,
+        )])
+    }
+
+    /// One pass of the attention's backward pass: one thread per query row (statistics,
+    /// dQ) or per key (dKt, dV).
+    pub(super) fn attention_grad(
+        &self,
+        node: &Node,
+        scale: f32,
+        part: AttentionPart,
+    ) -> LowerResult<Vec<Launch>> {
+        let inputs = (0..5)
+            .map(|i| Self::input(node, i).map(Operand::Value))
+            .collect::<LowerResult<Vec<_>>>()?;
+        let (qs, ks, vs) = (
+            self.shape(Self::input(node, 0)?),
+            self.shape(Self::input(node, 1)?),
+            self.shape(Self::input(node, 2)?),
+        );
+        let r = qs.len();
+        let (n, d, m, e) = (qs[r - 2], qs[r - 1], ks[r - 1], vs[r - 1]);
+        let params = Params::default().u(n).u(m).u(d).u(e).f(scale);
+        let rows = match part {
+            AttentionPart::Statistics | AttentionPart::Query => n,
+            AttentionPart::Key | AttentionPart::Value => m,
+        };
+        let groups = [rows.div_ceil(64) as u32, 1, numel(&qs[..r - 2]) as u32];
+        let kernel = KernelKey {
+            op: Some(part as u32),
+            ..Shader::AttentionGrad.into()
+        };
+        Ok(vec![self.launch(
+            kernel,
+            params,
+            node.outputs[0],
             inputs,
             groups,
         )])

@@ -181,6 +181,9 @@ impl<'g> Lowering<'g> {
             }
             Op::Resize { mode, coordinates } => launches(self.resize(node, *mode, *coordinates)?),
             Op::Attention { scale } => launches(self.attention(node, *scale)?),
+            Op::AttentionGrad { scale, part } => {
+                launches(self.attention_grad(node, *scale, *part)?)
+            }
             Op::Shape { .. } | Op::ConstantOfShape { .. } | Op::Range | Op::Trilu { .. } => {
                 Err("its inputs must be constant (they depend on runtime inputs)".into())
             }

@@ -113,6 +113,47 @@ def with_lora(base):
     pipe.unload_lora_weights()
 
 
+def with_kohya_lora(base):
+    """A LoRA in kohya's layout (`lora_unet_*` / `lora_te_*`, `lora_down`/`lora_up`, a
+    per-layer `alpha`, fp16 as community files are) with random factors on the UNet's
+    attention projections, feed-forwards, 1x1 `proj_in`/`proj_out` convolutions and one
+    3x3 resnet convolution (LoCon), and on the text encoder's attention and MLP; loaded by
+    diffusers' `load_lora_weights` (which converts kohya's names itself) at scale 0.8."""
+    from safetensors.torch import save_file
+    torch.manual_seed(31)
+    tensors = {}
+
+    def add(prefix, name, module, rank=2, alpha=1.0):
+        flat = prefix + name.replace(".", "_")
+        if isinstance(module, torch.nn.Conv2d):
+            down = torch.randn(rank, module.in_channels, *module.kernel_size)
+            up = torch.randn(module.out_channels, rank, 1, 1)
+        else:
+            down = torch.randn(rank, module.in_features)
+            up = torch.randn(module.out_features, rank)
+        tensors[flat + ".lora_down.weight"] = (down * 0.2).half()
+        tensors[flat + ".lora_up.weight"] = (up * 0.2).half()
+        tensors[flat + ".alpha"] = torch.tensor(alpha).half()
+
+    unet_layers = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
+                   "down_blocks.0.resnets.0.conv1")
+    for name, module in base.unet.named_modules():
+        if name.endswith(unet_layers):
+            add("lora_unet_", name, module)
+    for name, module in base.text_encoder.named_modules():
+        if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
+            add("lora_te_", name, module, alpha=2.0)
+    save_file(tensors, os.path.join(ROOT, "kohya_lora.safetensors"))
+    pipe = StableDiffusionPipeline(**base.components)
+    pipe.load_lora_weights(ROOT, weight_name="kohya_lora.safetensors")
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    image = pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
+                 cross_attention_kwargs={"scale": 0.8},
+                 generator=torch.Generator("cpu").manual_seed(12)).images[0]
+    image.save(os.path.join(ROOT, "kohya_lora_euler_scale0.8_seed12.png"))
+    pipe.unload_lora_weights()
+
+
 if __name__ == "__main__":
     os.makedirs(ROOT, exist_ok=True)
     base = StableDiffusionPipeline.from_pretrained(sys.argv[1], torch_dtype=torch.float32)
@@ -128,4 +169,5 @@ if __name__ == "__main__":
         json.dump(all_cases, f, indent=1)
     guidance_distilled(os.path.dirname(os.path.abspath(sys.argv[1])))
     with_lora(base)
+    with_kohya_lora(base)
     print(len(all_cases), "cases")

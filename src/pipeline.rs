@@ -9,6 +9,7 @@ use crate::clock::now_ms;
 use crate::engine::{Gpu, GpuTensor, HostTensor, LoraAdapter, Model, Session};
 use crate::error::{Error, Result, invalid};
 use crate::image::RgbaImage;
+use crate::lora::Lora;
 use crate::model::{self, ModelConfig, ModelFiles};
 use crate::rng::TorchRng;
 use crate::scheduler::{Scheduler, SchedulerKind};
@@ -151,7 +152,9 @@ pub struct StableDiffusion {
     tokenizer: ClipTokenizer,
     text_encoder: Model,
     unet: Model,
-    /// The UNet with LoRA adapters attached (see [`StableDiffusion::set_lora`]).
+    /// The text encoder and UNet with LoRA adapters attached (see
+    /// [`StableDiffusion::set_lora`]).
+    adapted_text_encoder: Option<Model>,
     adapted_unet: Option<Model>,
     vae_decoder: Model,
     vae_encoder: Option<Model>,
@@ -184,6 +187,7 @@ impl StableDiffusion {
             tokenizer: model::read_tokenizer(&*files).await?,
             text_encoder: model::read_graph(&files, "text_encoder").await?,
             unet: model::read_graph(&files, "unet").await?,
+            adapted_text_encoder: None,
             adapted_unet: None,
             vae_decoder: model::read_graph(&files, "vae_decoder").await?,
             vae_encoder,
@@ -211,15 +215,21 @@ impl StableDiffusion {
         }
     }
 
-    /// Attaches LoRA adapters (from [`crate::lora::read_unet_lora`]) to the UNet for the
-    /// next generations, replacing any attached before; none detaches them. The UNet's
-    /// session is rebuilt on next use.
-    pub fn set_lora(&mut self, adapters: &[LoraAdapter]) -> Result<()> {
-        self.adapted_unet = if adapters.is_empty() {
-            None
-        } else {
-            Some(self.unet.with_lora(adapters)?)
+    /// Attaches a LoRA (from [`crate::lora::read_lora`]) to the text encoder and the UNet
+    /// for the next generations, replacing any attached before; an empty one detaches
+    /// them. Nothing changes if a layer does not fit. Sessions are rebuilt on next use.
+    pub fn set_lora(&mut self, lora: &Lora) -> Result<()> {
+        let adapt = |model: &Model, adapters: &[LoraAdapter], component: &str| {
+            if adapters.is_empty() {
+                return Ok(None);
+            }
+            let adapters = Lora::resolve(adapters, &model.adaptable_layers(), component)?;
+            Ok::<_, Error>(Some(model.with_lora(&adapters)?))
         };
+        let text_encoder = adapt(&self.text_encoder, &lora.text_encoder, "text encoder")?;
+        self.adapted_unet = adapt(&self.unet, &lora.unet, "UNet")?;
+        self.adapted_text_encoder = text_encoder;
+        self.text_session.session = None;
         self.unet_session.session = None;
         Ok(())
     }
@@ -257,9 +267,13 @@ impl StableDiffusion {
         let ids = self.tokenizer.encode(text)?;
         let shape = [1, ids.len()];
         let input = self.text_encoder.input_names()[0].to_string();
+        let text_encoder = self
+            .adapted_text_encoder
+            .as_ref()
+            .unwrap_or(&self.text_encoder);
         let session = self
             .text_session
-            .get(&self.gpu, &self.text_encoder, &[(&input, &shape)])
+            .get(&self.gpu, text_encoder, &[(&input, &shape)])
             .await?;
         let ids = GpuTensor::from_host(&self.gpu, &HostTensor::i64(shape.to_vec(), ids));
         let mut outputs = session.run(&[(&input, &ids)]).await?;

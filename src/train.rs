@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 
 use crate::engine::{
-    AdamW, Gpu, GpuTensor, HostTensor, LOSS, LinearLayer, LoraAdapter, Model, Objective, Optimizer,
-    Session, grad_name, lora_input_names,
+    AdamW, AdaptableLayer, Gpu, GpuTensor, HostTensor, LOSS, LoraAdapter, Model, Objective,
+    Optimizer, Session, grad_name, lora_input_names,
 };
 use crate::error::{Error, Result};
 use crate::rng::TorchRng;
@@ -17,7 +17,7 @@ pub const TARGET: &str = "target";
 pub const ATTENTION_PROJECTIONS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
 /// Those of `layers` whose module ends in one of `names` (`to_q`...).
-pub fn layers_named(layers: Vec<LinearLayer>, names: &[&str]) -> Vec<LinearLayer> {
+pub fn layers_named(layers: Vec<AdaptableLayer>, names: &[&str]) -> Vec<AdaptableLayer> {
     layers
         .into_iter()
         .filter(|l| names.iter().any(|n| l.module.ends_with(&format!(".{n}"))))
@@ -28,7 +28,7 @@ pub fn layers_named(layers: Vec<LinearLayer>, names: &[&str]) -> Vec<LinearLayer
 /// from N(0, 1/rank²), B zero (so the adapted model starts equal to the model), scaled by
 /// `alpha / rank`.
 pub fn fresh_adapters(
-    layers: &[LinearLayer],
+    layers: &[AdaptableLayer],
     rank: usize,
     alpha: f32,
     seed: u64,
@@ -37,23 +37,19 @@ pub fn fresh_adapters(
     layers
         .iter()
         .map(|layer| {
+            let [a_shape, b_shape] = layer.factor_shapes(rank);
             let a: Vec<f32> = rng
-                .randn(&[layer.in_features * rank])
+                .randn(&[a_shape.iter().product()])
                 .to_f32()
                 .iter()
                 .map(|v| v / rank as f32)
                 .collect();
+            let zeros = vec![0.0; b_shape.iter().product()];
             LoraAdapter {
                 module: layer.module.clone(),
                 rank,
                 scale: alpha / rank as f32,
-                weights: Some((
-                    HostTensor::f32(vec![layer.in_features, rank], a),
-                    HostTensor::f32(
-                        vec![rank, layer.out_features],
-                        vec![0.0; rank * layer.out_features],
-                    ),
-                )),
+                weights: Some((HostTensor::f32(a_shape, a), HostTensor::f32(b_shape, zeros))),
             }
         })
         .collect()

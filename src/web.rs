@@ -20,6 +20,7 @@ use crate::bench::time_session;
 use crate::clock::now_ms;
 use crate::engine::{DType, Gpu, HostTensor, Model, Session};
 use crate::image::RgbaImage;
+use crate::lora::Lora;
 use crate::pipeline::{Control, Edit, Request, StableDiffusion, StepEvent};
 use crate::scheduler::SchedulerKind;
 
@@ -420,12 +421,11 @@ fn attach_adapters(
         return Ok(embeds);
     }
     let adapters = match (&*edit, params.eta, &params.lora) {
-        (Some(edit), Some(_), _) => edit.lora.clone(),
+        (Some(edit), Some(_), _) => Lora::unet(edit.lora.clone()),
         (_, None, Some(bytes)) => {
-            crate::lora::read_unet_lora("the LoRA file", bytes, params.lora_scale)
-                .map_err(js_error)?
+            crate::lora::read_lora("the LoRA file", bytes, params.lora_scale).map_err(js_error)?
         }
-        _ => Vec::new(),
+        _ => Lora::default(),
     };
     state.lora.set(None);
     pipeline.set_lora(&adapters).map_err(js_error)?;

@@ -10,6 +10,7 @@ use std::rc::Rc;
 
 use websd::engine::HostTensor;
 use websd::image::RgbaImage;
+use websd::lora::Lora;
 use websd::model::Directory;
 use websd::pipeline::{Control, Edit, EditProgress, EditStage, Request, StableDiffusion};
 
@@ -113,7 +114,7 @@ fn glyph_edit_matches_the_torch_reference_and_round_trips() {
         ..Request::default()
     };
     let mut draw = |edit: &Edit| {
-        pipeline.set_lora(&edit.lora).unwrap();
+        pipeline.set_lora(&Lora::unet(edit.lora.clone())).unwrap();
         let mut on_step = |_: websd::pipeline::StepEvent| Control::Continue;
         pollster::block_on(pipeline.generate(&request(edit), &mut on_step))
             .unwrap()

@@ -138,7 +138,7 @@ fn lora_training_matches_torch_and_saves_as_diffusers_does() {
 fn adapters_attach_where_their_modules_are() {
     let gpu = common::gpu();
     let model = common::load_model(&common::tiny_sd().join("unet/model.onnx"));
-    let layers = model.linear_layers();
+    let layers = model.adaptable_layers();
     assert!(
         layers
             .iter()
@@ -236,4 +236,54 @@ fn lora_gradients_match_torch_autograd() {
         }
     }
     eprintln!("LoRA gradients: worst {worst:.1e} of scale");
+}
+
+/// peft's per-module `alpha_pattern` overrides `lora_alpha` for the modules whose path ends
+/// with its key; text-encoder layers are read apart from the UNet's; a layer the model does
+/// not have is refused by name when attached.
+#[test]
+fn alpha_patterns_components_and_unknown_layers() {
+    let factor =
+        |shape: &[usize]| HostTensor::f32(shape.to_vec(), vec![0.5; shape.iter().product()]);
+    let mut file = websd::safetensors::SafeTensors::default();
+    for stem in [
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+    ] {
+        file.tensors
+            .insert(format!("{stem}.lora_A.weight"), factor(&[2, 16]));
+        file.tensors
+            .insert(format!("{stem}.lora_B.weight"), factor(&[16, 2]));
+    }
+    let metadata = serde_json::json!({
+        "unet.lora_alpha": 4,
+        "unet.alpha_pattern": {"attn1.to_q": 8},
+        "text_encoder.lora_alpha": 1,
+    });
+    file.metadata
+        .insert("lora_adapter_metadata".into(), metadata.to_string());
+    let lora = websd::lora::read_lora("patterns", &websd::safetensors::write(&file), 0.5).unwrap();
+    let scales: Vec<(&str, f32)> = lora
+        .unet
+        .iter()
+        .map(|a| (a.module.rsplit('.').next().unwrap(), a.scale))
+        .collect();
+    assert_eq!(
+        scales,
+        [("to_k", 4.0 / 2.0 * 0.5), ("to_q", 8.0 / 2.0 * 0.5)]
+    );
+    assert_eq!(lora.text_encoder.len(), 1);
+    assert_eq!(lora.text_encoder[0].scale, 1.0 / 2.0 * 0.5);
+
+    let model = common::load_model(&common::tiny_sd().join("unet/model.onnx"));
+    let mut stray = lora.unet.clone();
+    stray[0].module = "lora_unet_mid_block_attentions_9_proj_out".into();
+    let error = websd::lora::Lora::resolve(&stray, &model.adaptable_layers(), "UNet")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("mid_block_attentions_9_proj_out") && error.contains("UNet"),
+        "{error}"
+    );
 }

@@ -11,6 +11,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use websd::engine::Gpu;
 use websd::image::RgbaImage;
+use websd::lora::Lora;
 use websd::pipeline::{Control, Request, StableDiffusion};
 use websd::scheduler::SchedulerKind;
 
@@ -437,16 +438,34 @@ fn lost_device_fails_generation_cleanly() {
     assert!(matches!(error, websd::Error::Engine(_)), "{error}");
 }
 
-/// A peft LoRA saved by diffusers, loaded at scale 0.7, draws diffusers' image
-/// (`load_lora_weights` + `cross_attention_kwargs={"scale": 0.7}`); detached, the plain
-/// model's image comes back.
+/// A peft LoRA (`unet.*.lora_A/B`) at strength 0.7: diffusers' `load_lora_weights` with
+/// `cross_attention_kwargs={"scale": 0.7}` gives the same image; detaching restores the
+/// plain model's bit for bit.
 #[test]
 fn lora_matches_diffusers() {
+    let lora = read_lora_fixture("grads/tiny_unet_lora/initial.safetensors", 0.7);
+    assert!(lora.text_encoder.is_empty());
+    lora_draws("lora_euler_scale0.7_seed12.png", &lora);
+}
+
+/// A kohya LoRA (`lora_unet_*`/`lora_te_*`, fp16, per-layer alpha) on the UNet's attention,
+/// feed-forwards, 1x1 and 3x3 convolutions and on the text encoder, as diffusers loads it.
+#[test]
+fn kohya_lora_matches_diffusers() {
+    let lora = read_lora_fixture("pipeline/kohya_lora.safetensors", 0.8);
+    assert_eq!((lora.unet.len(), lora.text_encoder.len()), (49, 12));
+    lora_draws("kohya_lora_euler_scale0.8_seed12.png", &lora);
+}
+
+fn read_lora_fixture(path: &str, strength: f32) -> Lora {
+    let bytes = std::fs::read(common::fixtures().join(path)).unwrap();
+    websd::lora::read_lora(path, &bytes, strength).unwrap()
+}
+
+/// `lora` on the tiny SD draws diffusers' `expected` picture (Euler, 4 steps, seed 12).
+fn lora_draws(expected: &str, lora: &Lora) {
     let gpu = common::gpu();
     let mut sd = load(&gpu, None);
-    let lora =
-        std::fs::read(common::fixtures().join("grads/tiny_unet_lora/initial.safetensors")).unwrap();
-    let adapters = websd::lora::read_unet_lora("initial.safetensors", &lora, 0.7).unwrap();
     let request = Request {
         prompt: "a red 7 on a blue background".into(),
         steps: 4,
@@ -458,19 +477,17 @@ fn lora_matches_diffusers() {
         ..Request::default()
     };
     let plain = pollster::block_on(sd.generate(&request, &mut |_| Control::Continue)).unwrap();
-    sd.set_lora(&adapters).unwrap();
+    sd.set_lora(lora).unwrap();
     let adapted = pollster::block_on(sd.generate(&request, &mut |_| Control::Continue)).unwrap();
     let dir = common::fixtures().join("pipeline");
-    let expected =
-        RgbaImage::decode(&std::fs::read(dir.join("lora_euler_scale0.7_seed12.png")).unwrap())
-            .unwrap();
+    let expected = RgbaImage::decode(&std::fs::read(dir.join(expected)).unwrap()).unwrap();
     let diff = common::max_pixel_difference(&adapted.image, &expected);
     assert!(diff <= 3, "max pixel difference {diff}");
     assert!(
         common::max_pixel_difference(&plain.image, &expected) > 3,
         "the LoRA changes the image"
     );
-    sd.set_lora(&[]).unwrap();
+    sd.set_lora(&Lora::default()).unwrap();
     let again = pollster::block_on(sd.generate(&request, &mut |_| Control::Continue)).unwrap();
     assert_eq!(again.image.pixels, plain.image.pixels);
 }

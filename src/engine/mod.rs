@@ -32,7 +32,7 @@ pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuTensor, SharedGpu};
 pub use grad::{LOSS, Objective, grad_name};
 pub use loader::external_data_locations;
-pub use lora::{LinearLayer, LoraAdapter, lora_input_names};
+pub use lora::{AdaptableLayer, LoraAdapter, lora_input_names};
 pub use optim::{AdamW, Optimizer};
 pub use session::{Model, Session, ShapePlan};
 #[cfg(not(target_arch = "wasm32"))]

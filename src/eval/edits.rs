@@ -18,6 +18,7 @@ use crate::clock::now_ms;
 use crate::engine::Gpu;
 use crate::error::{Result, bad_file};
 use crate::image::RgbaImage;
+use crate::lora::Lora;
 use crate::model::{ModelFiles, read, read_json};
 use crate::pipeline::{Control, EditSettings, Request, StableDiffusion, StepEvent};
 
@@ -127,7 +128,7 @@ impl EditBenchmark {
                 let edit = pipeline
                     .optimize_edit(&source, &settings, &mut on_step)
                     .await?;
-                pipeline.set_lora(&edit.lora)?;
+                pipeline.set_lora(&Lora::unet(edit.lora.clone()))?;
                 etas.iter()
                     .map(|&eta| Request {
                         prompt_embeds: Some(edit.embedding(eta)),
@@ -155,7 +156,7 @@ impl EditBenchmark {
                 .await?;
             outcomes.push(EditOutcome { ms, ..outcome });
         }
-        pipeline.set_lora(&[])?;
+        pipeline.set_lora(&Lora::default())?;
         Ok(outcomes)
     }
 

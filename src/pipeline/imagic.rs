@@ -229,7 +229,7 @@ impl StableDiffusion {
         let lora = if settings.tune_steps == 0 {
             Vec::new()
         } else {
-            let layers = layers_named(self.unet.linear_layers(), &ATTENTION_PROJECTIONS);
+            let layers = layers_named(self.unet.adaptable_layers(), &ATTENTION_PROJECTIONS);
             let rank = settings.lora_rank;
             let initial = fresh_adapters(&layers, rank, rank as f32, settings.seed);
             let mut trainer = LoraTrainer::new(

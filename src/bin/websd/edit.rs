@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use websd::engine::Gpu;
 use websd::image::RgbaImage;
+use websd::lora::Lora;
 use websd::pipeline::{Control, Edit, EditProgress, EditSettings, Request, StepEvent};
 
 use crate::generate::{load, parse_scheduler, read, read_image, write_png};
@@ -139,7 +140,9 @@ pub async fn edit(args: EditArgs) -> Result<(), String> {
         }
         (None, None) => unreachable!("clap requires --image without --load-edit"),
     };
-    pipeline.set_lora(&edit.lora).map_err(|e| e.to_string())?;
+    pipeline
+        .set_lora(&Lora::unet(edit.lora.clone()))
+        .map_err(|e| e.to_string())?;
 
     let base = Request {
         steps: args.steps,

@@ -7,6 +7,7 @@ use std::rc::Rc;
 use clap::Args;
 use websd::engine::Gpu;
 use websd::image::RgbaImage;
+use websd::lora::Lora;
 use websd::model::{self, Directory};
 
 use crate::memory::report_memory;
@@ -60,23 +61,23 @@ pub struct GenerateArgs {
     /// every generation.
     #[arg(long)]
     low_memory: bool,
-    /// A LoRA for the UNet in diffusers/peft's .safetensors layout, optionally with its
-    /// strength (default 1): `--lora style.safetensors:0.8`. May be given several times.
+    /// A LoRA (.safetensors, diffusers/peft or kohya layout; UNet and text encoder layers),
+    /// optionally with its strength (default 1): `--lora style.safetensors:0.8`. May be
+    /// given several times.
     #[arg(long, value_name = "FILE[:SCALE]")]
     lora: Vec<String>,
 }
 
 /// The adapters of every `--lora FILE[:SCALE]`.
-fn read_loras(specs: &[String]) -> Result<Vec<websd::engine::LoraAdapter>, String> {
-    let mut adapters = Vec::new();
+fn read_loras(specs: &[String]) -> Result<Lora, String> {
+    let mut adapters = Lora::default();
     for spec in specs {
         let (file, scale) = match spec.rsplit_once(':') {
             Some((file, scale)) if scale.parse::<f32>().is_ok() => (file, scale.parse().unwrap()),
             _ => (spec.as_str(), 1.0),
         };
         let bytes = read(Path::new(file))?;
-        adapters
-            .extend(websd::lora::read_unet_lora(file, &bytes, scale).map_err(|e| e.to_string())?);
+        adapters.extend(websd::lora::read_lora(file, &bytes, scale).map_err(|e| e.to_string())?);
     }
     Ok(adapters)
 }
@@ -141,7 +142,11 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
     pipeline.set_low_memory(args.low_memory);
     pipeline.set_lora(&adapters).map_err(|e| e.to_string())?;
     if !adapters.is_empty() {
-        eprintln!("LoRA: {} adapted layers", adapters.len());
+        eprintln!(
+            "LoRA: {} adapted layers in the UNet, {} in the text encoder",
+            adapters.unet.len(),
+            adapters.text_encoder.len()
+        );
     }
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
     eprintln!(

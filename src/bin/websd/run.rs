@@ -139,7 +139,7 @@ async fn train_lora(
     steps: usize,
     save: Option<PathBuf>,
 ) -> Result<(), String> {
-    let layers = layers_named(model.linear_layers(), &ATTENTION_PROJECTIONS);
+    let layers = layers_named(model.adaptable_layers(), &ATTENTION_PROJECTIONS);
     if layers.is_empty() {
         return Err(
             "the graph has no attention projections (to_q, to_k, to_v, to_out.0) to adapt".into(),

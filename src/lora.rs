@@ -107,7 +107,7 @@ fn fit_factors(a: &HostTensor, b: &HostTensor, layer: &AdaptableLayer) -> (HostT
         }
         (Some([1, 1]), 2) => {
             let (a, b) = (transpose(a), transpose(b));
-            let pointwise = |t: &HostTensor| reshaped(&t, &[t.shape[0], t.shape[1], 1, 1]);
+            let pointwise = |t: &HostTensor| reshaped(t, &[t.shape[0], t.shape[1], 1, 1]);
             (pointwise(&a), pointwise(&b))
         }
         _ => (a.clone(), b.clone()),

@@ -285,13 +285,18 @@ pub fn unet_lora_file(adapters: &[LoraAdapter]) -> Result<SafeTensors> {
             .weights
             .as_ref()
             .ok_or_else(|| Error::Invalid(format!("`{}` has no weights", adapter.module)))?;
+        // Back to torch's layout: linear factors transposed, convolution filters as they are.
+        let torch_layout = |t: &HostTensor| match t.shape.len() {
+            2 => transpose(t),
+            _ => t.clone(),
+        };
         tensors.insert(
             format!("{PREFIX}{}{}", adapter.module, FACTORS[0].0),
-            transpose(a),
+            torch_layout(a),
         );
         tensors.insert(
             format!("{PREFIX}{}{}", adapter.module, FACTORS[0].1),
-            transpose(b),
+            torch_layout(b),
         );
     }
     file.tensors = tensors;

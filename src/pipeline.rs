@@ -21,7 +21,7 @@ mod imagic;
 
 pub use denoiser::guidance_embedding;
 use denoiser::{Denoiser, TimestepInput, unet_inputs};
-pub use imagic::{Edit, EditProgress, EditSettings, EditStage};
+pub use imagic::{Edit, EditProgress, EditSettings, EditStage, TuneLayers};
 
 /// What to generate. `Default` gives diffusers' defaults (50 steps, guidance 7.5).
 #[derive(Clone, Debug)]

@@ -12,7 +12,9 @@ use websd::engine::HostTensor;
 use websd::image::RgbaImage;
 use websd::lora::Lora;
 use websd::model::Directory;
-use websd::pipeline::{Control, Edit, EditProgress, EditStage, Request, StableDiffusion};
+use websd::pipeline::{
+    Control, Edit, EditProgress, EditSettings, EditStage, Request, StableDiffusion, TuneLayers,
+};
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(common::fixtures().join("imagic").join(name)).unwrap()
@@ -161,4 +163,49 @@ fn edits_refuse_bad_settings_and_files() {
     let result = pollster::block_on(pipeline.optimize_edit(&image, &settings, &mut cancel_second));
     assert!(matches!(result, Err(websd::error::Error::Cancelled)));
     assert_eq!(steps, 2);
+}
+
+/// Stage B on every layer (`TuneLayers::All`): the LoRA reaches the convolutions too
+/// (LoCon factors, 4-D), and the edit file keeps it as it was.
+#[test]
+fn tuning_every_layer_adapts_convolutions_and_round_trips() {
+    let mut pipeline = glyph_sd();
+    let image = RgbaImage::decode(&fixture("source.png")).unwrap();
+    let settings = EditSettings {
+        prompt: "a green 7 on a blue background".into(),
+        seed: 3,
+        embed_steps: 1,
+        tune_steps: 3,
+        tune_lr: 1e-2,
+        tune_layers: TuneLayers::All,
+        ..EditSettings::default()
+    };
+    let mut losses = Vec::new();
+    let mut on_step = |p: EditProgress| {
+        losses.push(p.loss);
+        Control::Continue
+    };
+    let edit = pollster::block_on(pipeline.optimize_edit(&image, &settings, &mut on_step)).unwrap();
+    let convolutions = edit
+        .lora
+        .iter()
+        .filter(|a| a.weights.as_ref().unwrap().0.shape.len() == 4)
+        .count();
+    assert!(convolutions > 10, "{convolutions} convolution adapters");
+    let read = Edit::from_bytes("ours", &edit.to_bytes().unwrap()).unwrap();
+    assert_eq!(read.settings.tune_layers, TuneLayers::All);
+    assert_eq!(read.lora.len(), edit.lora.len());
+    for ours in &edit.lora {
+        let back = read.lora.iter().find(|a| a.module == ours.module).unwrap();
+        let ((a, b), (a2, b2)) = (
+            ours.weights.as_ref().unwrap(),
+            back.weights.as_ref().unwrap(),
+        );
+        assert_eq!(
+            (&ours.module, &a.shape, &b.shape),
+            (&back.module, &a2.shape, &b2.shape)
+        );
+        assert_eq!(largest_difference(a, a2) + largest_difference(b, b2), 0.0);
+    }
+    eprintln!("losses {losses:?}");
 }

@@ -39,10 +39,13 @@ pub struct EditSettings {
     /// Stage A: Adam steps on the text embedding, and their learning rate.
     pub embed_steps: usize,
     pub embed_lr: f32,
-    /// Stage B: Adam steps on the LoRA (none: no LoRA), their learning rate, and its rank.
+    /// Stage B: Adam steps on the LoRA (none: no LoRA), their learning rate, its rank and
+    /// the layers it adapts.
     pub tune_steps: usize,
     pub tune_lr: f32,
     pub lora_rank: usize,
+    #[serde(default)]
+    pub tune_layers: TuneLayers,
     /// The size to optimise and generate at (`None`: the model's native size); the image's
     /// centre is cropped to its aspect and resized to it.
     pub width: Option<usize>,
@@ -59,8 +62,33 @@ impl Default for EditSettings {
             tune_steps: 40,
             tune_lr: 2e-3,
             lora_rank: 4,
+            tune_layers: TuneLayers::Attention,
             width: None,
             height: None,
+        }
+    }
+}
+
+/// Which of the UNet's layers stage B adapts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TuneLayers {
+    /// The attention projections (`to_q`, `to_k`, `to_v`, `to_out.0`), as SD LoRAs usually.
+    #[default]
+    Attention,
+    /// Every linear and convolution layer (LoCon on the convolutions): the closest a LoRA
+    /// comes to Imagic's fine-tuning of the whole UNet.
+    All,
+}
+
+impl TuneLayers {
+    pub fn parse(name: &str) -> Result<TuneLayers> {
+        match name {
+            "attention" => Ok(TuneLayers::Attention),
+            "all" => Ok(TuneLayers::All),
+            other => Err(Error::Invalid(format!(
+                "unknown layer set `{other}` (attention or all)"
+            ))),
         }
     }
 }
@@ -229,7 +257,12 @@ impl StableDiffusion {
         let lora = if settings.tune_steps == 0 {
             Vec::new()
         } else {
-            let layers = layers_named(self.unet.adaptable_layers(), &ATTENTION_PROJECTIONS);
+            let layers = match settings.tune_layers {
+                TuneLayers::Attention => {
+                    layers_named(self.unet.adaptable_layers(), &ATTENTION_PROJECTIONS)
+                }
+                TuneLayers::All => self.unet.adaptable_layers(),
+            };
             let rank = settings.lora_rank;
             let initial = fresh_adapters(&layers, rank, rank as f32, settings.seed);
             let mut trainer = LoraTrainer::new(

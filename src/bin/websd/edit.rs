@@ -8,7 +8,7 @@ use clap::Args;
 use websd::engine::Gpu;
 use websd::image::RgbaImage;
 use websd::lora::Lora;
-use websd::pipeline::{Control, Edit, EditProgress, EditSettings, Request, StepEvent};
+use websd::pipeline::{Control, Edit, EditProgress, EditSettings, Request, StepEvent, TuneLayers};
 
 use crate::generate::{load, parse_scheduler, read, read_image, write_png};
 use crate::memory::report_memory;
@@ -76,32 +76,41 @@ pub struct TrainingArgs {
     tune_lr: Option<f32>,
     #[arg(long)]
     lora_rank: Option<usize>,
+    /// The UNet layers the LoRA adapts: `attention` (projections) or `all` (every linear
+    /// and convolution layer).
+    #[arg(long)]
+    tune_layers: Option<String>,
 }
 
 impl TrainingArgs {
     /// The settings these flags give (prompt and seed left empty).
-    pub fn settings(&self) -> EditSettings {
+    pub fn settings(&self) -> Result<EditSettings, String> {
         let defaults = EditSettings::default();
-        EditSettings {
+        let tune_layers = match &self.tune_layers {
+            Some(name) => TuneLayers::parse(name).map_err(|e| e.to_string())?,
+            None => defaults.tune_layers,
+        };
+        Ok(EditSettings {
             embed_steps: self.embed_steps.unwrap_or(defaults.embed_steps),
             embed_lr: self.embed_lr.unwrap_or(defaults.embed_lr),
             tune_steps: self.tune_steps.unwrap_or(defaults.tune_steps),
             tune_lr: self.tune_lr.unwrap_or(defaults.tune_lr),
             lora_rank: self.lora_rank.unwrap_or(defaults.lora_rank),
+            tune_layers,
             ..defaults
-        }
+        })
     }
 }
 
 impl EditArgs {
-    fn settings(&self) -> EditSettings {
-        EditSettings {
+    fn settings(&self) -> Result<EditSettings, String> {
+        Ok(EditSettings {
             prompt: self.prompt.clone().unwrap_or_default(),
             seed: self.seed,
             width: self.width,
             height: self.height,
-            ..self.training.settings()
-        }
+            ..self.training.settings()?
+        })
     }
 }
 
@@ -118,7 +127,7 @@ pub async fn edit(args: EditArgs) -> Result<(), String> {
             Edit::from_bytes(&name, &read(path)?).map_err(|e| e.to_string())?
         }
         (None, Some(image)) => {
-            let settings = args.settings();
+            let settings = args.settings()?;
             let mut peak = 0;
             let mut on_step = |p: EditProgress| {
                 peak = peak.max(p.gpu_bytes);

@@ -60,7 +60,7 @@ impl EvalEditArgs {
     fn method(&self) -> Result<Option<EditMethod>, String> {
         Ok(Some(match self.method.as_str() {
             "imagic" => EditMethod::Imagic {
-                settings: self.training.settings(),
+                settings: self.training.settings()?,
                 etas: self.etas.clone(),
             },
             "img2img" => EditMethod::ImageToImage {

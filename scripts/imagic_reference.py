@@ -5,7 +5,8 @@ UNet2DConditionModel and schedulers, and peft's LoRA layers:
   - the image's latents: VAE encoder (onnxruntime), posterior sampled with the seeded torch
     generator, times the scaling factor;
   - the target text's embedding: CLIP text encoder (onnxruntime);
-  - stage A: Adam on the embedding, stage B: Adam on a LoRA of the attention projections,
+  - stage A: Adam on the embedding, stage B: Adam on a LoRA of the attention projections
+    (or of every linear and convolution layer websd adapts: `layers="all"`, LoCon on convs),
     each step drawing noise (`torch.randn`) then a timestep (`torch.randint`) from the same
     generator and taking the MSE of the UNet's output against the noise or velocity;
   - stage C: classifier-free guided sampling from eta * target + (1 - eta) * optimised.
@@ -32,7 +33,8 @@ PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 
 def unet_from_onnx(folder):
     """The folder's UNet as a diffusers module with the export's weights (f32), and the
-    attention projections in the export's node order (websd's adapter order)."""
+    layers websd can adapt (MatMuls and ungrouped Convs named by module path) in the
+    export's node order (websd's adapter order): (module, A's shape in websd, conv?)."""
     from diffusers import UNet2DConditionModel
     config = json.load(open(os.path.join(folder, "unet", "config.json")))
     unet = UNet2DConditionModel.from_config(config)
@@ -56,16 +58,19 @@ def unet_from_onnx(folder):
             state[key] = torch.from_numpy(value.reshape(-1).copy())
     order = []
     for node in graph.graph.node:
-        if node.op_type != "MatMul" or not node.name.endswith("/MatMul"):
+        op = node.op_type
+        if op not in ("MatMul", "Conv") or not node.name.endswith("/" + op):
             continue
         weight = node.input[1]
         value = values.get(weight, values.get(weight + "_fp16"))
         if value is None:
             continue
-        module = node.name[1:-len("/MatMul")].replace("/", ".")
-        state[module + ".weight"] = torch.from_numpy(value.T.copy())
-        if module.endswith(tuple("." + p for p in PROJECTIONS)):
-            order.append((module, value.shape[0], value.shape[1]))
+        module = node.name[1:-len("/" + op)].replace("/", ".")
+        if op == "MatMul":
+            state[module + ".weight"] = torch.from_numpy(value.T.copy())
+            order.append((module, (value.shape[0], None), False))
+        elif all(a.name != "group" or a.i == 1 for a in node.attribute):
+            order.append((module, (None, value.shape[1], value.shape[2], value.shape[3]), True))
     missing = set(unet.state_dict()) - set(state)
     assert not missing, f"weights not found in the export: {sorted(missing)[:5]}"
     unet.load_state_dict(state)
@@ -84,7 +89,7 @@ class Model:
         self.vae_encoder = session("vae_encoder")
         self.vae_decoder = session("vae_decoder")
         self.tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
-        self.unet, self.projections = unet_from_onnx(folder)
+        self.unet, self.layers = unet_from_onnx(folder)
         self.scheduler_config = json.load(open(os.path.join(folder, "scheduler", "scheduler_config.json")))
         self.noise = DDPMScheduler.from_config(self.scheduler_config)
         vae = json.load(open(os.path.join(folder, "vae_decoder", "config.json")))
@@ -124,25 +129,36 @@ class Model:
         return noisy, t, target
 
 
-def fresh_lora(model, rank, seed):
-    """peft LoRA layers on the attention projections, initialised as websd's
-    `fresh_adapters` draws them: A from N(0, 1/rank^2) in the export's layer order, B zero."""
+def adapted_layers(model, layers):
+    """websd's stage B layers: the attention projections, or every adaptable layer."""
+    if layers == "all":
+        return model.layers
+    return [l for l in model.layers if l[0].endswith(tuple("." + p for p in PROJECTIONS))]
+
+
+def fresh_lora(model, rank, seed, layers):
+    """peft LoRA layers, initialised as websd's `fresh_adapters` draws them: A from
+    N(0, 1/rank^2) in the export's layer order (websd's [in, rank] for linear layers, the
+    filter layout for convolutions), B zero."""
     from peft import LoraConfig
+    chosen = adapted_layers(model, layers)
     model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                      target_modules=list(PROJECTIONS)))
+                                      target_modules=[name for name, _, _ in chosen]))
     modules = dict(model.unet.named_modules())
     generator = torch.Generator().manual_seed(seed)
     params = []
-    for name, fan_in, _ in model.projections:
+    for name, shape, conv in chosen:
         layer = modules[name]
-        a = torch.randn(fan_in * rank, generator=generator).reshape(fan_in, rank) / rank
-        layer.lora_A["default"].weight.data = a.T.contiguous()
+        shape = (shape[0], rank) if not conv else (rank,) + shape[1:]
+        a = torch.randn(int(np.prod(shape)), generator=generator).reshape(shape) / rank
+        layer.lora_A["default"].weight.data = a.contiguous() if conv else a.T.contiguous()
         layer.lora_B["default"].weight.data.zero_()
         params += [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     return params
 
 
-def optimize(model, image, prompt, seed, embed_steps, embed_lr, tune_steps, tune_lr, rank, log=print):
+def optimize(model, image, prompt, seed, embed_steps, embed_lr, tune_steps, tune_lr, rank,
+             layers="attention", log=print):
     """Stages A and B; returns (target, optimised embedding, lora state, losses)."""
     generator = torch.Generator().manual_seed(seed)
     x0 = model.encode(image, generator)
@@ -162,7 +178,7 @@ def optimize(model, image, prompt, seed, embed_steps, embed_lr, tune_steps, tune
     optimized = embedding.detach()
     lora = {}
     if tune_steps:
-        params = fresh_lora(model, rank, seed)
+        params = fresh_lora(model, rank, seed, layers)
         adam = torch.optim.Adam(params, lr=tune_lr)
         for step in range(tune_steps):
             noisy, t, goal = model.draw(x0, generator)
@@ -172,7 +188,7 @@ def optimize(model, image, prompt, seed, embed_steps, embed_lr, tune_steps, tune
             adam.step()
             losses.append(loss.item())
         modules = dict(model.unet.named_modules())
-        for name, _, _ in model.projections:
+        for name, _, _ in adapted_layers(model, layers):
             layer = modules[name]
             lora[f"unet.{name}.lora_A.weight"] = layer.lora_A["default"].weight.detach().clone()
             lora[f"unet.{name}.lora_B.weight"] = layer.lora_B["default"].weight.detach().clone()
@@ -220,16 +236,21 @@ def fixture(out):
     Image.fromarray(image).save(os.path.join(out, "source.png"))
     settings = dict(prompt="a green 7 on a blue background", seed=3, embed_steps=4, embed_lr=1e-2,
                     tune_steps=3, tune_lr=1e-3, lora_rank=2, width=None, height=None)
-    model = Model(os.path.join(ROOT, "onnx", "glyph-sd"))
-    target, optimized, lora, losses = optimize(
-        model, image, settings["prompt"], settings["seed"], settings["embed_steps"],
-        settings["embed_lr"], settings["tune_steps"], settings["tune_lr"], settings["lora_rank"])
-    write_edit(os.path.join(out, "edit.safetensors"), settings, target, optimized, lora)
-    np.save(os.path.join(out, "losses.npy"), np.array(losses, np.float32))
+    # Stage B on the attention projections (edit.safetensors), then on every layer
+    # (edit_all.safetensors), each from a fresh UNet.
+    for layers, suffix in (("attention", ""), ("all", "_all")):
+        model = Model(os.path.join(ROOT, "onnx", "glyph-sd"))
+        target, optimized, lora, losses = optimize(
+            model, image, settings["prompt"], settings["seed"], settings["embed_steps"],
+            settings["embed_lr"], settings["tune_steps"], settings["tune_lr"], settings["lora_rank"],
+            layers)
+        write_edit(os.path.join(out, f"edit{suffix}.safetensors"), dict(settings, tune_layers=layers),
+                   target, optimized, lora)
+        np.save(os.path.join(out, f"losses{suffix}.npy"), np.array(losses, np.float32))
 
 
 def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=60, embed_lr=1e-2,
-          tune_steps=40, tune_lr=2e-3, rank=4):
+          tune_steps=40, tune_lr=2e-3, rank=4, layers="attention"):
     """The edit benchmark's cases (edits.json) edited by this reference, written as
     OUT/eta_<eta>/<source name> for `websd eval-edit --method images`."""
     from PIL import Image
@@ -241,7 +262,7 @@ def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=60, embed_lr
         model = Model(folder)  # a fresh UNet: stage B changed the last one
         image = np.asarray(Image.open(os.path.join(benchmark, case["source"])).convert("RGB"))
         target, optimized, _, _ = optimize(model, image, case["prompt"], case["seed"], embed_steps,
-                                           embed_lr, tune_steps, tune_lr, rank)
+                                           embed_lr, tune_steps, tune_lr, rank, layers)
         for eta in etas:
             embedding = eta * target + (1 - eta) * optimized
             picture = sample(model, embedding, case["seed"], steps, guidance, image.shape[0])
@@ -256,4 +277,9 @@ if __name__ == "__main__":
     if sys.argv[1] == "fixture":
         fixture(sys.argv[2])
     elif sys.argv[1] == "bench":
-        bench(sys.argv[2], sys.argv[3], [float(e) for e in sys.argv[4].split(",")])
+        # bench BENCH OUT ETAS [TUNE_STEPS TUNE_LR RANK LAYERS]
+        tuning = {}
+        if len(sys.argv) > 5:
+            steps, lr, rank, layers = sys.argv[5:9]
+            tuning = dict(tune_steps=int(steps), tune_lr=float(lr), rank=int(rank), layers=layers)
+        bench(sys.argv[2], sys.argv[3], [float(e) for e in sys.argv[4].split(",")], **tuning)

@@ -17,9 +17,11 @@ import subprocess
 
 import numpy as np
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors.torch import save_file
+
+from make_pipeline_fixtures import add_kohya_layer, draw_with_lora
 
 PROMPT = "a photo of a red fox in the snow"
 UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out")
@@ -31,19 +33,9 @@ def kohya_lora(pipe, path, rank=8):
     tensors = {}
     for prefix, model, names in (("lora_unet_", pipe.unet, UNET_LAYERS), ("lora_te_", pipe.text_encoder, TEXT_LAYERS)):
         for name, module in model.named_modules():
-            if not name.endswith(names):
-                continue
-            flat = prefix + name.replace(".", "_")
-            if isinstance(module, torch.nn.Conv2d):
-                down = torch.randn(rank, module.in_channels, *module.kernel_size)
-                up = torch.randn(module.out_channels, rank, 1, 1)
-            else:
-                down = torch.randn(rank, module.in_features)
-                up = torch.randn(module.out_features, rank)
-            # Small enough that the random pipeline stays finite, large enough to show.
-            tensors[flat + ".lora_down.weight"] = (down * 0.05).half()
-            tensors[flat + ".lora_up.weight"] = (up * 0.05).half()
-            tensors[flat + ".alpha"] = torch.tensor(float(rank)).half()
+            if name.endswith(names):
+                # Small enough that the random pipeline stays finite, large enough to show.
+                add_kohya_layer(tensors, prefix, name, module, rank=rank, scale=0.05, alpha=rank)
     save_file(tensors, path)
     return len(tensors) // 3
 
@@ -74,11 +66,8 @@ def main():
     lora = os.path.join(args.work, "kohya_sd15.safetensors")
     layers = kohya_lora(pipe, lora)
     print(f"{layers} layers, {os.path.getsize(lora) >> 20} MiB")
-    pipe.load_lora_weights(args.work, weight_name="kohya_sd15.safetensors")
-    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    expected = pipe(PROMPT, num_inference_steps=2, guidance_scale=7.5, height=args.size, width=args.size,
-                    cross_attention_kwargs={"scale": 0.8},
-                    generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    expected = draw_with_lora(pipe, args.work, "kohya_sd15.safetensors", 0.8, prompt=PROMPT, steps=2,
+                              size=args.size, seed=3)
     expected.save(os.path.join(args.work, "diffusers.png"))
     expected = np.asarray(expected, dtype=np.int16)
     for lora_file in (None, lora):

@@ -99,18 +99,41 @@ def guidance_distilled(lcm_dir):
     image.save(os.path.join(folder, "lcm_4_steps_w8.5_seed21.png"))
 
 
+def draw_with_lora(base, folder, weight_name, scale, prompt=PROMPT, steps=4, size=16, seed=12):
+    """The picture `base` draws with a LoRA file loaded as users load one
+    (`load_lora_weights`, `cross_attention_kwargs={"scale": ...}`), Euler, guidance 7.5."""
+    pipe = StableDiffusionPipeline(**base.components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(folder, weight_name=weight_name)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    image = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, height=size, width=size,
+                 cross_attention_kwargs={"scale": scale},
+                 generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+    pipe.unload_lora_weights()
+    return image
+
+
+def add_kohya_layer(tensors, prefix, name, module, rank, scale, alpha):
+    """Random kohya factors (`<prefix><name with _>.lora_down/lora_up.weight`, `.alpha`,
+    fp16) for one Linear or Conv2d."""
+    flat = prefix + name.replace(".", "_")
+    if isinstance(module, torch.nn.Conv2d):
+        down = torch.randn(rank, module.in_channels, *module.kernel_size)
+        up = torch.randn(module.out_channels, rank, 1, 1)
+    else:
+        down = torch.randn(rank, module.in_features)
+        up = torch.randn(module.out_features, rank)
+    tensors[flat + ".lora_down.weight"] = (down * scale).half()
+    tensors[flat + ".lora_up.weight"] = (up * scale).half()
+    tensors[flat + ".alpha"] = torch.tensor(float(alpha)).half()
+
+
 def with_lora(base):
     """The tiny pipeline with the peft LoRA of tests/fixtures/grads/tiny_unet_lora loaded
-    (`load_lora_weights`) at scale 0.7 (`cross_attention_kwargs`), as users apply one."""
-    pipe = StableDiffusionPipeline(**base.components)
+    at scale 0.7, as users apply one."""
     lora = os.path.join(ROOT, "..", "grads", "tiny_unet_lora")
-    pipe.load_lora_weights(lora, weight_name="initial.safetensors")
-    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
-    image = pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
-                 cross_attention_kwargs={"scale": 0.7},
-                 generator=torch.Generator("cpu").manual_seed(12)).images[0]
+    image = draw_with_lora(base, lora, "initial.safetensors", 0.7)
     image.save(os.path.join(ROOT, "lora_euler_scale0.7_seed12.png"))
-    pipe.unload_lora_weights()
 
 
 def with_kohya_lora(base):
@@ -123,35 +146,17 @@ def with_kohya_lora(base):
     torch.manual_seed(31)
     tensors = {}
 
-    def add(prefix, name, module, rank=2, alpha=1.0):
-        flat = prefix + name.replace(".", "_")
-        if isinstance(module, torch.nn.Conv2d):
-            down = torch.randn(rank, module.in_channels, *module.kernel_size)
-            up = torch.randn(module.out_channels, rank, 1, 1)
-        else:
-            down = torch.randn(rank, module.in_features)
-            up = torch.randn(module.out_features, rank)
-        tensors[flat + ".lora_down.weight"] = (down * 0.2).half()
-        tensors[flat + ".lora_up.weight"] = (up * 0.2).half()
-        tensors[flat + ".alpha"] = torch.tensor(alpha).half()
-
     unet_layers = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
                    "down_blocks.0.resnets.0.conv1")
     for name, module in base.unet.named_modules():
         if name.endswith(unet_layers):
-            add("lora_unet_", name, module)
+            add_kohya_layer(tensors, "lora_unet_", name, module, rank=2, scale=0.2, alpha=1.0)
     for name, module in base.text_encoder.named_modules():
         if name.endswith(("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")):
-            add("lora_te_", name, module, alpha=2.0)
+            add_kohya_layer(tensors, "lora_te_", name, module, rank=2, scale=0.2, alpha=2.0)
     save_file(tensors, os.path.join(ROOT, "kohya_lora.safetensors"))
-    pipe = StableDiffusionPipeline(**base.components)
-    pipe.load_lora_weights(ROOT, weight_name="kohya_lora.safetensors")
-    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
-    image = pipe(PROMPT, num_inference_steps=4, guidance_scale=7.5, height=16, width=16,
-                 cross_attention_kwargs={"scale": 0.8},
-                 generator=torch.Generator("cpu").manual_seed(12)).images[0]
+    image = draw_with_lora(base, ROOT, "kohya_lora.safetensors", 0.8)
     image.save(os.path.join(ROOT, "kohya_lora_euler_scale0.8_seed12.png"))
-    pipe.unload_lora_weights()
 
 
 if __name__ == "__main__":

@@ -176,34 +176,11 @@ pub fn backward(
             only_first(resize.backward(tape, input(0), g).map_err(|e| refuse(&e))?)
         }
         Op::Reduce {
-            op: op @ (ReduceOp::Sum | ReduceOp::Mean),
+            op,
             axes,
             noop_with_empty_axes,
             ..
         } => {
-            let (x_shape, y_count) = (tape.shape(input(0)).to_vec(), numel(tape.shape(y)));
-            let axes = reduce_axes(
-                axes,
-                &input_infos(tape.graph, node),
-                x_shape.len(),
-                *noop_with_empty_axes,
-            )
-            .map_err(|e| refuse(&e))?;
-            let kept = reduced_shape(&x_shape, &axes, true);
-            let reshaped = tape.reshape(g, &kept)?;
-            let mut spread = tape.expand(reshaped, &x_shape)?;
-            if *op == ReduceOp::Mean {
-                spread = tape.scale(spread, y_count as f32 / numel(&x_shape) as f32)?;
-            }
-            only_first(spread)
-        }
-        Op::Reduce {
-            op: ReduceOp::Max | ReduceOp::Min,
-            axes,
-            noop_with_empty_axes,
-            ..
-        } => {
-            // The extreme elements share the gradient evenly (as torch's amax/amin).
             let x_shape = tape.shape(input(0)).to_vec();
             let axes = reduce_axes(
                 axes,
@@ -212,14 +189,8 @@ pub fn backward(
                 *noop_with_empty_axes,
             )
             .map_err(|e| refuse(&e))?;
-            let kept = reduced_shape(&x_shape, &axes, true);
-            let extreme = tape.reshape(y, &kept)?;
-            let hits = tape.binary(BinaryOp::Equal, input(0), extreme)?;
-            let ones = tape.op(Op::Cast(DType::F32), &[hits])?;
-            let count = tape.reduce(ReduceOp::Sum, ones, axes, true)?;
-            let g = tape.reshape(g, &kept)?;
-            let share = tape.binary(BinaryOp::Div, g, count)?;
-            only_first(tape.mul(ones, share)?)
+            let grad = reduction(tape, *op, input(0), y, g, axes)?;
+            only_first(grad.ok_or_else(|| refuse("no derivative"))?)
         }
         Op::Gather { axis } => {
             let rank = tape.shape(input(0)).len();
@@ -228,6 +199,39 @@ pub fn backward(
         }
         other => Err(refuse(&format!("no gradient rule for {}", other.name()))),
     }
+}
+
+/// The gradient of a reduction over `axes` (kept or not in `y`): a sum or mean spreads
+/// the gradient back over what it reduced; a maximum or minimum gives it to the extreme
+/// elements, shared evenly between ties (as torch's amax/amin).
+fn reduction(
+    tape: &mut Tape,
+    op: ReduceOp,
+    x: ValueId,
+    y: ValueId,
+    g: ValueId,
+    axes: Vec<usize>,
+) -> Result<Option<ValueId>> {
+    let x_shape = tape.shape(x).to_vec();
+    let kept = reduced_shape(&x_shape, &axes, true);
+    let g = tape.reshape(g, &kept)?;
+    let grad = match op {
+        ReduceOp::Sum => tape.expand(g, &x_shape)?,
+        ReduceOp::Mean => {
+            let spread = tape.expand(g, &x_shape)?;
+            tape.scale(spread, numel(&kept) as f32 / numel(&x_shape) as f32)?
+        }
+        ReduceOp::Max | ReduceOp::Min => {
+            let extreme = tape.reshape(y, &kept)?;
+            let hits = tape.binary(BinaryOp::Equal, x, extreme)?;
+            let ones = tape.op(Op::Cast(DType::F32), &[hits])?;
+            let count = tape.reduce(ReduceOp::Sum, ones, axes, true)?;
+            let share = tape.binary(BinaryOp::Div, g, count)?;
+            tape.mul(ones, share)?
+        }
+        ReduceOp::Prod | ReduceOp::ArgMax => return Ok(None),
+    };
+    Ok(Some(grad))
 }
 
 fn unary(

@@ -40,48 +40,29 @@ var<workgroup> staged_d: array<vec4<f32>, 640>; // [TILE][MAX_QUADS], D wide
 var<workgroup> staged_e: array<vec4<f32>, 640>; // [TILE][MAX_QUADS], E wide
 var<workgroup> staged_stats: array<vec2<f32>, TILE>;
 
-fn q_quad(b: u32, i: u32, c4: u32) -> vec4<f32> {
-    var quad = vec4<f32>();
-    for (var k = 0u; k < 4u; k++) {
-        let c = c4 * 4u + k;
-        if c < p.d {
-            quad[k] = q[(b * p.n + i) * p.d + c];
-        }
-    }
-    return quad;
-}
+// The operands a row is read from.
+const Q: u32 = 0u;
+const KT: u32 = 1u;
+const V: u32 = 2u;
+const G: u32 = 3u;
 
-fn k_quad(b: u32, j: u32, c4: u32) -> vec4<f32> {
-    var quad = vec4<f32>();
+// Channels 4 c4 .. 4 c4 + 3 of row `row` of batch `b` of an operand (those past its width
+// read as zero): Q and G rows are query rows, Kt columns and V rows are keys.
+fn quad(operand: u32, b: u32, row: u32, c4: u32) -> vec4<f32> {
+    let width = select(p.e, p.d, operand <= KT);
+    var four = vec4<f32>();
     for (var k = 0u; k < 4u; k++) {
         let c = c4 * 4u + k;
-        if c < p.d {
-            quad[k] = kt[(b * p.d + c) * p.m + j];
+        if c < width {
+            switch operand {
+                case Q: { four[k] = q[(b * p.n + row) * p.d + c]; }
+                case KT: { four[k] = kt[(b * p.d + c) * p.m + row]; }
+                case V: { four[k] = v[(b * p.m + row) * p.e + c]; }
+                default: { four[k] = g[(b * p.n + row) * p.e + c]; }
+            }
         }
     }
-    return quad;
-}
-
-fn v_quad(b: u32, j: u32, c4: u32) -> vec4<f32> {
-    var quad = vec4<f32>();
-    for (var k = 0u; k < 4u; k++) {
-        let c = c4 * 4u + k;
-        if c < p.e {
-            quad[k] = v[(b * p.m + j) * p.e + c];
-        }
-    }
-    return quad;
-}
-
-fn g_quad(b: u32, i: u32, c4: u32) -> vec4<f32> {
-    var quad = vec4<f32>();
-    for (var k = 0u; k < 4u; k++) {
-        let c = c4 * 4u + k;
-        if c < p.e {
-            quad[k] = g[(b * p.n + i) * p.e + c];
-        }
-    }
-    return quad;
+    return four;
 }
 
 @compute @workgroup_size(64)
@@ -104,11 +85,11 @@ fn query_rows(b: u32, i: u32, lane: u32) {
     var stats = vec2<f32>();
     if live {
         for (var c4 = 0u; c4 < d_quads; c4++) {
-            query[c4] = q_quad(b, i, c4) * p.scale;
+            query[c4] = quad(Q, b, i, c4) * p.scale;
         }
         if OP == 1u {
             for (var c4 = 0u; c4 < e_quads; c4++) {
-                grad[c4] = g_quad(b, i, c4);
+                grad[c4] = quad(G, b, i, c4);
             }
             stats = vec2<f32>(aux[(b * p.n + i) * 2u], aux[(b * p.n + i) * 2u + 1u]);
         }
@@ -120,13 +101,13 @@ fn query_rows(b: u32, i: u32, lane: u32) {
         for (var t = lane; t < TILE * d_quads; t += ROWS) {
             let j = t / d_quads;
             let c4 = t % d_quads;
-            staged_d[j * MAX_QUADS + c4] = select(vec4<f32>(), k_quad(b, j0 + j, c4), j < count);
+            staged_d[j * MAX_QUADS + c4] = select(vec4<f32>(), quad(KT, b, j0 + j, c4), j < count);
         }
         if OP == 1u {
             for (var t = lane; t < TILE * e_quads; t += ROWS) {
                 let j = t / e_quads;
                 let c4 = t % e_quads;
-                staged_e[j * MAX_QUADS + c4] = select(vec4<f32>(), v_quad(b, j0 + j, c4), j < count);
+                staged_e[j * MAX_QUADS + c4] = select(vec4<f32>(), quad(V, b, j0 + j, c4), j < count);
             }
         }
         workgroupBarrier();
@@ -210,11 +191,11 @@ fn key_rows(b: u32, j: u32, lane: u32) {
     var acc: array<vec4<f32>, MAX_QUADS>;
     if live {
         for (var c4 = 0u; c4 < d_quads; c4++) {
-            key[c4] = k_quad(b, j, c4);
+            key[c4] = quad(KT, b, j, c4);
         }
         if OP == 2u {
             for (var c4 = 0u; c4 < e_quads; c4++) {
-                value[c4] = v_quad(b, j, c4);
+                value[c4] = quad(V, b, j, c4);
             }
         }
     }
@@ -225,12 +206,12 @@ fn key_rows(b: u32, j: u32, lane: u32) {
             let i = t / d_quads;
             let c4 = t % d_quads;
             staged_d[i * MAX_QUADS + c4] =
-                select(vec4<f32>(), q_quad(b, i0 + i, c4) * p.scale, i < count);
+                select(vec4<f32>(), quad(Q, b, i0 + i, c4) * p.scale, i < count);
         }
         for (var t = lane; t < TILE * e_quads; t += ROWS) {
             let i = t / e_quads;
             let c4 = t % e_quads;
-            staged_e[i * MAX_QUADS + c4] = select(vec4<f32>(), g_quad(b, i0 + i, c4), i < count);
+            staged_e[i * MAX_QUADS + c4] = select(vec4<f32>(), quad(G, b, i0 + i, c4), i < count);
         }
         if lane < count {
             let at = (b * p.n + i0 + lane) * 2u;

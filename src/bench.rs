@@ -173,9 +173,15 @@ impl Case {
         }
     }
 
-    /// The one-op model.
-    pub fn model(&self) -> Result<Model> {
+    /// The one-op model; with `half_weights`, its filter or weight matrix is stored as f16
+    /// (as an fp16 export's are).
+    pub fn model(&self, half_weights: bool) -> Result<Model> {
         let graph = GraphBuilder::new(21);
+        let weight =
+            |graph: GraphBuilder, name: &str, shape: &[usize], values: &[f32]| match half_weights {
+                true => graph.weight_f16(name, shape, values),
+                false => graph.weight(name, shape, values),
+            };
         let graph = match *self {
             Case::Conv {
                 batch,
@@ -187,27 +193,30 @@ impl Case {
                 let x = vec![batch, channels_in, size, size];
                 let w = [channels_out, channels_in, kernel, kernel];
                 let pad = (kernel / 2) as i64;
-                graph
-                    .input("x", &x)
-                    .weight(
-                        "w",
-                        &w,
-                        &noise(w.iter().product(), 1, fan_in(channels_in * kernel * kernel)),
-                    )
-                    .weight("b", &[channels_out], &noise(channels_out, 2, 1.0))
-                    .node(
-                        "Conv",
-                        &["x", "w", "b"],
-                        &["y"],
-                        &[("pads", Attr::Ints(vec![pad; 4]))],
-                    )
+                let scale = fan_in(channels_in * kernel * kernel);
+                weight(
+                    graph.input("x", &x),
+                    "w",
+                    &w,
+                    &noise(w.iter().product(), 1, scale),
+                )
+                .weight("b", &[channels_out], &noise(channels_out, 2, 1.0))
+                .node(
+                    "Conv",
+                    &["x", "w", "b"],
+                    &["y"],
+                    &[("pads", Attr::Ints(vec![pad; 4]))],
+                )
             }
             Case::Linear { batch, rows, k, n } => {
                 let x = vec![batch, rows, k];
-                graph
-                    .input("x", &x)
-                    .weight("w", &[k, n], &noise(k * n, 1, fan_in(k)))
-                    .node("MatMul", &["x", "w"], &["y"], &[])
+                weight(
+                    graph.input("x", &x),
+                    "w",
+                    &[k, n],
+                    &noise(k * n, 1, fan_in(k)),
+                )
+                .node("MatMul", &["x", "w"], &["y"], &[])
             }
             Case::Attention {
                 heads,
@@ -317,13 +326,15 @@ pub struct Timing {
     pub kernels: String,
 }
 
+/// Times one case, its weights stored as f16 with `half_weights`.
 pub async fn time_case(
     gpu: &Gpu,
     case: &Case,
+    half_weights: bool,
     ceilings: &Ceilings,
     repeats: usize,
 ) -> Result<Timing> {
-    let model = case.model()?;
+    let model = case.model(half_weights)?;
     let session = Session::new(gpu, &model, &HashMap::new()).await?;
     let seconds = time_session(gpu, &session, repeats).await?;
     let (rate, ceiling) = match case.work() {

@@ -203,6 +203,7 @@ impl App {
             set(&result, "buildMs", build_ms);
             set(&result, "bestMs", best * 1000.0);
             set(&result, "gpuMemoryBytes", session.memory_bytes as f64);
+            set(&result, "wasmMemoryBytes", wasm_memory_bytes());
             set(&result, "inputs", inputs);
             Ok(result.into())
         })
@@ -536,6 +537,7 @@ async fn run_generation(
     set(&timings, "vaeDecoderMs", t.vae_decoder_ms);
     set(&timings, "totalMs", t.total_ms);
     set(&timings, "gpuMemoryBytes", t.gpu_peak_bytes as f64);
+    set(&timings, "wasmMemoryBytes", wasm_memory_bytes());
     let steps = js_sys::Array::new();
     for ms in &t.unet_step_ms {
         steps.push(&(*ms).into());
@@ -544,6 +546,12 @@ async fn run_generation(
     set(&result, "timings", timings);
     set(&result, "warnings", warnings);
     Ok(result.into())
+}
+
+/// The size of this module's WebAssembly memory, which only ever grows: its peak so far.
+fn wasm_memory_bytes() -> f64 {
+    const PAGE_BYTES: f64 = 65536.0;
+    core::arch::wasm32::memory_size(0) as f64 * PAGE_BYTES
 }
 
 fn image_object(image: &RgbaImage) -> Object {

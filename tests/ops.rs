@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use websd::bench::noise;
-use websd::engine::{Gpu, GraphBuilder, HostTensor, Model, Session};
+use websd::engine::{Attr, Gpu, GraphBuilder, HostTensor, Model, Session};
 
 /// Runs a case folder's model on its inputs and compares every output within 2e-5.
 fn matches_onnxruntime(gpu: &Gpu, model: &Model, dir: &Path) -> Result<(), String> {
@@ -105,6 +105,114 @@ fn fp16_graphs_match_onnxruntime() {
         let own_error = common::compare(case, fp16, reference, 1.0).unwrap();
         common::compare(case, y, fp16, own_error + 2e-5).unwrap();
     }
+}
+
+/// f16 arithmetic (fp16 weights, on a device with `shader-f16`) keeps within its rounding
+/// bound: an output differs from the exact sum of products by at most 5u sum |a b| (u =
+/// 2^-11: the activation rounded to f16, the product and the three additions of a k-quad
+/// rounded in f16; the f32 accumulation adds far less), on every GEMM tile shape (wide,
+/// narrow, swapped) and for a convolution; and it is not the f32 path's result.
+#[test]
+fn f16_arithmetic_keeps_within_its_rounding_bound() {
+    let Ok(gpu) = common::gpu().with_half_arithmetic(true) else {
+        eprintln!("skipped: the adapter has no shader-f16");
+        return;
+    };
+    let f32_gpu = common::gpu().with_half_arithmetic(false).unwrap();
+    let halves = |n, seed, scale| -> Vec<f32> {
+        noise(n, seed, scale)
+            .into_iter()
+            .map(|v| half::f16::from_f32(v).to_f32())
+            .collect()
+    };
+    let run = |gpu: &Gpu, model: &Model, x: &HostTensor| {
+        let session = pollster::block_on(Session::new(gpu, model, &HashMap::new())).unwrap();
+        let mut outputs = pollster::block_on(session.run_host(&[("x", x)])).unwrap();
+        outputs.remove("y").unwrap().to_f32().into_owned()
+    };
+    // (rows, k, columns): the wide 64x64 tiles, the narrow 64x16 ones, and few rows swapped.
+    for (rows, k, n) in [(100, 1024, 200), (70, 960, 16), (4, 1280, 320)] {
+        let (x, w) = (noise(rows * k, 11, 2.0), halves(k * n, 12, 0.05));
+        let model = GraphBuilder::new(17)
+            .input("x", &[rows, k])
+            .weight_f16("w", &[k, n], &w)
+            .node("MatMul", &["x", "w"], &["y"], &[])
+            .output("y")
+            .build()
+            .unwrap();
+        let input = HostTensor::f32(vec![rows, k], x.clone());
+        let y = run(&gpu, &model, &input);
+        assert!(
+            y != run(&f32_gpu, &model, &input),
+            "{rows}x{k}x{n}: computed in f32"
+        );
+        let (x, w) = (&x, &w);
+        let terms = |o: usize| {
+            let (r, c) = (o / n, o % n);
+            (0..k).map(move |i| (x[r * k + i] as f64, w[i * n + c] as f64))
+        };
+        check_rounding_bound(&format!("MatMul {rows}x{k}x{n}"), &y, rows * n, terms);
+    }
+    let (c_in, c_out, size) = (48, 40, 12);
+    let (x, w) = (
+        noise(c_in * size * size, 13, 2.0),
+        halves(c_out * c_in * 9, 14, 0.05),
+    );
+    let model = GraphBuilder::new(17)
+        .input("x", &[1, c_in, size, size])
+        .weight_f16("w", &[c_out, c_in, 3, 3], &w)
+        .node(
+            "Conv",
+            &["x", "w"],
+            &["y"],
+            &[("pads", Attr::Ints(vec![1; 4]))],
+        )
+        .output("y")
+        .build()
+        .unwrap();
+    let input = HostTensor::f32(vec![1, c_in, size, size], x.clone());
+    let y = run(&gpu, &model, &input);
+    assert!(y != run(&f32_gpu, &model, &input), "Conv: computed in f32");
+    let taps = |o: usize| {
+        let (channel, py, px) = (o / (size * size), o / size % size, o % size);
+        let (x, w) = (&x, &w);
+        (0..c_in * 9).filter_map(move |t| {
+            let (ci, yy, xx) = (
+                t / 9,
+                (py + t / 3 % 3) as isize - 1,
+                (px + t % 3) as isize - 1,
+            );
+            let inside = (0..size as isize).contains(&yy) && (0..size as isize).contains(&xx);
+            inside.then(|| {
+                let pixel = (ci * size + yy as usize) * size + xx as usize;
+                (x[pixel] as f64, w[channel * c_in * 9 + t] as f64)
+            })
+        })
+    };
+    check_rounding_bound("Conv 3x3 48->40", &y, c_out * size * size, taps);
+}
+
+/// Checks each output `o` against the exact sum of its products `terms(o)`, within 5u times
+/// the sum of their magnitudes (see above).
+fn check_rounding_bound<I: Iterator<Item = (f64, f64)>>(
+    case: &str,
+    y: &[f32],
+    outputs: usize,
+    terms: impl Fn(usize) -> I,
+) {
+    const U: f64 = 1.0 / 2048.0;
+    let mut worst: f64 = 0.0;
+    for (o, &value) in y.iter().enumerate().take(outputs) {
+        let (exact, magnitude) =
+            terms(o).fold((0.0, 0.0), |(s, m), (a, b)| (s + a * b, m + (a * b).abs()));
+        let ratio = (value as f64 - exact).abs() / (5.0 * U * magnitude);
+        assert!(
+            ratio <= 1.0,
+            "{case}[{o}]: {value}, exact {exact}: {ratio:.2} of the bound"
+        );
+        worst = worst.max(ratio);
+    }
+    eprintln!("{case}: worst error {worst:.3} of the rounding bound");
 }
 
 /// fp16 weights read by MatMul stay packed halves on the GPU: the session holds about half

@@ -207,6 +207,7 @@ function showResult(result, eta) {
     ["VAE decode", `${t.vaeDecoderMs.toFixed(0)} ms`],
     ["Total", `${t.totalMs.toFixed(0)} ms`],
     ["GPU memory", `${(t.gpuMemoryBytes / 1048576).toFixed(0)} MiB`],
+    ["WebAssembly memory", `${(t.wasmMemoryBytes / 1048576).toFixed(0)} MiB`],
   ];
   if (t.vaeEncoderMs > 0) rows.splice(2, 0, ["VAE encode", `${t.vaeEncoderMs.toFixed(0)} ms`]);
   $("timings").replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement("dt"), { textContent: k }),

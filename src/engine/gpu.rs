@@ -24,6 +24,12 @@ pub struct SharedGpu {
     pub queue: wgpu::Queue,
     pub adapter_info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
+    /// Whether the device has `shader-f16` (WGSL's f16 type).
+    pub shader_f16: bool,
+    /// Whether products with fp16 weights compute in f16 (accumulating in f32): by default
+    /// where the device has `shader-f16` and is a GPU; CPU adapters emulate f16 arithmetic,
+    /// slower than f32 (see `with_half_arithmetic`).
+    pub half_arithmetic: bool,
     /// Compiled kernels, shared by every session and by the arithmetic outside graphs
     /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model
     /// loaded again compiles nothing.
@@ -59,10 +65,11 @@ impl Gpu {
             .await
             .map_err(|e| Error::NoAdapter(e.to_string()))?;
         let limits = adapter.limits();
+        let features = adapter.features() & wgpu::Features::SHADER_F16;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("websd"),
-                required_features: wgpu::Features::empty(),
+                required_features: features,
                 required_limits: limits.clone(),
                 ..Default::default()
             })
@@ -73,13 +80,18 @@ impl Gpu {
         device.set_device_lost_callback(|reason, message| {
             log::error!("GPU device lost ({reason:?}): {message}")
         });
+        let adapter_info = adapter.get_info();
+        let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
+        let half_arithmetic = shader_f16 && adapter_info.device_type != wgpu::DeviceType::Cpu;
         // On wasm32 WebGPU handles are single-threaded (not Send/Sync); natively they are both.
         #[allow(clippy::arc_with_non_send_sync)]
         Ok(Gpu(Arc::new(SharedGpu {
             device,
             queue,
-            adapter_info: adapter.get_info(),
+            adapter_info,
             limits,
+            shader_f16,
+            half_arithmetic,
             compiled: Mutex::default(),
             scratch: Mutex::default(),
         })))
@@ -102,12 +114,32 @@ impl Gpu {
         limits.max_storage_buffer_binding_size = bytes.min(limits.max_storage_buffer_binding_size);
         limits.min_storage_buffer_offset_alignment =
             limits.min_storage_buffer_offset_alignment.max(256);
+        self.derived(limits, self.half_arithmetic)
+    }
+
+    /// The same device, with products that read fp16 weights computed in f16 (`on`) or in
+    /// f32. Sessions built later follow it. f16 needs the device's `shader-f16`.
+    pub fn with_half_arithmetic(&self, on: bool) -> Result<Gpu> {
+        if on && !self.shader_f16 {
+            return Err(Error::Device(format!(
+                "{} has no shader-f16, so it cannot compute in f16",
+                self.describe()
+            )));
+        }
+        Ok(self.derived(self.limits.clone(), on))
+    }
+
+    /// Another handle on this device, planning sessions with other limits or arithmetic (its
+    /// own compiled kernels and intermediates).
+    fn derived(&self, limits: wgpu::Limits, half_arithmetic: bool) -> Gpu {
         #[allow(clippy::arc_with_non_send_sync)]
         Gpu(Arc::new(SharedGpu {
             device: self.device.clone(),
             queue: self.queue.clone(),
             adapter_info: self.adapter_info.clone(),
             limits,
+            shader_f16: self.shader_f16,
+            half_arithmetic,
             compiled: Mutex::default(),
             scratch: Mutex::default(),
         }))
@@ -126,8 +158,12 @@ impl Gpu {
                 vendor => format!("vendor {vendor:#x}"),
             });
         let max_binding = self.limits.max_storage_buffer_binding_size >> 20;
+        let arithmetic = match self.half_arithmetic {
+            true => ", fp16 weights computed in f16",
+            false => "",
+        };
         format!(
-            "{name} ({:?}, {:?}, {max_binding} MiB per binding)",
+            "{name} ({:?}, {:?}, {max_binding} MiB per binding{arithmetic})",
             info.backend, info.device_type
         )
     }

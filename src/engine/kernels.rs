@@ -35,8 +35,14 @@ pub enum Shader {
 }
 
 impl Shader {
-    fn source(self) -> String {
-        let gemm = include_str!("kernels/gemm.wgsl");
+    /// The module's WGSL. The GEMM core (MatMul, Conv) starts with the prelude of its
+    /// arithmetic: `Stage`, the type of its workgroup tiles, and `accumulate`.
+    fn source(self, half_arithmetic: bool) -> String {
+        let prelude = match half_arithmetic {
+            true => include_str!("kernels/gemm_f16.wgsl"),
+            false => include_str!("kernels/gemm_f32.wgsl"),
+        };
+        let gemm = format!("{prelude}\n{}", include_str!("kernels/gemm.wgsl"));
         match self {
             Shader::Elementwise => include_str!("kernels/elementwise.wgsl").into(),
             Shader::Copy => include_str!("kernels/copy.wgsl").into(),
@@ -59,7 +65,7 @@ impl Shader {
 
 /// A shader specialised by its override constants: `OP`, if it has one, and for MatMul and
 /// Conv `HALF_WEIGHTS` (B, or the filter, stored as packed f16 pairs) and `NARROW` (64x16
-/// output tiles, for products a few columns wide).
+/// output tiles, for products a few columns wide); and for those two, by its arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {
     pub shader: Shader,
@@ -68,6 +74,9 @@ pub struct KernelKey {
     pub narrow: bool,
     /// MatMul only: computed transposed (`SWAPPED` in matmul.wgsl).
     pub swapped: bool,
+    /// MatMul and Conv with half weights, on a device with `shader-f16`: tiles staged as
+    /// f16 and products summed in f16 four at a time, accumulated in f32 (gemm_f16.wgsl).
+    pub half_arithmetic: bool,
 }
 
 /// Output columns per workgroup of the GEMM core (gemm.wgsl), and whether a product `n`
@@ -85,6 +94,7 @@ impl From<Shader> for KernelKey {
             half_weights: false,
             narrow: false,
             swapped: false,
+            half_arithmetic: false,
         }
     }
 }
@@ -164,17 +174,18 @@ pub fn grid(groups: usize, max_per_dim: u32) -> [u32; 3] {
 /// Compiled pipelines of one session, created on first use and then reused.
 #[derive(Default)]
 pub struct Pipelines {
-    modules: HashMap<Shader, wgpu::ShaderModule>,
+    modules: HashMap<(Shader, bool), wgpu::ShaderModule>,
     pipelines: HashMap<KernelKey, wgpu::ComputePipeline>,
 }
 
 impl Pipelines {
     pub fn get(&mut self, device: &wgpu::Device, key: KernelKey) -> &wgpu::ComputePipeline {
         if !self.pipelines.contains_key(&key) {
-            let module = self.modules.entry(key.shader).or_insert_with(|| {
+            let source = (key.shader, key.half_arithmetic);
+            let module = self.modules.entry(source).or_insert_with(|| {
                 device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(&format!("{:?}", key.shader)),
-                    source: wgpu::ShaderSource::Wgsl(key.shader.source().into()),
+                    source: wgpu::ShaderSource::Wgsl(key.shader.source(source.1).into()),
                 })
             });
             let mut constants: Vec<(&str, f64)> =

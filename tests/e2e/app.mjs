@@ -69,6 +69,7 @@ await step("generates with the bundled model, previews, download, cache", () => 
   assert.match(await page.locator("#step-status").innerText(), /Done: seed 9000/);
   assert.match(await page.locator("#timings").innerText(), /UNet steps\s+6 ×/);
   assert.match(await page.locator("#timings").innerText(), /GPU memory\s+[1-9]\d* MiB/);
+  assert.match(await page.locator("#timings").innerText(), /WebAssembly memory\s+[1-9]\d* MiB/);
   const [download] = await Promise.all([page.waitForEvent("download"), page.click("#download")]);
   const file = path.join(outDir, "download.png");
   await download.saveAs(file);

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 use websd::bench::{Work, sd15_cases, time_case, time_session};
-use websd::engine::{Gpu, Session, ceiling};
+use websd::engine::{Session, ceiling};
 
 use crate::run::load_model;
 
@@ -28,13 +28,22 @@ pub struct BenchArgs {
     /// Prints one JSON object (for tracking) instead of the table.
     #[arg(long)]
     json: bool,
+    /// Stores the convolutions' and linear layers' weights as f16, as an fp16 export does
+    /// (computed in f16 where the device does that: see --f16-arithmetic).
+    #[arg(long)]
+    f16: bool,
 }
 
 pub async fn bench(args: BenchArgs) -> Result<(), String> {
-    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    let gpu = crate::open_gpu().await?;
     let ceilings = ceiling::measure(&gpu).await.map_err(|e| e.to_string())?;
     if !args.json {
         println!("adapter: {}", gpu.describe());
+        println!(
+            "weights: {}, products with f16 weights computed in {}",
+            if args.f16 { "f16" } else { "f32" },
+            if gpu.half_arithmetic { "f16" } else { "f32" }
+        );
         println!(
             "ceilings: {:.1} GFLOP/s (vec4 FMA chains), {:.1} GB/s (copy)",
             ceilings.gflops, ceilings.gbytes_per_s
@@ -53,7 +62,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
         {
             continue;
         }
-        let timing = time_case(&gpu, &case, &ceilings, args.repeat)
+        let timing = time_case(&gpu, &case, args.f16, &ceilings, args.repeat)
             .await
             .map_err(|e| format!("{family} {shape}: {e}"))?;
         let unit = match case.work() {
@@ -97,6 +106,8 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
     if args.json {
         let report = json!({
             "adapter": gpu.describe(),
+            "f16_weights": args.f16,
+            "f16_arithmetic": gpu.half_arithmetic,
             "ceilings": { "gflops": ceilings.gflops, "gbytes_per_s": ceilings.gbytes_per_s },
             "cases": cases,
             "graphs": graphs,

@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use websd::engine::Gpu;
 use websd::image::RgbaImage;
 use websd::lora::Lora;
 use websd::pipeline::{Control, Edit, EditProgress, EditSettings, Request, StepEvent, TuneLayers};
@@ -117,7 +116,7 @@ impl EditArgs {
 pub async fn edit(args: EditArgs) -> Result<(), String> {
     let scheduler = parse_scheduler(args.scheduler.as_deref())?;
     let source = args.image.as_deref().map(read_image).transpose()?;
-    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    let gpu = crate::open_gpu().await?;
     eprintln!("adapter: {}", gpu.describe());
     let mut pipeline = load(&gpu, &args.model).await?;
 

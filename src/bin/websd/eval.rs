@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use clap::Args;
-use websd::engine::Gpu;
 use websd::eval::{Benchmark, Outcome, Report};
 use websd::image::RgbaImage;
 use websd::model::Directory;
@@ -42,7 +41,7 @@ pub struct EvalArgs {
 
 pub async fn eval(args: EvalArgs) -> Result<(), String> {
     let scheduler = parse_scheduler(args.scheduler.as_deref())?;
-    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    let gpu = crate::open_gpu().await?;
     eprintln!("adapter: {}", gpu.describe());
     let folder = args.model.display().to_string();
     let mut pipeline = load(&gpu, &args.model).await?;

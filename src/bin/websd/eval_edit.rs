@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use clap::Args;
-use websd::engine::Gpu;
 use websd::eval::{Benchmark, EditBenchmark, EditMethod, EditOutcome};
 use websd::image::RgbaImage;
 use websd::model::Directory;
@@ -80,7 +79,7 @@ impl EvalEditArgs {
 
 pub async fn eval_edit(args: EvalEditArgs) -> Result<(), String> {
     let method = args.method()?;
-    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    let gpu = crate::open_gpu().await?;
     eprintln!("adapter: {}", gpu.describe());
     let mut pipeline = load(&gpu, &args.model).await?;
     let files = Rc::new(Directory(args.benchmark.clone()));

@@ -136,7 +136,7 @@ pub async fn generate(args: GenerateArgs) -> Result<(), String> {
         ..Request::default()
     };
 
-    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    let gpu = crate::open_gpu().await?;
     eprintln!("adapter: {}", gpu.describe());
     let mut pipeline = load(&gpu, &args.model).await?;
     pipeline.set_low_memory(args.low_memory);

@@ -31,6 +31,21 @@ fn main() -> std::process::ExitCode {
     cli::main()
 }
 
+/// Whether products with fp16 weights compute in f16 (`--f16-arithmetic`); `None`: the
+/// device's default (see `Gpu::half_arithmetic`).
+#[cfg(not(target_arch = "wasm32"))]
+static HALF_ARITHMETIC: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+
+/// Opens the default adapter, with the arithmetic the command line chose.
+#[cfg(not(target_arch = "wasm32"))]
+async fn open_gpu() -> Result<websd::engine::Gpu, String> {
+    let gpu = websd::engine::Gpu::new().await.map_err(|e| e.to_string())?;
+    match HALF_ARITHMETIC.get().copied().flatten() {
+        Some(on) => gpu.with_half_arithmetic(on).map_err(|e| e.to_string()),
+        None => Ok(gpu),
+    }
+}
+
 #[cfg(not(target_arch = "wasm32"))]
 mod cli {
     use std::path::PathBuf;
@@ -54,6 +69,18 @@ mod cli {
     struct Cli {
         #[command(subcommand)]
         command: Command,
+        /// Products with fp16 weights (MatMul, Conv) computed in f16, accumulated in f32:
+        /// `on` or `off`; by default on where the device has shader-f16 and is a GPU.
+        #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
+        f16_arithmetic: Option<bool>,
+    }
+
+    fn parse_on_off(s: &str) -> Result<bool, String> {
+        match s {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err(format!("expected on or off, not `{s}`")),
+        }
     }
 
     #[derive(Subcommand)]
@@ -117,7 +144,9 @@ mod cli {
 
     pub fn main() -> ExitCode {
         stderr_logger();
-        let result = match Cli::parse().command {
+        let cli = Cli::parse();
+        let _ = crate::HALF_ARITHMETIC.set(cli.f16_arithmetic);
+        let result = match cli.command {
             Command::Run {
                 model,
                 dims,

@@ -38,7 +38,7 @@ pub async fn run(
     out: &Path,
     options: RunOptions,
 ) -> Result<(), String> {
-    let gpu = Gpu::new().await.map_err(|e| e.to_string())?;
+    let gpu = crate::open_gpu().await?;
     eprintln!("adapter: {}", gpu.describe());
     let model = load_model(model_path).await?;
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();

@@ -6,6 +6,9 @@
 //   convolution resolves their pixel coordinates once, not per element);
 // - `load_b4(k)`: B[k, n..n+3] for those columns, zero past `gemm_n()`;
 // - `store4(m, n, values)`: C[m, n..n+3], writing only columns below `gemm_n()`.
+// A prelude before it (gemm_f32.wgsl or gemm_f16.wgsl) gives the arithmetic: `Stage`, the
+// element type of the workgroup tiles, and `accumulate`, which adds a k-quad's products to
+// an f32 accumulator.
 //
 // Each workgroup of 64 threads computes a 64x64 output tile, each thread an 8x8 block
 // (rows 4y..4y+3 and 32+4y.., columns 4x.. and 32+4x..: split so that neighbouring threads
@@ -26,8 +29,8 @@ override NARROW: bool = false;
 override TILE_N: u32 = select(64u, 16u, NARROW);
 override B_QUADS: u32 = TILE_N / 4u; // vec4s per staged row of B
 
-var<workgroup> tile_a: array<vec4<f32>, 320>; // [TILE m][A_STRIDE]: 4 consecutive k per vector
-var<workgroup> tile_b: array<vec4<f32>, 256>; // [DEPTH k][B_QUADS]: 4 consecutive n per vector
+var<workgroup> tile_a: array<vec4<Stage>, 320>; // [TILE m][A_STRIDE]: 4 consecutive k per vector
+var<workgroup> tile_b: array<vec4<Stage>, 256>; // [DEPTH k][B_QUADS]: 4 consecutive n per vector
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
@@ -61,14 +64,14 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             if row0 + m < m_size {
                 va = load_a4(row0 + m, k0 + a_k);
             }
-            tile_a[m * A_STRIDE + a_k / 4u] = va;
+            tile_a[m * A_STRIDE + a_k / 4u] = vec4<Stage>(va);
         }
         for (var kb = b_k; kb < DEPTH; kb += b_step) {
             var vb = vec4<f32>();
             if k0 + kb < k_size {
                 vb = load_b4(k0 + kb);
             }
-            tile_b[kb * B_QUADS + b_n / 4u] = vb;
+            tile_b[kb * B_QUADS + b_n / 4u] = vec4<Stage>(vb);
         }
         workgroupBarrier();
         for (var q = 0u; q < DEPTH / 4u; q++) {
@@ -77,33 +80,39 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             let a1 = tile_a[r0 + A_STRIDE];
             let a2 = tile_a[r0 + 2u * A_STRIDE];
             let a3 = tile_a[r0 + 3u * A_STRIDE];
-            if NARROW {
-                for (var j = 0u; j < 4u; j++) {
-                    let b0 = tile_b[(q * 4u + j) * B_QUADS + x];
-                    c00 += a0[j] * b0;
-                    c10 += a1[j] * b0;
-                    c20 += a2[j] * b0;
-                    c30 += a3[j] * b0;
-                }
-            } else {
+            // B's four rows of this k-quad, at the thread's first column quad.
+            let b = q * 4u * B_QUADS + x;
+            let b0 = tile_b[b];
+            let b1 = tile_b[b + B_QUADS];
+            let b2 = tile_b[b + 2u * B_QUADS];
+            let b3 = tile_b[b + 3u * B_QUADS];
+            c00 = accumulate(c00, a0, b0, b1, b2, b3);
+            c10 = accumulate(c10, a1, b0, b1, b2, b3);
+            c20 = accumulate(c20, a2, b0, b1, b2, b3);
+            c30 = accumulate(c30, a3, b0, b1, b2, b3);
+            if !NARROW {
                 let r4 = (32u + y * 4u) * A_STRIDE + q;
                 let a4 = tile_a[r4];
                 let a5 = tile_a[r4 + A_STRIDE];
                 let a6 = tile_a[r4 + 2u * A_STRIDE];
                 let a7 = tile_a[r4 + 3u * A_STRIDE];
-                for (var j = 0u; j < 4u; j++) {
-                    let k = q * 4u + j;
-                    let b0 = tile_b[k * B_QUADS + x];
-                    let b1 = tile_b[k * B_QUADS + 8u + x];
-                    c00 += a0[j] * b0; c01 += a0[j] * b1;
-                    c10 += a1[j] * b0; c11 += a1[j] * b1;
-                    c20 += a2[j] * b0; c21 += a2[j] * b1;
-                    c30 += a3[j] * b0; c31 += a3[j] * b1;
-                    c40 += a4[j] * b0; c41 += a4[j] * b1;
-                    c50 += a5[j] * b0; c51 += a5[j] * b1;
-                    c60 += a6[j] * b0; c61 += a6[j] * b1;
-                    c70 += a7[j] * b0; c71 += a7[j] * b1;
-                }
+                c40 = accumulate(c40, a4, b0, b1, b2, b3);
+                c50 = accumulate(c50, a5, b0, b1, b2, b3);
+                c60 = accumulate(c60, a6, b0, b1, b2, b3);
+                c70 = accumulate(c70, a7, b0, b1, b2, b3);
+                // The second column quad, 32 columns on.
+                let e0 = tile_b[b + 8u];
+                let e1 = tile_b[b + 8u + B_QUADS];
+                let e2 = tile_b[b + 8u + 2u * B_QUADS];
+                let e3 = tile_b[b + 8u + 3u * B_QUADS];
+                c01 = accumulate(c01, a0, e0, e1, e2, e3);
+                c11 = accumulate(c11, a1, e0, e1, e2, e3);
+                c21 = accumulate(c21, a2, e0, e1, e2, e3);
+                c31 = accumulate(c31, a3, e0, e1, e2, e3);
+                c41 = accumulate(c41, a4, e0, e1, e2, e3);
+                c51 = accumulate(c51, a5, e0, e1, e2, e3);
+                c61 = accumulate(c61, a6, e0, e1, e2, e3);
+                c71 = accumulate(c71, a7, e0, e1, e2, e3);
             }
         }
         workgroupBarrier();

@@ -91,9 +91,8 @@ impl Lowering<'_> {
             Operand::Value(bias.unwrap_or(weight)),
         ];
         let kernel = KernelKey {
-            half_weights: self.halves[weight],
             narrow,
-            ..Shader::Conv.into()
+            ..self.gemm_kernel(Shader::Conv, weight)
         };
         Ok(vec![self.launch(kernel, params, out, inputs, groups)])
     }
@@ -166,10 +165,7 @@ impl Lowering<'_> {
             }
         }
         let (image_len, out_len) = (g.in_channels * in_plane, g.out_channels * out_plane);
-        let kernel = KernelKey {
-            half_weights: self.halves[weight],
-            ..Shader::Conv.into()
-        };
+        let kernel = self.gemm_kernel(Shader::Conv, weight);
         let mut launches = Vec::new();
         for n in 0..g.batch {
             for part in &parts {

@@ -106,9 +106,8 @@ impl Lowering<'_> {
             .all(|&v| numel(self.shape(v)) <= self.max_binding);
         let (tile_columns, narrow) = gemm_tile_columns(n);
         let kernel = KernelKey {
-            half_weights: self.halves[b],
             narrow,
-            ..Shader::MatMul.into()
+            ..self.gemm_kernel(Shader::MatMul, b)
         };
         if fits {
             // Few rows, many columns: computed transposed, its rows on the narrow tiles.

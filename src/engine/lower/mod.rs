@@ -15,7 +15,7 @@ use std::ops::Range;
 
 use super::graph::{Graph, Node, ValueId};
 use super::infer::{self, InputInfo};
-use super::kernels::{KernelKey, LINEAR_WORKGROUP, Launch, Operand, Params, grid};
+use super::kernels::{KernelKey, LINEAR_WORKGROUP, Launch, Operand, Params, Shader, grid};
 use super::ops::{Op, ReduceOp, UnaryOp, WHERE_CODE, normalize_axis};
 use super::tensor::{DType, Storage, numel};
 
@@ -34,6 +34,8 @@ pub struct Lowering<'g> {
     graph: &'g Graph,
     /// Per value: an fp16 weight the GPU keeps as packed halves (see `half_weights`).
     halves: &'g [bool],
+    /// Whether products with half weights compute in f16 (`KernelKey::half_arithmetic`).
+    half_arithmetic: bool,
     max_groups: u32,
     /// Elements one storage binding may hold.
     max_binding: usize,
@@ -86,13 +88,30 @@ pub fn half_weights(graph: &Graph) -> Vec<bool> {
 }
 
 impl<'g> Lowering<'g> {
-    pub fn new(graph: &'g Graph, halves: &'g [bool], limits: &wgpu::Limits) -> Self {
+    pub fn new(
+        graph: &'g Graph,
+        halves: &'g [bool],
+        half_arithmetic: bool,
+        limits: &wgpu::Limits,
+    ) -> Self {
         Lowering {
             graph,
             halves,
+            half_arithmetic,
             max_groups: limits.max_compute_workgroups_per_dimension,
             max_binding: (limits.max_storage_buffer_binding_size / 4) as usize,
             align: (limits.min_storage_buffer_offset_alignment / 4).max(1) as usize,
+        }
+    }
+
+    /// The GEMM kernel (MatMul or Conv) reading `weight` as its B or filter: packed halves
+    /// if the weight is kept so, and then f16 arithmetic where the device does it.
+    fn gemm_kernel(&self, shader: Shader, weight: ValueId) -> KernelKey {
+        let half_weights = self.halves[weight];
+        KernelKey {
+            half_weights,
+            half_arithmetic: half_weights && self.half_arithmetic,
+            ..shader.into()
         }
     }
 

@@ -72,7 +72,12 @@ impl<'g> Builder<'g> {
     }
 
     pub(super) async fn build(mut self, source: Option<&dyn FileSource>) -> Result<Session> {
-        let lowering = Lowering::new(self.graph, &self.halves, &self.gpu.limits);
+        let lowering = Lowering::new(
+            self.graph,
+            &self.halves,
+            self.gpu.half_arithmetic,
+            &self.gpu.limits,
+        );
         let mut per_node = Vec::with_capacity(self.graph.nodes.len());
         for node in &self.graph.nodes {
             let lowered = lowering.lower(node).map_err(|reason| Error::Node {

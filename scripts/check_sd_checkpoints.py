@@ -7,7 +7,8 @@ its GPU memory. Too slow for CI (exports take minutes, an SD UNet on lavapipe a 
 more); run it before changing loading or memory code:
 
     python scripts/check_sd_checkpoints.py WORK [--websd target/release/websd]
-        [--versions 1.5,2.1] [--dtypes fp32,fp16] [--latent 8]
+        [--versions 1.5,2.1] [--dtypes fp32,fp16] [--latent 8] [--graphs unet,...]
+        [--f16-arithmetic on|off]
 
 Needs torch, diffusers, transformers, optimum-onnx and onnxruntime. The tokenizer is the
 real CLIP vocabulary from tests/fixtures/tiny-sd. Exits non-zero if a graph fails to load
@@ -91,8 +92,10 @@ def inputs_for(model, graph, latent, hidden):
     return feeds
 
 
-def run_websd(websd, model, feeds, work):
+def run_websd(websd, model, feeds, work, f16_arithmetic=None):
     args = [websd, "run", model, "--output-dir", os.path.join(work, "out")]
+    if f16_arithmetic:
+        args += ["--f16-arithmetic", f16_arithmetic]
     for name, value in feeds.items():
         path = os.path.join(work, f"{name}.npy")
         np.save(path, value)
@@ -121,6 +124,9 @@ def main():
     args.add_argument("--versions", default="1.5,2.1")
     args.add_argument("--dtypes", default="fp32,fp16")
     args.add_argument("--latent", type=int, default=8)
+    args.add_argument("--graphs", default="text_encoder,unet,vae_decoder")
+    args.add_argument("--f16-arithmetic", choices=["on", "off"],
+                      help="how websd computes products with fp16 weights (default: the device's choice)")
     opts = args.parse_args()
     results, failed = [], False
     for version in opts.versions.split(","):
@@ -133,14 +139,14 @@ def main():
             out = os.path.join(opts.work, f"sd{version}-{dtype}")
             if not os.path.exists(os.path.join(out, "unet", "model.onnx")):
                 export(folder, out, dtype)
-            for graph in ["text_encoder", "unet", "vae_decoder"]:
+            for graph in opts.graphs.split(","):
                 model = os.path.join(out, graph, "model.onnx")
                 feeds = inputs_for(model, graph, opts.latent, hidden)
                 expected, ort_seconds = onnxruntime(model, feeds)
                 work = os.path.join(opts.work, "run", f"sd{version}-{dtype}-{graph}")
                 shutil.rmtree(work, ignore_errors=True)
                 os.makedirs(work)
-                actual, websd_seconds, memory = run_websd(opts.websd, model, feeds, work)
+                actual, websd_seconds, memory = run_websd(opts.websd, model, feeds, work, opts.f16_arithmetic)
                 name = next(iter(expected))
                 row = {"model": f"SD {version} {dtype}", "graph": graph, "onnxruntime_s": round(ort_seconds, 2),
                        "websd_s": round(websd_seconds, 2), "memory": memory}

@@ -238,6 +238,7 @@ async function optimize() {
       seed: Number($("seed").value),
       embedSteps,
       tuneSteps,
+      tuneLayers: $("edit-tune-layers").value,
     }, (p) => {
       bar.value = (p.stage === "embedding" ? 0 : embedSteps) + p.step;
       $("edit-status").textContent = `${p.stage} step ${p.step} / ${p.total}: loss ${p.loss.toFixed(4)} (${p.stepMs.toFixed(0)} ms)`;

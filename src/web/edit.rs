@@ -8,7 +8,7 @@ use wasm_bindgen_futures::future_to_promise;
 
 use super::{App, js_error, set};
 use crate::image::RgbaImage;
-use crate::pipeline::{Control, Edit, EditProgress, EditSettings};
+use crate::pipeline::{Control, Edit, EditProgress, EditSettings, TuneLayers};
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -21,6 +21,8 @@ struct EditParams {
     tune_steps: Option<usize>,
     tune_lr: Option<f32>,
     lora_rank: Option<usize>,
+    /// "attention" or "all" (`TuneLayers::parse`).
+    tune_layers: Option<String>,
 }
 
 impl EditParams {
@@ -39,6 +41,10 @@ impl EditParams {
             tune_steps: self.tune_steps.unwrap_or(defaults.tune_steps),
             tune_lr: self.tune_lr.unwrap_or(defaults.tune_lr),
             lora_rank: self.lora_rank.unwrap_or(defaults.lora_rank),
+            tune_layers: match &self.tune_layers {
+                Some(name) => TuneLayers::parse(name).map_err(js_error)?,
+                None => defaults.tune_layers,
+            },
             ..defaults
         })
     }
@@ -60,9 +66,9 @@ fn edit_info(edit: &Edit) -> Result<JsValue, JsValue> {
 #[wasm_bindgen]
 impl App {
     /// Optimises an Imagic edit of `params.image` (PNG/JPEG bytes) towards `params.prompt`:
-    /// {image, prompt, seed, embedSteps, embedLr, tuneSteps, tuneLr, loraRank}. `on_step`
-    /// gets {stage ("embedding" or "fine-tuning"), step, total, loss, stepMs, gpuMemoryBytes}
-    /// after every step; `cancel()` stops it. The edit is kept for `generate({eta})` and
+    /// {image, prompt, seed, embedSteps, embedLr, tuneSteps, tuneLr, loraRank, tuneLayers
+    /// ("attention" or "all")}. `on_step` gets {stage ("embedding" or "fine-tuning"), step,
+    /// total, loss, stepMs, gpuMemoryBytes} after every step; `cancel()` stops it. The edit is kept for `generate({eta})` and
     /// resolves to its description (see `loadEdit`).
     #[wasm_bindgen(js_name = optimizeEdit)]
     pub fn optimize_edit(&self, params: JsValue, on_step: Function) -> js_sys::Promise {

@@ -153,9 +153,10 @@ await step("edits a picture (Imagic): optimize, cancel, eta strip, edit file", (
   await page.click("#cancel");
   await page.locator("#message", { hasText: "cancelled" }).waitFor({ timeout: 60_000 });
   assert.equal(await page.locator("#optimize").isDisabled(), false);
-  // A short edit: both stages report their loss, then the edit is drawn.
+  // A short edit of every layer: both stages report their loss, then the edit is drawn.
   await page.fill("#edit-embed-steps", "3");
   await page.fill("#edit-tune-steps", "2");
+  await page.selectOption("#edit-tune-layers", "all");
   const stages = new Map();
   const watch = setInterval(async () => {
     const text = await page.locator("#edit-status").innerText().catch(() => "");
@@ -172,7 +173,7 @@ await step("edits a picture (Imagic): optimize, cancel, eta strip, edit file", (
   const editFile = path.join(outDir, "edit.safetensors");
   await editDownload.saveAs(editFile);
   const edit = fs.readFileSync(editFile);
-  for (const key of ["imagic.target_embedding", "imagic.optimized_embedding", "lora_A.weight", "lora_adapter_metadata"]) {
+  for (const key of ["imagic.target_embedding", "imagic.optimized_embedding", "lora_A.weight", "lora_adapter_metadata", "unet.conv_in.lora_A.weight"]) {
     assert.ok(edit.includes(Buffer.from(key)), `the edit file lacks ${key}`);
   }
   // Letting go of the slider redraws; the strip shows the edit across eta.

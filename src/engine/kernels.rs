@@ -35,21 +35,27 @@ pub enum Shader {
 }
 
 impl Shader {
-    /// The module's WGSL. The GEMM core (MatMul, Conv) starts with the prelude of its
-    /// arithmetic: `Stage`, the type of its workgroup tiles, and `accumulate`.
+    /// The module's WGSL. The GEMM kernels (MatMul, Conv) are the prelude of their
+    /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), the GEMM
+    /// core, then their operands' readers.
     fn source(self, half_arithmetic: bool) -> String {
-        let prelude = match half_arithmetic {
-            true => include_str!("kernels/gemm_f16.wgsl"),
-            false => include_str!("kernels/gemm_f32.wgsl"),
+        let gemm = |operands: &str| {
+            let prelude = match half_arithmetic {
+                true => include_str!("kernels/gemm_f16.wgsl"),
+                false => include_str!("kernels/gemm_f32.wgsl"),
+            };
+            format!(
+                "{prelude}\n{}\n{operands}",
+                include_str!("kernels/gemm.wgsl")
+            )
         };
-        let gemm = format!("{prelude}\n{}", include_str!("kernels/gemm.wgsl"));
         match self {
             Shader::Elementwise => include_str!("kernels/elementwise.wgsl").into(),
             Shader::Copy => include_str!("kernels/copy.wgsl").into(),
             Shader::Fill => include_str!("kernels/fill.wgsl").into(),
             Shader::Gather => include_str!("kernels/gather.wgsl").into(),
-            Shader::MatMul => format!("{gemm}\n{}", include_str!("kernels/matmul.wgsl")),
-            Shader::Conv => format!("{gemm}\n{}", include_str!("kernels/conv.wgsl")),
+            Shader::MatMul => gemm(include_str!("kernels/matmul.wgsl")),
+            Shader::Conv => gemm(include_str!("kernels/conv.wgsl")),
             Shader::Norm => include_str!("kernels/norm.wgsl").into(),
             Shader::Softmax => include_str!("kernels/softmax.wgsl").into(),
             Shader::Reduce => include_str!("kernels/reduce.wgsl").into(),

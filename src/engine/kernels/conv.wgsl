@@ -1,11 +1,14 @@
-// 2-D convolution as an implicit GEMM per (image, group): M = output channels of the group,
-// N = output pixels, K = input channels of the group x kernel taps. Input patches are read
-// straight from the image (no im2col buffer); padding reads as zero. Bias is fused.
+// 2-D convolution as an implicit GEMM per group: M = output channels of the group, N = the
+// output pixels of every image (the batch folded into the columns, so a filter is staged
+// once for all images: at a UNet's 1-4 pixel levels, per-image columns would be mostly
+// padding), K = input channels of the group x kernel taps. Input patches are read straight
+// from the images (no im2col buffer); padding reads as zero. Bias is fused.
 // `accumulate` adds to what the output holds: a convolution too large for one binding runs
 // as launches over runs of input channels that sum into the output, each reading its
 // window of the filter in place.
 
 struct Params {
+    images: u32,
     in_channels: u32,
     in_h: u32,
     in_w: u32,
@@ -56,16 +59,14 @@ var<private> first_out_channel: u32;
 fn group_out_channels() -> u32 { return p.out_channels / p.groups; }
 fn group_in_channels() -> u32 { return p.in_channels / p.groups; }
 
-fn begin(batch_group: u32) {
-    let image_index = batch_group / p.groups;
-    let group = batch_group % p.groups;
-    image_start = p.in_base + (image_index * p.in_channels + group * group_in_channels()) * p.in_h * p.in_w;
+fn begin(group: u32) {
+    image_start = p.in_base + group * group_in_channels() * p.in_h * p.in_w;
     first_out_channel = group * group_out_channels();
-    out_start = p.out_base + (image_index * p.out_channels + first_out_channel) * p.out_h * p.out_w;
+    out_start = p.out_base + first_out_channel * p.out_h * p.out_w;
 }
 
 fn gemm_m() -> u32 { return group_out_channels(); }
-fn gemm_n() -> u32 { return p.out_h * p.out_w; }
+fn gemm_n() -> u32 { return p.images * p.out_h * p.out_w; }
 fn gemm_k() -> u32 { return group_in_channels() * p.kernel_h * p.kernel_w; }
 
 fn load_a4(m: u32, k: u32) -> vec4<f32> {
@@ -79,16 +80,20 @@ fn load_a4(m: u32, k: u32) -> vec4<f32> {
     return v;
 }
 
-// Top-left input coordinates (before the tap offset) of the 4 staged output columns, and
-// which of them exist.
+// The 4 staged output columns: where their image starts, the top-left input coordinates
+// of their patch (before the tap offset), and which of them exist.
+var<private> column_image: vec4<u32>;
 var<private> column_y: vec4<i32>;
 var<private> column_x: vec4<i32>;
 var<private> column_live: vec4<bool>;
 
 fn begin_columns(n: u32) {
+    let pixels = p.out_h * p.out_w;
     for (var j = 0u; j < 4u; j++) {
-        let pixel = n + j;
-        column_live[j] = pixel < gemm_n();
+        let column = n + j;
+        let pixel = column % pixels;
+        column_live[j] = column < gemm_n();
+        column_image[j] = (column / pixels) * p.in_channels * p.in_h * p.in_w;
         column_y[j] = i32((pixel / p.out_w) * p.stride_h) - i32(p.pad_h);
         column_x[j] = i32((pixel % p.out_w) * p.stride_w) - i32(p.pad_w);
     }
@@ -106,7 +111,7 @@ fn load_b4(k: u32) -> vec4<f32> {
         let y = column_y[j] + dy;
         let x = column_x[j] + dx;
         if column_live[j] && y >= 0 && x >= 0 && y < i32(p.in_h) && x < i32(p.in_w) {
-            v[j] = image[plane + u32(y) * p.in_w + u32(x)];
+            v[j] = image[column_image[j] + plane + u32(y) * p.in_w + u32(x)];
         }
     }
     return v;
@@ -117,14 +122,17 @@ fn store4(m: u32, n: u32, values: vec4<f32>) {
     if p.has_bias != 0u {
         bias_value = bias[first_out_channel + m];
     }
-    let row = out_start + m * p.out_h * p.out_w;
+    let pixels = p.out_h * p.out_w;
+    let row = out_start + m * pixels;
     for (var j = 0u; j < 4u; j++) {
-        if n + j < gemm_n() {
+        let column = n + j;
+        if column < gemm_n() {
+            let at = row + (column / pixels) * p.out_channels * pixels + column % pixels;
             var v = values[j] + bias_value;
             if p.accumulate != 0u {
-                v += out[row + n + j];
+                v += out[at];
             }
-            out[row + n + j] = v;
+            out[at] = v;
         }
     }
 }

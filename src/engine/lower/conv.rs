@@ -40,6 +40,7 @@ fn filter_row(g: &ConvGeometry) -> usize {
 /// conv.wgsl's parameters for `g`.
 fn conv_params(g: &ConvGeometry, has_bias: bool, accumulate: bool, bases: Bases) -> Params {
     Params::default()
+        .u(g.batch)
         .u(g.in_channels)
         .u(g.in_h)
         .u(g.in_w)
@@ -79,11 +80,12 @@ impl Lowering<'_> {
             return self.conv_in_parts(&g, image, weight, bias, out);
         }
         let params = conv_params(&g, bias.is_some(), false, Bases::whole(&g));
-        let (tile_columns, narrow) = gemm_tile_columns(g.out_h * g.out_w);
+        let columns = g.batch * g.out_h * g.out_w;
+        let (tile_columns, narrow) = gemm_tile_columns(columns);
         let groups = [
-            (g.out_h * g.out_w).div_ceil(tile_columns) as u32,
+            columns.div_ceil(tile_columns) as u32,
             (g.out_channels / g.group).div_ceil(64) as u32,
-            (g.batch * g.group) as u32,
+            g.group as u32,
         ];
         let inputs = vec![
             Operand::Value(image),

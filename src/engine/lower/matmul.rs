@@ -29,6 +29,19 @@ impl Lowering<'_> {
             [k] => vec![*k, 1],
             s => s.to_vec(),
         };
+        // One B for every matrix of A (a linear layer's weight): A's batch folds into its
+        // rows, one product of batch x M rows, so B is staged once for all of them (and the
+        // few-row products at a UNet's smallest levels get rows enough to fill a tile).
+        let bias_per_row = node.inputs.get(2).copied().flatten().is_some_and(|c| {
+            let s = self.shape(c);
+            s.len() >= 2 && s[s.len() - 2] > 1
+        });
+        let a_shape = if !trans_a && !bias_per_row && numel(&b_shape[..b_shape.len() - 2]) == 1 {
+            let k = a_shape[a_shape.len() - 1];
+            vec![numel(&a_shape) / k, k]
+        } else {
+            a_shape
+        };
         let (ar, br) = (a_shape.len(), b_shape.len());
         let (a_strides, b_strides) = (contiguous_strides(&a_shape), contiguous_strides(&b_shape));
         let (m, k, a_m, a_k) = if trans_a {

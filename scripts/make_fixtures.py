@@ -473,9 +473,30 @@ def attention_cases():
     large_external_data_case()
 
 
+def narrow_tile_cases():
+    """Products a few columns wide (the GEMM core's 4-, 8- and 16-column tiles) and batches
+    folded into one product: convolutions whose columns span images, MatMuls whose batch
+    becomes rows. A generator of their own, so the cases above keep their data."""
+    local = np.random.default_rng(77)
+    f = lambda *shape: local.uniform(-2.0, 2.0, shape).astype(np.float32)
+    op_case("matmul_fold_2_rows", "MatMul", [("a", f(2, 1, 50)), ("b", f(50, 90))])
+    op_case("matmul_fold_6_rows", "MatMul", [("a", f(2, 3, 40)), ("b", f(40, 70))])
+    op_case("matmul_7_columns", "MatMul", [("a", f(70, 33)), ("b", f(33, 7))])
+    op_case("matmul_3_columns", "MatMul", [("a", f(130, 20)), ("b", f(20, 3))])
+    op_case("conv_batch_1px", "Conv", [("x", f(2, 70, 1, 1))], {"pads": [1, 1, 1, 1]},
+            initializers=[("w", f(67, 70, 3, 3)), ("b", f(67))])
+    op_case("conv_batch_2x2", "Conv", [("x", f(2, 24, 2, 2))], {"pads": [1, 1, 1, 1]},
+            initializers=[("w", f(70, 24, 3, 3))])
+    op_case("conv_batch_straddle", "Conv", [("x", f(3, 5, 3, 1))], {"pads": [1, 1, 1, 1]},
+            initializers=[("w", f(7, 5, 3, 3)), ("b", f(7))])
+    op_case("conv_batch_grouped", "Conv", [("x", f(2, 6, 2, 1))], {"group": 2, "pads": [1, 1, 1, 1]},
+            initializers=[("w", f(4, 3, 3, 3))])
+
+
 if __name__ == "__main__":
     tiny_sd(sys.argv[1])
     op_cases()
     binding_split_cases()
     attention_cases()
     symbolic_models()
+    narrow_tile_cases()

@@ -70,14 +70,16 @@ impl Shader {
 }
 
 /// A shader specialised by its override constants: `OP`, if it has one, and for MatMul and
-/// Conv `HALF_WEIGHTS` (B, or the filter, stored as packed f16 pairs) and `NARROW` (64x16
-/// output tiles, for products a few columns wide); and for those two, by its arithmetic.
+/// Conv `HALF_WEIGHTS` (B, or the filter, stored as packed f16 pairs) and `TILE_N` (output
+/// tiles 16, 8 or 4 columns wide instead of 64, for products a few columns wide); and for
+/// those two, by its arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {
     pub shader: Shader,
     pub op: Option<u32>,
     pub half_weights: bool,
-    pub narrow: bool,
+    /// MatMul and Conv: output columns per workgroup (`gemm_tile_columns`).
+    pub tile_columns: u32,
     /// MatMul only: computed transposed (`SWAPPED` in matmul.wgsl).
     pub swapped: bool,
     /// MatMul and Conv with half weights, on a device with `shader-f16`: tiles staged as
@@ -85,11 +87,16 @@ pub struct KernelKey {
     pub half_arithmetic: bool,
 }
 
-/// Output columns per workgroup of the GEMM core (gemm.wgsl), and whether a product `n`
-/// columns wide runs on the narrow tiles: those at most 32 wide, where 64-wide tiles would
-/// compute mostly padding.
-pub fn gemm_tile_columns(n: usize) -> (usize, bool) {
-    if n <= 32 { (16, true) } else { (64, false) }
+/// Output columns per workgroup of the GEMM core (gemm.wgsl) for a product `n` columns
+/// wide: 64, or the narrowest of 16, 8 and 4 that needs no more tiles, so that a product a
+/// few columns wide does not compute mostly padding.
+pub fn gemm_tile_columns(n: usize) -> u32 {
+    match n {
+        0..=4 => 4,
+        5..=8 => 8,
+        9..=32 => 16,
+        _ => 64,
+    }
 }
 
 impl From<Shader> for KernelKey {
@@ -98,7 +105,7 @@ impl From<Shader> for KernelKey {
             shader,
             op: None,
             half_weights: false,
-            narrow: false,
+            tile_columns: 64,
             swapped: false,
             half_arithmetic: false,
         }
@@ -199,8 +206,8 @@ impl Pipelines {
             if key.half_weights {
                 constants.push(("HALF_WEIGHTS", 1.0));
             }
-            if key.narrow {
-                constants.push(("NARROW", 1.0));
+            if key.tile_columns != 64 {
+                constants.push(("TILE_N", key.tile_columns as f64));
             }
             if key.swapped {
                 constants.push(("SWAPPED", 1.0));

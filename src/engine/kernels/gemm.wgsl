@@ -17,16 +17,17 @@
 // SwiftShader). The K loop stages 16-deep slices of A and B in workgroup memory as vec4s,
 // so the inner loop does 64 vector multiply-adds per 16 vector loads.
 //
-// NARROW: a 64x16 tile, each thread a 4x4 block, for products only a few columns wide (the
-// deep, few-pixel levels of a UNet at small latents), where 64 columns would be mostly
-// padding computed for nothing.
+// NARROW tiles, 64 x TILE_N with TILE_N 16, 8 or 4, for products only a few columns wide
+// (the deep, few-pixel levels of a UNet at small latents), where 64 columns would be mostly
+// padding computed for nothing: each thread computes a 4x4 block, so 16 x TILE_N / 4 of
+// the 64 threads compute and the others only help stage the operands.
 
-const TILE: u32 = 64u; // rows of a tile; columns too unless NARROW
+const TILE: u32 = 64u; // rows of a tile
 const DEPTH: u32 = 16u;
 const A_STRIDE: u32 = 5u; // vec4s per staged row of A: DEPTH / 4, padded against bank conflicts
 
-override NARROW: bool = false;
-override TILE_N: u32 = select(64u, 16u, NARROW);
+override TILE_N: u32 = 64u; // columns of a tile
+override NARROW: bool = TILE_N < 64u;
 override B_QUADS: u32 = TILE_N / 4u; // vec4s per staged row of B
 
 var<workgroup> tile_a: array<vec4<Stage>, 320>; // [TILE m][A_STRIDE]: 4 consecutive k per vector
@@ -47,8 +48,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     let b_step = 64u / B_QUADS;
     begin_columns(col0 + b_n);
     // The thread's block: column quad x (and x + 8 unless NARROW), row quad y (and y + 8).
-    let x = lane % select(8u, 4u, NARROW);
-    let y = lane / select(8u, 4u, NARROW);
+    let x = lane % select(8u, B_QUADS, NARROW);
+    let y = lane / select(8u, B_QUADS, NARROW);
+    let computes = !NARROW || y < TILE / 4u;
     var c00 = vec4<f32>(); var c01 = vec4<f32>();
     var c10 = vec4<f32>(); var c11 = vec4<f32>();
     var c20 = vec4<f32>(); var c21 = vec4<f32>();
@@ -74,7 +76,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             tile_b[kb * B_QUADS + b_n / 4u] = vec4<Stage>(vb);
         }
         workgroupBarrier();
-        for (var q = 0u; q < DEPTH / 4u; q++) {
+        for (var q = 0u; q < select(0u, DEPTH / 4u, computes); q++) {
             let r0 = y * 4u * A_STRIDE + q;
             let a0 = tile_a[r0];
             let a1 = tile_a[r0 + A_STRIDE];
@@ -116,6 +118,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             }
         }
         workgroupBarrier();
+    }
+    if !computes {
+        return;
     }
     let m = row0 + y * 4u;
     let n = col0 + x * 4u;

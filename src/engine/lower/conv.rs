@@ -81,9 +81,9 @@ impl Lowering<'_> {
         }
         let params = conv_params(&g, bias.is_some(), false, Bases::whole(&g));
         let columns = g.batch * g.out_h * g.out_w;
-        let (tile_columns, narrow) = gemm_tile_columns(columns);
+        let tile_columns = gemm_tile_columns(columns);
         let groups = [
-            columns.div_ceil(tile_columns) as u32,
+            columns.div_ceil(tile_columns as usize) as u32,
             (g.out_channels / g.group).div_ceil(64) as u32,
             g.group as u32,
         ];
@@ -93,7 +93,7 @@ impl Lowering<'_> {
             Operand::Value(bias.unwrap_or(weight)),
         ];
         let kernel = KernelKey {
-            narrow,
+            tile_columns,
             ..self.gemm_kernel(Shader::Conv, weight)
         };
         Ok(vec![self.launch(kernel, params, out, inputs, groups)])

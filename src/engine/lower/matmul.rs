@@ -117,23 +117,23 @@ impl Lowering<'_> {
             .iter()
             .flatten()
             .all(|&v| numel(self.shape(v)) <= self.max_binding);
-        let (tile_columns, narrow) = gemm_tile_columns(n);
+        let tile_columns = gemm_tile_columns(n);
         let kernel = KernelKey {
-            narrow,
+            tile_columns,
             ..self.gemm_kernel(Shader::MatMul, b)
         };
         if fits {
             // Few rows, many columns: computed transposed, its rows on the narrow tiles.
-            let swapped = !narrow && gemm_tile_columns(m).1;
+            let swapped = tile_columns == 64 && gemm_tile_columns(m) < 64;
             let (gemm_m, gemm_n) = if swapped { (n, m) } else { (m, n) };
-            let (tile_columns, narrow) = gemm_tile_columns(gemm_n);
+            let tile_columns = gemm_tile_columns(gemm_n);
             let kernel = KernelKey {
-                narrow,
+                tile_columns,
                 swapped,
                 ..kernel
             };
             let groups = [
-                gemm_n.div_ceil(tile_columns) as u32,
+                gemm_n.div_ceil(tile_columns as usize) as u32,
                 gemm_m.div_ceil(64) as u32,
                 batch as u32,
             ];
@@ -192,7 +192,7 @@ impl Lowering<'_> {
                         bias.map_or(rows, Operand::Value),
                     ],
                     workgroups: [
-                        n.div_ceil(tile_columns) as u32,
+                        n.div_ceil(tile_columns as usize) as u32,
                         run.len().div_ceil(64) as u32,
                         1,
                     ],

@@ -73,15 +73,18 @@ impl Lowering<'_> {
         );
         let g = infer::conv_geometry(attrs, self.shape(image), self.shape(weight))?;
         let bias = node.inputs.get(2).copied().flatten();
+        let columns = g.batch * g.out_h * g.out_w;
+        let tile_columns = gemm_tile_columns(columns);
+        // One launch for the whole batch, unless a tensor exceeds a binding or the batch's
+        // pixels need more column tiles than a launch may have (then image by image).
         let fits = [image, weight, out]
             .iter()
-            .all(|&v| numel(self.shape(v)) <= self.max_binding);
+            .all(|&v| numel(self.shape(v)) <= self.max_binding)
+            && columns.div_ceil(tile_columns as usize) <= self.max_groups as usize;
         if !fits {
             return self.conv_in_parts(&g, image, weight, bias, out);
         }
         let params = conv_params(&g, bias.is_some(), false, Bases::whole(&g));
-        let columns = g.batch * g.out_h * g.out_w;
-        let tile_columns = gemm_tile_columns(columns);
         let groups = [
             columns.div_ceil(tile_columns as usize) as u32,
             (g.out_channels / g.group).div_ceil(64) as u32,
@@ -100,7 +103,8 @@ impl Lowering<'_> {
     }
 
     /// A convolution whose image, output or weights exceed one binding (the VAE decoder's
-    /// last blocks at 512 px and up): per image and group, runs of output channels times
+    /// last blocks at 512 px and up), or whose batch has more pixels than one launch's
+    /// column tiles: per image and group, runs of output channels times
     /// runs of input channels, each launch adding its input channels' share into the output
     /// run. Each part binds a window of the filter in place (rows of its output channels,
     /// read from its input channels on); bias slices become constants of their own.

@@ -473,6 +473,43 @@ def attention_cases():
     large_external_data_case()
 
 
+def fp16_converter_case():
+    """graphs/fp16_converter_order: onnxruntime's float16 converter on a Conv -> Resize ->
+    Conv graph, as it converts SD's VAE decoder: Resize is on its block list, so it appends
+    Casts of Resize's fp16 inputs back to f32 at the end of the graph, after the Resize that
+    reads them. ONNX asks for nodes in topological order, onnxruntime does not. out_y is
+    onnxruntime on the converted graph, ref_y on the f32 one."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    local = np.random.default_rng(83)
+    mk = helper.make_node
+    # Values fp16 holds exactly, so the f32 reference computes on the same numbers.
+    exact = lambda *shape: local.uniform(-0.5, 0.5, shape).astype(np.float16).astype(np.float32)
+    x = 4 * exact(1, 4, 5, 5)
+    inits = [numpy_helper.from_array(exact(6, 4, 3, 3), "w1"), numpy_helper.from_array(exact(3, 6, 3, 3), "w2")]
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    nodes = [mk("Conv", ["x", "w1"], ["c"], pads=[1, 1, 1, 1]), mk("Constant", [], ["s"], value=scales),
+             mk("Resize", ["c", "", "s"], ["r"], mode="nearest"), mk("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1])]
+    graph = helper.make_graph(nodes, "fp16_converter_order", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 10, 10])], inits)
+    reference = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    converted = convert_float_to_float16(reference, keep_io_types=False)
+    defined = {i.name for i in converted.graph.initializer} | {i.name for i in converted.graph.input}
+    out_of_order = False
+    for node in converted.graph.node:
+        out_of_order |= any(name and name not in defined for name in node.input)
+        defined |= set(node.output)
+    assert out_of_order, "the converter now writes nodes in order: this case tests nothing"
+    folder = os.path.join(ROOT, "graphs", "fp16_converter_order")
+    os.makedirs(folder, exist_ok=True)
+    onnx.save(converted, os.path.join(folder, "model.onnx"))
+    onnx.save(reference, os.path.join(folder, "reference.onnx"))
+    ref = run_ort(os.path.join(folder, "reference.onnx"), {"x": x})["y"]
+    os.remove(os.path.join(folder, "reference.onnx"))
+    feed = x.astype(np.float16)
+    save_case(folder, {"x": feed}, {"y": run_ort(os.path.join(folder, "model.onnx"), {"x": feed})["y"]})
+    np.save(os.path.join(folder, "ref_y.npy"), ref)
+
+
 def narrow_tile_cases():
     """Products a few columns wide (the GEMM core's 4-, 8- and 16-column tiles) and batches
     folded into one product: convolutions whose columns span images, MatMuls whose batch
@@ -500,3 +537,4 @@ if __name__ == "__main__":
     attention_cases()
     symbolic_models()
     narrow_tile_cases()
+    fp16_converter_case()

@@ -89,13 +89,18 @@ fn fp16_weights_match_onnxruntime() {
 }
 
 /// fp16 graphs, as optimum's `--dtype fp16` (fp16 inputs and outputs) and onnxruntime's
-/// float16 converter (Casts at f32 edges) write them, run in f32: they match onnxruntime on
-/// the same graph in fp32 (ref_y), and its fp16 result (out_y) within onnxruntime's own
-/// fp16-vs-fp32 error.
+/// float16 converter (Casts at f32 edges; Casts appended after the Resize that reads them)
+/// write them, run in f32: they match onnxruntime on the same graph in fp32 (ref_y), and
+/// its fp16 result (out_y) within onnxruntime's own fp16-vs-fp32 error.
 #[test]
 fn fp16_graphs_match_onnxruntime() {
     let gpu = common::gpu();
-    for case in ["fp16_io", "fp16_cast_edges", "fp16_matmul"] {
+    for case in [
+        "fp16_io",
+        "fp16_cast_edges",
+        "fp16_matmul",
+        "fp16_converter_order",
+    ] {
         let dir = common::fixtures().join("graphs").join(case);
         let model = common::load_model(&dir.join("model.onnx"));
         let y = &common::run_case(&gpu, &model, &HashMap::new(), &dir).unwrap()["y"];

@@ -1,7 +1,8 @@
 //! ONNX bytes -> [`Graph`]: protobuf decoding, initializers (typed fields, `raw_data`,
 //! external data), `Constant` nodes and typed operators.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -233,7 +234,7 @@ fn load_graph(model: onnx::ModelProto, split: Option<&Split>) -> Result<Graph> {
     }
 
     let mut nodes = Vec::new();
-    for proto in &graph.node {
+    for proto in topological_order(&graph.node) {
         if !(proto.domain.is_empty() || proto.domain == "ai.onnx") {
             return Err(Error::Unsupported {
                 op_type: format!("{}::{}", proto.domain, proto.op_type),
@@ -290,6 +291,48 @@ fn load_graph(model: onnx::ModelProto, split: Option<&Split>) -> Result<Graph> {
         outputs,
         opset,
     })
+}
+
+/// The nodes in an order where each follows the producers of its inputs. ONNX asks files
+/// for that order but onnxruntime runs any (its float16 converter appends the Casts it
+/// inserts at the end of the graph, after their readers), so a model it runs loads here
+/// too. Stable: a graph already in order keeps it. Nodes left in a cycle come last, in file
+/// order, for the builder to report what they use that nothing defines first.
+fn topological_order(nodes: &[onnx::NodeProto]) -> Vec<&onnx::NodeProto> {
+    let producer: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, node)| node.output.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let mut waiting = vec![0usize; nodes.len()];
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); nodes.len()];
+    for (i, node) in nodes.iter().enumerate() {
+        for input in &node.input {
+            if let Some(&p) = producer.get(input.as_str()).filter(|&&p| p != i) {
+                waiting[i] += 1;
+                readers[p].push(i);
+            }
+        }
+    }
+    // The ready node earliest in the file goes next.
+    let mut ready: BinaryHeap<Reverse<usize>> = (0..nodes.len())
+        .filter(|&i| waiting[i] == 0)
+        .map(Reverse)
+        .collect();
+    let mut placed = vec![false; nodes.len()];
+    let mut order = Vec::with_capacity(nodes.len());
+    while let Some(Reverse(i)) = ready.pop() {
+        placed[i] = true;
+        order.push(&nodes[i]);
+        for &r in &readers[i] {
+            waiting[r] -= 1;
+            if waiting[r] == 0 {
+                ready.push(Reverse(r));
+            }
+        }
+    }
+    order.extend((0..nodes.len()).filter(|&i| !placed[i]).map(|i| &nodes[i]));
+    order
 }
 
 struct Builder {

@@ -32,7 +32,8 @@ impl Lowering<'_> {
         // One B for every matrix of A (a linear layer's weight): A's batch folds into its
         // rows, one product of batch x M rows, so B is staged once for all of them (and the
         // few-row products at a UNet's smallest levels get rows enough to fill a tile).
-        let bias_per_row = node.inputs.get(2).copied().flatten().is_some_and(|c| {
+        let bias = node.inputs.get(2).copied().flatten();
+        let bias_per_row = bias.is_some_and(|c| {
             let s = self.shape(c);
             s.len() >= 2 && s[s.len() - 2] > 1
         });
@@ -76,7 +77,6 @@ impl Lowering<'_> {
                 .map(|&s| (s * matrix) as isize)
                 .collect()
         };
-        let bias = node.inputs.get(2).copied().flatten();
         let (bias_m, bias_n) = match bias {
             Some(c) => {
                 let s = broadcast_strides(self.shape(c), &[m, n]);

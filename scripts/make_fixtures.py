@@ -530,6 +530,20 @@ def narrow_tile_cases():
             initializers=[("w", f(4, 3, 3, 3))])
 
 
+def one_tap_cases():
+    """Filters that reach past their image everywhere but at one tap (websd runs them as a
+    1x1 convolution of that tap): a 3x3 kernel on 1x1 pixels, and a dilated one whose tap
+    lies past the padding (a negative pad once the other taps are gone)."""
+    local = np.random.default_rng(78)
+    f = lambda *shape: local.uniform(-2.0, 2.0, shape).astype(np.float32)
+    op_case("conv_one_tap", "Conv", [("x", f(1, 9, 1, 1))], {"pads": [1, 1, 1, 1]},
+            initializers=[("w", f(5, 9, 3, 3)), ("b", f(5))])
+    op_case("conv_one_tap_dilated", "Conv", [("x", f(2, 5, 2, 2))],
+            {"dilations": [3, 3], "pads": [2, 2, 3, 3]}, initializers=[("w", f(6, 5, 3, 3))])
+    op_case("conv_one_tap_row", "Conv", [("x", f(2, 4, 1, 6))], {"pads": [1, 0, 1, 0]},
+            initializers=[("w", f(3, 4, 3, 1))])
+
+
 if __name__ == "__main__":
     tiny_sd(sys.argv[1])
     op_cases()
@@ -537,4 +551,5 @@ if __name__ == "__main__":
     attention_cases()
     symbolic_models()
     narrow_tile_cases()
+    one_tap_cases()
     fp16_converter_case()

@@ -5,7 +5,9 @@
 // from the images (no im2col buffer); padding reads as zero. Bias is fused.
 // `accumulate` adds to what the output holds: a convolution too large for one binding runs
 // as launches over runs of input channels that sum into the output, each reading its
-// window of the filter in place.
+// window of the filter in place. `weight_step` > 1 reads one tap of a larger filter as a
+// 1x1 kernel (lower/conv.rs: a filter wider than its image, where only that tap can land
+// inside it).
 
 struct Params {
     images: u32,
@@ -19,8 +21,8 @@ struct Params {
     kernel_w: u32,
     stride_h: u32,
     stride_w: u32,
-    pad_h: u32,
-    pad_w: u32,
+    pad_h: i32,
+    pad_w: i32,
     dilation_h: u32,
     dilation_w: u32,
     groups: u32,
@@ -33,6 +35,8 @@ struct Params {
     // window of the whole filter).
     weight_base: u32,
     weight_row: u32,
+    // Elements between consecutive k of a filter row.
+    weight_step: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -74,7 +78,7 @@ fn load_a4(m: u32, k: u32) -> vec4<f32> {
     let row = p.weight_base + (first_out_channel + m) * p.weight_row;
     for (var j = 0u; j < 4u; j++) {
         if k + j < gemm_k() {
-            v[j] = weight_at(row + k + j);
+            v[j] = weight_at(row + (k + j) * p.weight_step);
         }
     }
     return v;
@@ -94,8 +98,8 @@ fn begin_columns(n: u32) {
         let pixel = column % pixels;
         column_live[j] = column < gemm_n();
         column_image[j] = (column / pixels) * p.in_channels * p.in_h * p.in_w;
-        column_y[j] = i32((pixel / p.out_w) * p.stride_h) - i32(p.pad_h);
-        column_x[j] = i32((pixel % p.out_w) * p.stride_w) - i32(p.pad_w);
+        column_y[j] = i32((pixel / p.out_w) * p.stride_h) - p.pad_h;
+        column_x[j] = i32((pixel % p.out_w) * p.stride_w) - p.pad_w;
     }
 }
 

@@ -12,12 +12,13 @@ use super::super::tensor::{HostTensor, numel};
 use super::{LowerResult, Lowering};
 
 /// Where a launch's tensors start in their bindings: image, output and filter offsets in
-/// elements, and the filter's elements per output channel.
+/// elements, the filter's elements per output channel, and between its consecutive k.
 struct Bases {
     image: usize,
     out: usize,
     weight: usize,
     weight_row: usize,
+    weight_step: usize,
 }
 
 impl Bases {
@@ -28,8 +29,13 @@ impl Bases {
             out: 0,
             weight: 0,
             weight_row: filter_row(g),
+            weight_step: 1,
         }
     }
+}
+
+fn padding(g: &ConvGeometry) -> [isize; 2] {
+    g.pad.map(|p| p as isize)
 }
 
 /// Elements of one output channel's filter.
@@ -37,8 +43,41 @@ fn filter_row(g: &ConvGeometry) -> usize {
     g.in_channels / g.group * g.kernel[0] * g.kernel[1]
 }
 
-/// conv.wgsl's parameters for `g`.
-fn conv_params(g: &ConvGeometry, has_bias: bool, accumulate: bool, bases: Bases) -> Params {
+/// The one filter tap that lands inside the image, when every other tap reads only padding
+/// (a 3x3 convolution of a 1x1 image: a UNet's deepest level at small latents). The product
+/// then runs as a 1x1 convolution of that tap's weights, its K and the filter it reads
+/// shrunk by the kernel's area, with the same result.
+fn live_tap(g: &ConvGeometry) -> Option<[usize; 2]> {
+    if g.kernel == [1, 1] {
+        return None;
+    }
+    let extents = [(g.in_h, g.out_h), (g.in_w, g.out_w)];
+    let mut tap = [0; 2];
+    for (i, &(input, output)) in extents.iter().enumerate() {
+        let lands = |t: usize| {
+            (0..output).any(|o| {
+                let at = (o * g.stride[i] + t * g.dilation[i]) as isize - g.pad[i] as isize;
+                (0..input as isize).contains(&at)
+            })
+        };
+        let mut live = (0..g.kernel[i]).filter(|&t| lands(t));
+        tap[i] = live.next()?;
+        if live.next().is_some() {
+            return None;
+        }
+    }
+    Some(tap)
+}
+
+/// conv.wgsl's parameters for `g` (`pad`: before each axis, negative when a single tap of
+/// a larger filter runs as a 1x1 kernel).
+fn conv_params(
+    g: &ConvGeometry,
+    pad: [isize; 2],
+    has_bias: bool,
+    accumulate: bool,
+    bases: Bases,
+) -> Params {
     Params::default()
         .u(g.batch)
         .u(g.in_channels)
@@ -51,8 +90,8 @@ fn conv_params(g: &ConvGeometry, has_bias: bool, accumulate: bool, bases: Bases)
         .u(g.kernel[1])
         .u(g.stride[0])
         .u(g.stride[1])
-        .u(g.pad[0])
-        .u(g.pad[1])
+        .i(pad[0])
+        .i(pad[1])
         .u(g.dilation[0])
         .u(g.dilation[1])
         .u(g.group)
@@ -62,6 +101,7 @@ fn conv_params(g: &ConvGeometry, has_bias: bool, accumulate: bool, bases: Bases)
         .u(bases.out)
         .u(bases.weight)
         .u(bases.weight_row)
+        .u(bases.weight_step)
 }
 
 impl Lowering<'_> {
@@ -84,7 +124,22 @@ impl Lowering<'_> {
         if !fits {
             return self.conv_in_parts(&g, image, weight, bias, out);
         }
-        let params = conv_params(&g, bias.is_some(), false, Bases::whole(&g));
+        let params = match live_tap(&g) {
+            Some(tap) => {
+                let one_tap = ConvGeometry {
+                    kernel: [1, 1],
+                    ..g.clone()
+                };
+                let pad = [0, 1].map(|i| g.pad[i] as isize - (tap[i] * g.dilation[i]) as isize);
+                let bases = Bases {
+                    weight: tap[0] * g.kernel[1] + tap[1],
+                    weight_step: g.kernel[0] * g.kernel[1],
+                    ..Bases::whole(&g)
+                };
+                conv_params(&one_tap, pad, bias.is_some(), false, bases)
+            }
+            None => conv_params(&g, padding(&g), bias.is_some(), false, Bases::whole(&g)),
+        };
         let groups = [
             columns.div_ceil(tile_columns as usize) as u32,
             (g.out_channels / g.group).div_ceil(64) as u32,
@@ -198,8 +253,15 @@ impl Lowering<'_> {
                     out: out_base,
                     weight: filter_base,
                     weight_row: row,
+                    weight_step: 1,
                 };
-                let params = conv_params(&geometry, part.bias.is_some(), part.accumulate, bases);
+                let params = conv_params(
+                    &geometry,
+                    padding(g),
+                    part.bias.is_some(),
+                    part.accumulate,
+                    bases,
+                );
                 launches.push(Launch {
                     kernel,
                     params: params.0,

@@ -9,7 +9,9 @@ UNet2DConditionModel and schedulers, and peft's LoRA layers:
     (or of every linear and convolution layer websd adapts: `layers="all"`, LoCon on convs),
     each step drawing noise (`torch.randn`) then a timestep (`torch.randint`) from the same
     generator and taking the MSE of the UNet's output against the noise or velocity;
-  - stage C: classifier-free guided sampling from eta * target + (1 - eta) * optimised.
+  - stage C: classifier-free guided sampling from eta * target + (1 - eta) * optimised,
+    from noise or, with a strength below 1, from the image's latents noised as image-to-image
+    does (posterior sample, then the noise, from the sampling seed's generator).
 
 The UNet is rebuilt from the ONNX export itself (weights by name; the anonymous MatMul
 weights by their node's module path), so the reference runs exactly websd's model.
@@ -197,17 +199,26 @@ def optimize(model, image, prompt, seed, embed_steps, embed_lr, tune_steps, tune
 
 
 @torch.no_grad()
-def sample(model, embedding, seed, steps, guidance, size):
-    """Classifier-free guided sampling (diffusers' pipeline loop) with the folder's scheduler."""
+def sample(model, embedding, seed, steps, guidance, size, image=None, strength=1.0):
+    """Classifier-free guided sampling (diffusers' pipeline loop) with the folder's scheduler;
+    with `image` and a strength below 1, image-to-image's start (diffusers' img2img)."""
     from diffusers import DDIMScheduler
     scheduler = DDIMScheduler.from_config(model.scheduler_config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)
     side = size // model.vae_factor
-    latents = torch.randn((1, model.unet.config.in_channels, side, side), generator=generator)
-    latents = latents * scheduler.init_noise_sigma
+    timesteps = scheduler.timesteps
+    if image is None or strength >= 1.0:
+        latents = torch.randn((1, model.unet.config.in_channels, side, side), generator=generator)
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        clean = model.encode(image, generator)
+        start = steps - min(int(steps * strength), steps)
+        timesteps = timesteps[start:]
+        noise = torch.randn(clean.shape, generator=generator)
+        latents = scheduler.add_noise(clean, noise, timesteps[:1])
     context = torch.cat([model.embed(""), embedding])
-    for t in scheduler.timesteps:
+    for t in timesteps:
         batch = scheduler.scale_model_input(torch.cat([latents, latents]), t)
         uncond, cond = model.unet(batch, t, context).sample.chunk(2)
         latents = scheduler.step(uncond + guidance * (cond - uncond), t, latents).prev_sample
@@ -247,10 +258,15 @@ def fixture(out):
         write_edit(os.path.join(out, f"edit{suffix}.safetensors"), dict(settings, tune_layers=layers),
                    target, optimized, lora)
         np.save(os.path.join(out, f"losses{suffix}.npy"), np.array(losses, np.float32))
+        if layers == "attention":
+            # Stage C from the picture noised to strength 0.5, eta 0.7, 4 DDIM steps.
+            embedding = 0.7 * target + 0.3 * optimized
+            picture = sample(model, embedding, settings["seed"], 4, 7.5, image.shape[0], image, 0.5)
+            Image.fromarray(picture).save(os.path.join(out, "start.png"))
 
 
 def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=60, embed_lr=1e-2,
-          tune_steps=40, tune_lr=2e-3, rank=4, layers="attention"):
+          tune_steps=40, tune_lr=2e-3, rank=4, layers="attention", strengths=(1.0,)):
     """The edit benchmark's cases (edits.json) edited by this reference, written as
     OUT/eta_<eta>/<source name> for `websd eval-edit --method images`."""
     from PIL import Image
@@ -264,11 +280,14 @@ def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=60, embed_lr
         target, optimized, _, _ = optimize(model, image, case["prompt"], case["seed"], embed_steps,
                                            embed_lr, tune_steps, tune_lr, rank, layers)
         for eta in etas:
-            embedding = eta * target + (1 - eta) * optimized
-            picture = sample(model, embedding, case["seed"], steps, guidance, image.shape[0])
-            path = os.path.join(out, f"eta_{eta}", os.path.basename(case["source"]))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            Image.fromarray(picture).save(path)
+            for strength in strengths:
+                embedding = eta * target + (1 - eta) * optimized
+                picture = sample(model, embedding, case["seed"], steps, guidance, image.shape[0],
+                                 image, strength)
+                name = f"eta_{eta}" if strength >= 1.0 else f"eta_{eta}_strength_{strength}"
+                path = os.path.join(out, name, os.path.basename(case["source"]))
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                Image.fromarray(picture).save(path)
         print(f"{case['prompt']}: {time.time() - started:.1f} s")
 
 
@@ -277,9 +296,11 @@ if __name__ == "__main__":
     if sys.argv[1] == "fixture":
         fixture(sys.argv[2])
     elif sys.argv[1] == "bench":
-        # bench BENCH OUT ETAS [TUNE_STEPS TUNE_LR RANK LAYERS]
+        # bench BENCH OUT ETAS [TUNE_STEPS TUNE_LR RANK LAYERS [STRENGTHS]]
         tuning = {}
         if len(sys.argv) > 5:
             steps, lr, rank, layers = sys.argv[5:9]
             tuning = dict(tune_steps=int(steps), tune_lr=float(lr), rank=int(rank), layers=layers)
+        if len(sys.argv) > 9:
+            tuning["strengths"] = [float(s) for s in sys.argv[9].split(",")]
         bench(sys.argv[2], sys.argv[3], [float(e) for e in sys.argv[4].split(",")], **tuning)

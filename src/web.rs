@@ -18,7 +18,7 @@ use files::{BlobFolder, CACHE_NAME, fetch_folder};
 
 use crate::bench::time_session;
 use crate::clock::now_ms;
-use crate::engine::{DType, Gpu, HostTensor, Model, Session};
+use crate::engine::{DType, Gpu, Model, Session};
 use crate::image::RgbaImage;
 use crate::lora::Lora;
 use crate::pipeline::{Control, Edit, Request, StableDiffusion, StepEvent};
@@ -134,7 +134,8 @@ impl App {
 
     /// Generates. `params`: {prompt, negativePrompt, steps, guidanceScale, seed, scheduler,
     /// width, height, initImage (PNG/JPEG bytes), strength, previewEvery, lowMemory, lora
-    /// (.safetensors bytes), loraScale}. `on_step` gets
+    /// (.safetensors bytes), loraScale, eta (draws the kept edit; with initImage, the edited
+    /// picture, and a strength below 1, from it noised that far)}. `on_step` gets
     /// {step, total, timestep, stepMs, live: {width, height, rgba}, preview: {...}}.
     /// Resolves to {png, width, height, rgba, seed, scheduler, timings (per stage, and the
     /// GPU memory the sessions hold), warnings}.
@@ -377,7 +378,8 @@ struct GenerateParams {
     lora: Option<serde_bytes::ByteBuf>,
     #[serde(default = "default_lora_scale")]
     lora_scale: f32,
-    /// Draws the kept Imagic edit at this eta instead of the prompt (and the LoRA file).
+    /// Draws the kept Imagic edit at this eta instead of the prompt (and the LoRA file);
+    /// with `init_image` (the edited picture) and a strength below 1, from that picture.
     #[serde(default)]
     eta: Option<f32>,
 }
@@ -388,38 +390,28 @@ fn default_lora_scale() -> f32 {
 
 /// Attaches the adapters this generation needs unless they are attached already (the UNet's
 /// session is rebuilt when they change, so unchanged ones cost nothing): the kept edit's
-/// when drawing an edit, else the LoRA file's. Returns the edit's embedding at `eta`.
+/// when drawing an edit, else the LoRA file's.
 fn attach_adapters(
     pipeline: &mut StableDiffusion,
     state: &State,
     params: &GenerateParams,
-) -> Result<Option<HostTensor>, JsValue> {
+) -> Result<(), JsValue> {
     let edit = state.edit.borrow();
-    let (fingerprint, embeds) = match params.eta {
-        Some(eta) => {
-            let edit = edit
-                .as_ref()
-                .ok_or_else(|| js_error("optimise or load an edit first"))?;
-            // Edits are told apart from files by the top bit.
-            (
-                Some(1 << 63 | state.edits_kept.get()),
-                Some(edit.embedding(eta)),
-            )
-        }
-        None => (
-            params.lora.as_ref().map(|bytes| {
-                // FNV-1a over the file and the strength.
-                let mut hash = 0xcbf29ce484222325u64;
-                for &b in bytes.iter().chain(&params.lora_scale.to_le_bytes()) {
-                    hash = (hash ^ b as u64).wrapping_mul(0x100000001b3);
-                }
-                hash >> 1
-            }),
-            None,
-        ),
+    let fingerprint = match params.eta {
+        Some(_) if edit.is_none() => return Err(js_error("optimise or load an edit first")),
+        // Edits are told apart from files by the top bit.
+        Some(_) => Some(1 << 63 | state.edits_kept.get()),
+        None => params.lora.as_ref().map(|bytes| {
+            // FNV-1a over the file and the strength.
+            let mut hash = 0xcbf29ce484222325u64;
+            for &b in bytes.iter().chain(&params.lora_scale.to_le_bytes()) {
+                hash = (hash ^ b as u64).wrapping_mul(0x100000001b3);
+            }
+            hash >> 1
+        }),
     };
     if fingerprint == state.lora.get() {
-        return Ok(embeds);
+        return Ok(());
     }
     let adapters = match (&*edit, params.eta, &params.lora) {
         (Some(edit), Some(_), _) => Lora::unet(edit.lora.clone()),
@@ -431,7 +423,7 @@ fn attach_adapters(
     state.lora.set(None);
     pipeline.set_lora(&adapters).map_err(js_error)?;
     state.lora.set(fingerprint);
-    Ok(embeds)
+    Ok(())
 }
 
 fn default_strength() -> f64 {
@@ -463,8 +455,8 @@ async fn run_generation(
         ));
     }
     pipeline.set_low_memory(params.low_memory);
-    let prompt_embeds = attach_adapters(pipeline, state, params)?;
-    let request = Request {
+    attach_adapters(pipeline, state, params)?;
+    let mut request = Request {
         prompt: params.prompt.clone(),
         negative_prompt: params.negative_prompt.clone(),
         steps: params.steps,
@@ -475,11 +467,16 @@ async fn run_generation(
         height: params.height,
         init_image,
         strength: params.strength,
-        prompt_embeds,
         preview_every: params.preview_every,
         live_preview: true,
         ..Request::default()
     };
+    if let (Some(eta), Some(edit)) = (params.eta, state.edit.borrow().as_ref()) {
+        let source = request.init_image.as_ref();
+        request = pipeline
+            .edit_request(edit, eta, source, params.strength, &request)
+            .map_err(js_error)?;
+    }
     let kind = scheduler.unwrap_or(pipeline.config.default_scheduler);
     let mut on_event = |event: StepEvent| {
         let info = Object::new();

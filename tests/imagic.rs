@@ -15,6 +15,7 @@ use websd::model::Directory;
 use websd::pipeline::{
     Control, Edit, EditProgress, EditStage, Request, StableDiffusion, TuneLayers,
 };
+use websd::scheduler::SchedulerKind;
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(common::fixtures().join("imagic").join(name)).unwrap()
@@ -133,6 +134,47 @@ fn glyph_edit_matches_the_torch_reference_and_round_trips() {
     };
     let (a, b) = (draw(&edit), draw(&read));
     assert_eq!(common::max_pixel_difference(&a, &b), 0);
+}
+
+/// Stage C started from the picture noised to strength 0.5 (as image-to-image starts)
+/// draws torch's picture of the same edit; from noise, the edit draws another.
+#[test]
+fn edit_drawn_from_the_picture_matches_torch() {
+    let mut pipeline = glyph_sd();
+    let edit = Edit::from_bytes("edit.safetensors", &fixture("edit.safetensors")).unwrap();
+    let source = RgbaImage::decode(&fixture("source.png")).unwrap();
+    let expected = RgbaImage::decode(&fixture("start.png")).unwrap();
+    pipeline.set_lora(&Lora::unet(edit.lora.clone())).unwrap();
+    let base = Request {
+        steps: 4,
+        guidance_scale: 7.5,
+        scheduler: Some(SchedulerKind::Ddim),
+        ..Request::default()
+    };
+    let mut draw = |strength: f64| {
+        let request = pipeline
+            .edit_request(&edit, 0.7, Some(&source), strength, &base)
+            .unwrap();
+        let mut on_step = |_: websd::pipeline::StepEvent| Control::Continue;
+        pollster::block_on(pipeline.generate(&request, &mut on_step))
+            .unwrap()
+            .image
+    };
+    let diff = common::max_pixel_difference(&draw(0.5), &expected);
+    eprintln!("from the picture: max pixel difference {diff} from torch's");
+    assert!(
+        diff <= 3,
+        "max pixel difference {diff} from torch's picture"
+    );
+    let diff = common::max_pixel_difference(&draw(1.0), &expected);
+    assert!(diff > 20, "from noise: max pixel difference only {diff}");
+
+    let error = pipeline
+        .edit_request(&edit, 0.7, None, 0.5, &base)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(error.contains("needs the edited picture"), "{error}");
 }
 
 #[test]

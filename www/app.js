@@ -136,11 +136,13 @@ async function loadFolderInput(event) {
   }
 }
 
-// What the form asks for; `eta` draws the kept edit (when "Generate draws the edit" is on).
+// What the form asks for; `eta` draws the kept edit (when "Generate draws the edit" is on),
+// from the edited picture when the edit's strength is below 1.
 async function formParams() {
-  const initFile = $("init-image").files[0];
-  const loraFile = $("lora").files[0];
   const drawEdit = !$("edit-draw").hidden && $("use-edit").checked;
+  const editStrength = Number($("edit-strength").value);
+  const initFile = drawEdit ? (editStrength < 1 ? $("edit-image").files[0] : null) : $("init-image").files[0];
+  const loraFile = $("lora").files[0];
   return {
     prompt: $("prompt").value,
     negativePrompt: $("negative-prompt").value,
@@ -152,8 +154,8 @@ async function formParams() {
     height: Number($("height").value),
     previewEvery: Number($("preview-every").value),
     lowMemory: $("low-memory").checked,
-    initImage: initFile && !drawEdit ? new Uint8Array(await initFile.arrayBuffer()) : null,
-    strength: Number($("strength").value),
+    initImage: initFile ? new Uint8Array(await initFile.arrayBuffer()) : null,
+    strength: drawEdit ? editStrength : Number($("strength").value),
     lora: loraFile ? new Uint8Array(await loraFile.arrayBuffer()) : null,
     loraScale: Number($("lora-scale").value),
     eta: drawEdit ? Number($("edit-eta").value) : null,
@@ -182,7 +184,7 @@ async function generate(event) {
       }
       $("step-status").textContent = `Step ${step.step} / ${step.total} (${step.stepMs.toFixed(0)} ms)`;
     });
-    showResult(result, params.eta);
+    showResult(result, params.eta, params.strength);
   } catch (error) {
     $("step-status").textContent = "";
     showMessage(error);
@@ -191,7 +193,7 @@ async function generate(event) {
   }
 }
 
-function showResult(result, eta) {
+function showResult(result, eta, strength) {
   const url = URL.createObjectURL(new Blob([result.png], { type: "image/png" }));
   $("result-image").src = url;
   $("download").href = url;
@@ -213,7 +215,8 @@ function showResult(result, eta) {
   $("timings").replaceChildren(...rows.flatMap(([k, v]) => [Object.assign(document.createElement("dt"), { textContent: k }),
     Object.assign(document.createElement("dd"), { textContent: v })]));
   const notes = Array.from(result.warnings, (warning) => ` Note: ${warning}.`).join("");
-  const what = eta == null ? "" : ` edit at eta ${eta},`;
+  const start = strength < 1 ? ` from the picture at strength ${strength}` : "";
+  const what = eta == null ? "" : ` edit at eta ${eta}${start},`;
   $("step-status").textContent = `Done:${what} seed ${result.seed}, ${result.scheduler}.${notes}`;
 }
 
@@ -326,8 +329,10 @@ function wire() {
   $("edit-file").addEventListener("change", loadEditFile);
   $("edit-strip").addEventListener("click", etaStrip);
   $("edit-eta").addEventListener("input", () => { $("edit-eta-value").value = $("edit-eta").value; });
+  $("edit-strength").addEventListener("input", () => { $("edit-strength-value").value = $("edit-strength").value; });
   // Redraw when the slider is let go.
   $("edit-eta").addEventListener("change", () => { if ($("use-edit").checked && !running) generate(); });
+  $("edit-strength").addEventListener("change", () => { if ($("use-edit").checked && !running) generate(); });
 }
 
 async function start() {

@@ -46,10 +46,11 @@ struct EditsFile {
 #[derive(Clone, Debug)]
 pub enum EditMethod {
     /// Imagic with these settings (prompt and seed are each case's), drawn at each eta
-    /// from one optimisation.
+    /// from one optimisation, sampling from the source noised to `strength` (1: from noise).
     Imagic {
         settings: EditSettings,
         etas: Vec<f32>,
+        strength: f64,
     },
     /// Image-to-image from the source with the target prompt.
     ImageToImage { strength: f64 },
@@ -118,7 +119,11 @@ impl EditBenchmark {
             ..base.clone()
         };
         let requests = match method {
-            EditMethod::Imagic { settings, etas } => {
+            EditMethod::Imagic {
+                settings,
+                etas,
+                strength,
+            } => {
                 let settings = EditSettings {
                     prompt: case.prompt.clone(),
                     seed: case.seed,
@@ -130,11 +135,10 @@ impl EditBenchmark {
                     .await?;
                 pipeline.set_lora(&Lora::unet(edit.lora.clone()))?;
                 etas.iter()
-                    .map(|&eta| Request {
-                        prompt_embeds: Some(edit.embedding(eta)),
-                        ..request.clone()
+                    .map(|&eta| {
+                        pipeline.edit_request(&edit, eta, Some(&source), *strength, &request)
                     })
-                    .collect()
+                    .collect::<Result<_>>()?
             }
             EditMethod::ImageToImage { strength } => vec![Request {
                 init_image: Some(source.clone()),

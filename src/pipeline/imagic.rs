@@ -17,7 +17,7 @@ use crate::engine::{AdamW, GpuTensor, HostTensor, LoraAdapter};
 use crate::error::{Error, Result, bad_file, invalid};
 use crate::image::RgbaImage;
 use crate::lora;
-use crate::pipeline::Control;
+use crate::pipeline::{Control, Request};
 use crate::rng::TorchRng;
 use crate::safetensors::{self, SafeTensors};
 use crate::scheduler::NoiseProcess;
@@ -289,6 +289,35 @@ impl StableDiffusion {
             target,
             optimized: optimized.to_host().await?,
             lora,
+        })
+    }
+
+    /// Stage C's request for `edit` at `eta` (steps, guidance, scheduler from `base`). With
+    /// a `strength` below 1, sampling starts from `image` (cropped and sized as stages A and
+    /// B saw it) noised to that strength, as image-to-image does: it keeps more of the
+    /// picture than starting from noise, as the paper does (strength 1).
+    pub fn edit_request(
+        &self,
+        edit: &Edit,
+        eta: f32,
+        image: Option<&RgbaImage>,
+        strength: f64,
+        base: &Request,
+    ) -> Result<Request> {
+        let (width, height) = self.edit_size(&edit.settings)?;
+        let init_image = match image {
+            _ if strength >= 1.0 => None,
+            Some(image) => Some(image.cropped_to(width, height)),
+            None => return invalid("a strength below 1 needs the edited picture"),
+        };
+        Ok(Request {
+            prompt_embeds: Some(edit.embedding(eta)),
+            seed: edit.settings.seed,
+            width: Some(width),
+            height: Some(height),
+            init_image,
+            strength,
+            ..base.clone()
         })
     }
 

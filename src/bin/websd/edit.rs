@@ -29,6 +29,10 @@ pub struct EditArgs {
     /// How far towards the prompt: 0 redraws the picture, 1 is the prompt's own embedding.
     #[arg(long, default_value_t = 0.7)]
     eta: f32,
+    /// Below 1, sampling starts from the picture (needs --image) noised to this strength, as
+    /// image-to-image does, keeping more of it; 1 starts from noise, as Imagic's paper does.
+    #[arg(long, default_value_t = 1.0)]
+    strength: f64,
     /// With --grid: a strip of the source and the edit at each of these etas.
     #[arg(long, value_delimiter = ',', requires = "grid")]
     etas: Vec<f32>,
@@ -155,17 +159,13 @@ pub async fn edit(args: EditArgs) -> Result<(), String> {
     let base = Request {
         steps: args.steps,
         guidance_scale: args.guidance_scale,
-        seed: edit.settings.seed,
         scheduler,
-        width: edit.settings.width,
-        height: edit.settings.height,
         ..Request::default()
     };
     let mut draw = async |eta: f32| -> Result<RgbaImage, String> {
-        let request = Request {
-            prompt_embeds: Some(edit.embedding(eta)),
-            ..base.clone()
-        };
+        let request = pipeline
+            .edit_request(&edit, eta, source.as_ref(), args.strength, &base)
+            .map_err(|e| e.to_string())?;
         let mut on_step = |_: StepEvent| Control::Continue;
         let generated = pipeline
             .generate(&request, &mut on_step)
@@ -177,6 +177,7 @@ pub async fn edit(args: EditArgs) -> Result<(), String> {
     let text = [
         ("prompt", edit.settings.prompt.clone()),
         ("eta", args.eta.to_string()),
+        ("strength", args.strength.to_string()),
         ("seed", edit.settings.seed.to_string()),
         ("model", args.model.display().to_string()),
     ];

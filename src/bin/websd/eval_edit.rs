@@ -25,9 +25,10 @@ pub struct EvalEditArgs {
     /// imagic, img2img or txt2img; or `images` to score pictures made elsewhere (--images).
     #[arg(long, default_value = "imagic")]
     method: String,
-    /// img2img: how much of the schedule runs over the source.
-    #[arg(long, default_value_t = 0.5)]
-    strength: f64,
+    /// How much of the schedule runs over the source: img2img's (default 0.5), or where
+    /// Imagic's sampling starts (default 1: from noise; see `websd edit --strength`).
+    #[arg(long)]
+    strength: Option<f64>,
     /// Imagic: the etas to draw each optimised edit at, and the optimisation settings
     /// (defaults: `websd edit`'s).
     #[arg(long, value_delimiter = ',', default_value = "0.7")]
@@ -61,9 +62,10 @@ impl EvalEditArgs {
             "imagic" => EditMethod::Imagic {
                 settings: self.training.settings()?,
                 etas: self.etas.clone(),
+                strength: self.strength.unwrap_or(1.0),
             },
             "img2img" => EditMethod::ImageToImage {
-                strength: self.strength,
+                strength: self.strength.unwrap_or(0.5),
             },
             "txt2img" => EditMethod::TextToImage,
             "images" if self.images.is_some() => return Ok(None),

@@ -185,6 +185,8 @@ await step("edits a picture (Imagic): optimize, cancel, eta strip, edit file", (
   await page.locator("#edit-strength").dispatchEvent("change");
   await page.locator("#step-status", { hasText: /^Done: edit at eta 1 from the picture at strength 0.5,/ }).waitFor({ timeout: 120_000 });
   await page.locator("#edit-strength").fill("1");
+  await page.locator("#edit-strength").dispatchEvent("change");
+  await page.locator("#step-status", { hasText: /^Done: edit at eta 1,/ }).waitFor({ timeout: 120_000 });
   await page.click("#edit-strip");
   await page.locator("#step-status", { hasText: /^Done: the edit from eta 0/ }).waitFor({ timeout: 240_000 });
   assert.equal(await page.locator("#strip canvas").count(), 7);

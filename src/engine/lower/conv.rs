@@ -34,6 +34,7 @@ impl Bases {
     }
 }
 
+/// `g`'s padding before each axis, signed as conv.wgsl reads it.
 fn padding(g: &ConvGeometry) -> [isize; 2] {
     g.pad.map(|p| p as isize)
 }

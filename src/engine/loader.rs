@@ -319,10 +319,8 @@ fn topological_order(nodes: &[onnx::NodeProto]) -> Vec<&onnx::NodeProto> {
         .filter(|&i| waiting[i] == 0)
         .map(Reverse)
         .collect();
-    let mut placed = vec![false; nodes.len()];
     let mut order = Vec::with_capacity(nodes.len());
     while let Some(Reverse(i)) = ready.pop() {
-        placed[i] = true;
         order.push(&nodes[i]);
         for &r in &readers[i] {
             waiting[r] -= 1;
@@ -331,7 +329,12 @@ fn topological_order(nodes: &[onnx::NodeProto]) -> Vec<&onnx::NodeProto> {
             }
         }
     }
-    order.extend((0..nodes.len()).filter(|&i| !placed[i]).map(|i| &nodes[i]));
+    // Every node whose inputs were all placed was placed itself.
+    order.extend(
+        (0..nodes.len())
+            .filter(|&i| waiting[i] > 0)
+            .map(|i| &nodes[i]),
+    );
     order
 }
 

@@ -141,8 +141,33 @@ fn fp16_convolution_in_parts_reads_its_filter_in_place() {
     .unwrap();
 }
 
-/// Sessions on one GPU draw their intermediates from one pool: a second model of the same
-/// shapes adds no intermediate buffer, and runs taking turns still compute what sessions
+/// Intermediates take bytes in shared slabs by lifetime: a session holds the most bytes
+/// alive at one time, not a buffer per size it ever needed (whole buffers would take
+/// 8 + 8 + 16 + 16 KiB here: neither freed 8 KiB buffer holds a 16 KiB value).
+#[test]
+fn intermediates_hold_the_most_bytes_alive_at_once() {
+    let (rows, k) = (8, 256);
+    let model = GraphBuilder::new(17)
+        .input("x", &[rows, k])
+        .weight("w1", &[k, k], &noise(k * k, 1, 0.05))
+        .weight("w2", &[k, 2 * k], &noise(2 * k * k, 2, 0.05))
+        .weight("w3", &[2 * k, k], &noise(2 * k * k, 3, 0.05))
+        .node("MatMul", &["x", "w1"], &["h1"], &[])
+        .node("Sin", &["h1"], &["h2"], &[])
+        .node("MatMul", &["h2", "w2"], &["h3"], &[])
+        .node("Sin", &["h3"], &["h4"], &[])
+        .node("MatMul", &["h4", "w3"], &["y"], &[])
+        .output("y")
+        .build()
+        .unwrap();
+    let gpu = common::gpu();
+    let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
+    // h3 and h4, 16 KiB each, alive together while Sin reads one and writes the other.
+    assert_eq!(session.scratch_bytes, 2 * (rows * 2 * k * 4) as u64);
+}
+
+/// Sessions on one GPU place their intermediates in the same slabs: a second model of the
+/// same shapes adds no slab, and runs taking turns still compute what sessions
 /// on a GPU of their own compute.
 #[test]
 fn sessions_share_intermediate_buffers() {
@@ -167,7 +192,7 @@ fn sessions_share_intermediate_buffers() {
     let (a, b) = (session(&gpu, &first), session(&gpu, &second));
     assert!(a.scratch_bytes > 0);
     assert_eq!(b.scratch_bytes, a.scratch_bytes);
-    assert_eq!(gpu.scratch_bytes(), a.scratch_bytes, "the pool's total");
+    assert_eq!(gpu.scratch_bytes(), a.scratch_bytes, "the slabs' total");
 
     let alone = common::gpu();
     let x = HostTensor::f32(vec![rows, k], noise(rows * k, 5, 1.0));

@@ -220,6 +220,50 @@ fn check_rounding_bound<I: Iterator<Item = (f64, f64)>>(
     eprintln!("{case}: worst error {worst:.3} of the rounding bound");
 }
 
+/// An fp16 table read by Gather (a text encoder's token embeddings) stays packed halves:
+/// half the bytes, the same rows as from an f32 table, also when a small binding limit
+/// cuts the table into runs of rows.
+#[test]
+fn fp16_gather_tables_stay_halves() {
+    let (rows, width) = (1000, 64);
+    let table: Vec<f32> = noise(rows * width, 7, 1.0)
+        .into_iter()
+        .map(|v| half::f16::from_f32(v).to_f32())
+        .collect();
+    // Indices reach the graph as floats cast to int64, so that Gather is not folded.
+    let picks = [0.0, 999.0, -1.0, 17.0, 500.0, 263.0, -1000.0, 640.0];
+    let ids = HostTensor::f32(vec![2, 4], picks.to_vec());
+    let run = |gpu: &Gpu, halves: bool| {
+        let graph = GraphBuilder::new(17).input("picks", &[2, 4]);
+        let graph = match halves {
+            true => graph.weight_f16("table", &[rows, width], &table),
+            false => graph.weight("table", &[rows, width], &table),
+        };
+        let model = graph
+            .node("Cast", &["picks"], &["ids"], &[("to", Attr::Int(7))])
+            .node("Gather", &["table", "ids"], &["y"], &[])
+            .output("y")
+            .build()
+            .unwrap();
+        let session = pollster::block_on(Session::new(gpu, &model, &HashMap::new())).unwrap();
+        let y = pollster::block_on(session.run_host(&[("picks", &ids)]))
+            .unwrap()
+            .remove("y")
+            .unwrap();
+        (session.memory_bytes, y)
+    };
+    let gpu = common::gpu();
+    let ((half_bytes, y_half), (full_bytes, y_full)) = (run(&gpu, true), run(&gpu, false));
+    let table_bytes = (4 * rows * width) as u64;
+    assert!(
+        half_bytes <= full_bytes - table_bytes / 2,
+        "GPU memory with an f16 table {half_bytes} B, with an f32 table {full_bytes} B"
+    );
+    common::compare("y", &y_half, &y_full, 0.0).unwrap();
+    let cut = gpu.with_binding_limit(16 << 10);
+    common::compare("y in runs", &run(&cut, true).1, &y_full, 0.0).unwrap();
+}
+
 /// fp16 weights read by MatMul stay packed halves on the GPU: the session holds about half
 /// the bytes of the same weights in f32 and computes the same product.
 #[test]

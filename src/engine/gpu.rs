@@ -34,10 +34,11 @@ pub struct SharedGpu {
     /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model
     /// loaded again compiles nothing.
     compiled: Mutex<Pipelines>,
-    /// Intermediate buffers of every live session, shared: each run writes an intermediate
-    /// before it reads it, and runs execute one after another, so the text encoder, UNet
-    /// and VAE draw their intermediates from one pool rather than holding three. A buffer
-    /// lives as long as a session that uses it.
+    /// Slabs of intermediates of every live session, shared: each run writes an
+    /// intermediate before it reads it, and runs execute one after another, so the text
+    /// encoder, UNet and VAE place their intermediates in the same slabs rather than
+    /// holding three sets (see `session::arena`). A slab lives as long as a session that
+    /// uses it.
     scratch: Mutex<Vec<Weak<wgpu::Buffer>>>,
 }
 

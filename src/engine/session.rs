@@ -17,6 +17,7 @@ use super::passes;
 use super::source::FileSource;
 use super::tensor::{DType, HostTensor, numel};
 
+mod arena;
 mod build;
 
 use build::Builder;
@@ -291,9 +292,9 @@ pub struct Session {
     /// Bytes of GPU memory the session uses (weights and activations).
     pub memory_bytes: u64,
     /// Of those, the intermediates it shares with the other sessions on its GPU (see
-    /// `Gpu::scratch_bytes` for the pool's total).
+    /// `Gpu::scratch_bytes` for the slabs' total).
     pub scratch_bytes: u64,
-    /// The shared intermediate buffers it uses, kept alive (and in the pool) as long as it
+    /// The shared slabs of intermediates it uses, kept alive (and shared) as long as it
     /// lives.
     _scratch: Vec<Arc<wgpu::Buffer>>,
     /// Kernel launches per run.

@@ -321,8 +321,8 @@ impl StableDiffusion {
         })
     }
 
-    /// GPU memory held with `trainer` built: its session (less its share of the scratch
-    /// pool, which `gpu_memory_bytes` counts whole) and moments, and the sessions kept.
+    /// GPU memory held with `trainer` built: its session (less its share of the shared
+    /// slabs of intermediates, which `gpu_memory_bytes` counts whole) and moments, and the sessions kept.
     fn memory_with(&self, trainer: &Trainer) -> u64 {
         trainer.memory_bytes() - trainer.session().scratch_bytes + self.gpu_memory_bytes()
     }

@@ -1,7 +1,8 @@
 // Gather along one axis: data viewed as [outer, axis, inner], indices flattened to [count].
 // Negative indices count from the end, as ONNX specifies. A table past the binding limit
 // (SD's token embeddings on a 128 MiB adapter) runs as launches over runs of its rows, each
-// bound as `data` and writing only the outputs whose index falls in its rows.
+// bound as `data` and writing only the outputs whose index falls in its rows. A table of
+// fp16 weights is read as packed halves (HALF_WEIGHTS) and written as f32.
 
 struct Params {
     n: u32,
@@ -16,6 +17,15 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> out: array<u32>;
 @group(0) @binding(2) var<storage, read> data: array<u32>;
 @group(0) @binding(3) var<storage, read> indices: array<i32>;
+
+override HALF_WEIGHTS: bool = false;
+
+fn element(k: u32) -> u32 {
+    if HALF_WEIGHTS {
+        return bitcast<u32>(unpack2x16float(data[k >> 1u])[k & 1u]);
+    }
+    return data[k];
+}
 
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
@@ -35,5 +45,5 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
     if row < p.first_row || row >= p.first_row + p.rows {
         return;
     }
-    out[i] = data[(outer * p.rows + row - p.first_row) * p.inner + inner];
+    out[i] = element((outer * p.rows + row - p.first_row) * p.inner + inner);
 }

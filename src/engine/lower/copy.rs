@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use super::super::graph::{Node, ValueId};
 use super::super::infer;
-use super::super::kernels::{Launch, Operand, Params, Shader};
+use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader};
 use super::super::ops::{broadcast_strides, contiguous_strides, normalize_axis};
 use super::super::tensor::numel;
 use super::{LowerResult, Lowering, MAX_RANK, check_rank};
@@ -328,7 +328,10 @@ impl Lowering<'_> {
         let shape = self.shape(data);
         let axis = normalize_axis(axis, shape.len())?;
         let (outer, inner) = (numel(&shape[..axis]), numel(&shape[axis + 1..]));
-        let runs = self.runs(shape[axis], &[inner], usize::MAX, "gathered row")?;
+        // Rows of halves (`half_weights` keeps only even ones) are half as many words.
+        let halves = self.halves[data];
+        let row_words = if halves { inner / 2 } else { inner };
+        let runs = self.runs(shape[axis], &[row_words], usize::MAX, "gathered row")?;
         let split = runs.len() > 1;
         if split && outer > 1 {
             return Err("a Gather past the binding limit must gather along its first axis".into());
@@ -337,7 +340,10 @@ impl Lowering<'_> {
         Ok(runs
             .into_iter()
             .map(|run| Launch {
-                kernel: Shader::Gather.into(),
+                kernel: KernelKey {
+                    half_weights: halves,
+                    ..Shader::Gather.into()
+                },
                 params: Params::default()
                     .u(n)
                     .u(inner)

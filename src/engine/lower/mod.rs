@@ -59,8 +59,9 @@ fn check_rank(rank: usize) -> LowerResult<()> {
 }
 
 /// Per value: whether it is an fp16 weight the GPU keeps as packed f16 pairs, at half the
-/// memory of f32. That is every f16 initializer read only as MatMul's or Gemm's B or as
-/// Conv's filter (the kernels that read halves); any other reader gets f32 as before.
+/// memory of f32. That is every f16 initializer read only as MatMul's or Gemm's B, as
+/// Conv's filter or as the table rows of a Gather (the kernels that read halves; a text
+/// encoder's token embeddings are most of its weights); any other reader gets f32.
 pub fn half_weights(graph: &Graph) -> Vec<bool> {
     let mut halves: Vec<bool> = graph
         .values
@@ -71,8 +72,11 @@ pub fn half_weights(graph: &Graph) -> Vec<bool> {
         })
         .collect();
     for node in &graph.nodes {
-        let reads_halves =
-            |i: usize| i == 1 && matches!(node.op, Op::MatMul | Op::Gemm { .. } | Op::Conv(_));
+        let reads_halves = |i: usize| match node.op {
+            Op::MatMul | Op::Gemm { .. } | Op::Conv(_) => i == 1,
+            Op::Gather { axis } => i == 0 && gathers_even_rows(graph, node, axis),
+            _ => false,
+        };
         for (i, v) in node.inputs.iter().enumerate() {
             if let Some(v) = v
                 && !reads_halves(i)
@@ -85,6 +89,16 @@ pub fn half_weights(graph: &Graph) -> Vec<bool> {
         halves[v] = false;
     }
     halves
+}
+
+/// A Gather of whole rows of an even number of elements: rows then start on word
+/// boundaries, so a table of halves is cut into runs of rows like one of f32 words.
+fn gathers_even_rows(graph: &Graph, node: &Node, axis: i64) -> bool {
+    let Some(Some(table)) = node.inputs.first() else {
+        return false;
+    };
+    let shape = &graph.values[*table].shape;
+    normalize_axis(axis, shape.len()) == Ok(0) && numel(&shape[1..]) % 2 == 0
 }
 
 impl<'g> Lowering<'g> {

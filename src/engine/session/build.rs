@@ -1,5 +1,5 @@
 //! Building a session: lowering every node, giving each value a buffer (weights uploaded,
-//! intermediates from the shared pool by lifetime), and binding every launch.
+//! intermediates placed in the shared slabs by lifetime), and binding every launch.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -12,7 +12,12 @@ use super::super::kernels::{KernelKey, Launch, Operand, bind_buffers};
 use super::super::lower::{Lowered, Lowering, half_weights};
 use super::super::source::FileSource;
 use super::super::tensor::{HostTensor, numel};
+use super::arena::{self, Block};
 use super::{BoundLaunch, Port, Session};
+
+/// The most bytes a new slab of intermediates takes (fewer, larger slabs waste less at
+/// their ends; one buffer much larger than this is harder for a browser to grant).
+const NEW_SLAB_BYTES: u64 = 1 << 30;
 
 /// Assigns buffers to values and turns launches into bind groups.
 pub(super) struct Builder<'g> {
@@ -20,7 +25,8 @@ pub(super) struct Builder<'g> {
     graph: &'g Graph,
     /// Storage of each value after following aliases (Reshape and friends).
     root: Vec<ValueId>,
-    buffers: HashMap<ValueId, wgpu::Buffer>,
+    /// Each stored value's buffer and byte offset (intermediates share slabs).
+    buffers: HashMap<ValueId, (wgpu::Buffer, u64)>,
     /// Buffers of the constants lowering made (weight slices, zero bias), by their `Arc`:
     /// a constant shared by several launches (every image of a batch, every run of rows)
     /// is uploaded once.
@@ -116,7 +122,7 @@ impl<'g> Builder<'g> {
             name: this.graph.values[v].name.clone(),
             dtype: this.graph.values[v].dtype,
             shape: this.graph.values[v].shape.clone(),
-            buffer: this.buffers[&this.root[v]].clone(),
+            buffer: this.buffers[&this.root[v]].0.clone(),
         };
         Ok(Session {
             gpu: self.gpu.clone(),
@@ -132,17 +138,13 @@ impl<'g> Builder<'g> {
     }
 
     /// Gives every root value a buffer. Constants, graph inputs and graph outputs get their
-    /// own; intermediates share buffers from a pool, each returned after its last reader.
+    /// own; intermediates share slabs, each value's bytes free again after its last reader.
     async fn allocate(
         &mut self,
         per_node: &[Lowered],
         source: Option<&dyn FileSource>,
     ) -> Result<()> {
         let graph = self.graph;
-        let mut pinned = vec![false; graph.values.len()];
-        for &v in graph.inputs.iter().chain(&graph.outputs) {
-            pinned[self.root[v]] = true;
-        }
         // Last node index reading each root (None: no launch reads it).
         let mut last_use: Vec<Option<usize>> = vec![None; graph.values.len()];
         for (n, lowered) in per_node.iter().enumerate() {
@@ -161,7 +163,6 @@ impl<'g> Builder<'g> {
             if value.constant.is_none() && value.stored.is_none() {
                 continue;
             }
-            pinned[v] = true;
             if self.root[v] != v || (last_use[v].is_none() && !is_output(v)) {
                 continue;
             }
@@ -180,7 +181,7 @@ impl<'g> Builder<'g> {
                     .await?
             };
             self.memory_bytes += buffer.size();
-            self.buffers.insert(v, buffer);
+            self.buffers.insert(v, (buffer, 0));
         }
         for &v in graph.inputs.iter().chain(&graph.outputs) {
             let r = self.root[v];
@@ -190,54 +191,87 @@ impl<'g> Builder<'g> {
                     .gpu
                     .storage_buffer(&graph.values[r].name, self.bytes_of(r));
                 self.memory_bytes += buffer.size();
-                self.buffers.insert(r, buffer);
+                self.buffers.insert(r, (buffer, 0));
             }
         }
 
-        // Intermediates come from the pool every session on this GPU shares, best fit
-        // first, else a new buffer joins it.
-        let mut free = self.gpu.scratch_buffers();
-        let mut holding: HashMap<ValueId, Arc<wgpu::Buffer>> = HashMap::new();
+        self.place_intermediates(per_node, &last_use)
+    }
+
+    /// Gives every intermediate an offset in the slabs every session on this GPU shares
+    /// (see `arena`), adding slabs where those are full.
+    fn place_intermediates(
+        &mut self,
+        per_node: &[Lowered],
+        last_use: &[Option<usize>],
+    ) -> Result<()> {
+        let mut values = Vec::new();
+        let mut blocks = Vec::new();
+        // Per root value: its block's index, if it is an intermediate.
+        let mut block_of = vec![None; self.graph.values.len()];
         for (n, lowered) in per_node.iter().enumerate() {
-            let Lowered::Launches(list) = lowered else {
+            if !matches!(lowered, Lowered::Launches(_)) {
                 continue;
-            };
-            for &out in &graph.nodes[n].outputs {
+            }
+            for &out in &self.graph.nodes[n].outputs {
                 let r = self.root[out];
-                if self.buffers.contains_key(&r) {
+                if self.buffers.contains_key(&r) || block_of[r].is_some() {
                     continue;
                 }
                 self.check_buffer(r)?;
-                let need = self.bytes_of(r).max(4);
-                let best = free
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, b)| b.size() >= need)
-                    .min_by_key(|(_, b)| b.size())
-                    .map(|(i, _)| i);
-                let buffer = match best {
-                    Some(i) => free.swap_remove(i),
-                    None => self.gpu.new_scratch_buffer(&graph.values[r].name, need),
-                };
-                if !self.scratch.iter().any(|b| Arc::ptr_eq(b, &buffer)) {
-                    self.memory_bytes += buffer.size();
-                    self.scratch_bytes += buffer.size();
-                    self.scratch.push(buffer.clone());
-                }
-                self.buffers.insert(r, (*buffer).clone());
-                holding.insert(r, buffer);
+                block_of[r] = Some(values.len());
+                values.push(r);
+                blocks.push(Block {
+                    born: n,
+                    // A node never writes into a buffer it reads: lifetimes are inclusive.
+                    dies: last_use[r].unwrap_or(n).max(n),
+                    bytes: self.bytes_of(r),
+                });
             }
-            // Return buffers whose last reader is this node (after outputs were assigned,
-            // so a node never writes into a buffer it reads).
-            let mut released: Vec<ValueId> = list
-                .iter()
-                .flat_map(|l| l.inputs.iter())
-                .filter_map(|op| op.value().map(|v| self.root[v]))
-                .filter(|&r| !pinned[r] && last_use[r] == Some(n))
-                .collect();
-            released.sort_unstable();
-            released.dedup();
-            free.extend(released.iter().filter_map(|r| holding.remove(r)));
+        }
+        // What a launch writes and what it reads, when both are intermediates.
+        let mut apart = Vec::new();
+        for launch in per_node.iter().flat_map(|l| match l {
+            Lowered::Launches(list) => list.as_slice(),
+            Lowered::Alias(_) => &[],
+        }) {
+            let block = |op: &Operand| op.value().and_then(|v| block_of[self.root[v]]);
+            if let Some(written) = block(&launch.output) {
+                apart.extend(
+                    launch
+                        .inputs
+                        .iter()
+                        .filter_map(block)
+                        .filter(|&read| read != written)
+                        .map(|read| (written, read)),
+                );
+            }
+        }
+        apart.sort_unstable();
+        apart.dedup();
+        let slabs = self.gpu.scratch_buffers();
+        let existing: Vec<u64> = slabs.iter().map(|b| b.size()).collect();
+        let limits = &self.gpu.limits;
+        let plan = arena::plan(
+            &blocks,
+            &apart,
+            &existing,
+            limits.max_buffer_size.min(NEW_SLAB_BYTES),
+            u64::from(limits.min_storage_buffer_offset_alignment),
+        );
+        let mut slabs: Vec<Option<Arc<wgpu::Buffer>>> = slabs.into_iter().map(Some).collect();
+        slabs.resize(plan.slab_bytes.len(), None);
+        for (&r, place) in values.iter().zip(&plan.places) {
+            let slab = slabs[place.slab].get_or_insert_with(|| {
+                let bytes = plan.slab_bytes[place.slab];
+                self.gpu.new_scratch_buffer("intermediates", bytes)
+            });
+            if !self.scratch.iter().any(|b| Arc::ptr_eq(b, slab)) {
+                self.memory_bytes += slab.size();
+                self.scratch_bytes += slab.size();
+                self.scratch.push(slab.clone());
+            }
+            self.buffers.insert(r, ((**slab).clone(), place.offset));
         }
         Ok(())
     }
@@ -256,12 +290,13 @@ impl<'g> Builder<'g> {
                 let name = self.graph.values[v].name.clone();
                 let size = self.element_bytes(self.root[v]);
                 // Bindings are whole words (an odd count of halves takes the pad word).
-                let bytes = (size * range.start as u64)
-                    ..(size * range.end.max(range.start + 1) as u64).next_multiple_of(4);
-                (self.buffers[&self.root[v]].clone(), Some(bytes), name)
+                let (buffer, base) = &self.buffers[&self.root[v]];
+                let bytes = base + size * range.start as u64
+                    ..base + (size * range.end.max(range.start + 1) as u64).next_multiple_of(4);
+                (buffer.clone(), Some(bytes), name)
             };
             bound.push(match op {
-                // A pooled buffer may be larger than the value it holds: bind only the value.
+                // A slab holds many values: bind only this one.
                 Operand::Value(v) => value(*v, 0..numel(&self.graph.values[*v].shape)),
                 Operand::Part(v, range) => value(*v, range.clone()),
                 Operand::Constant(c) => {

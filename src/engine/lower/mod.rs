@@ -98,7 +98,7 @@ fn gathers_even_rows(graph: &Graph, node: &Node, axis: i64) -> bool {
         return false;
     };
     let shape = &graph.values[*table].shape;
-    normalize_axis(axis, shape.len()) == Ok(0) && numel(&shape[1..]) % 2 == 0
+    normalize_axis(axis, shape.len()) == Ok(0) && numel(&shape[1..]).is_multiple_of(2)
 }
 
 impl<'g> Lowering<'g> {

@@ -352,6 +352,7 @@ impl StableDiffusion {
         let mut peak = self.gpu_memory_bytes();
         self.text_session.release_if(self.low_memory);
         let latents = self.latent_shape(width, height);
+        self.keep_decoder_ahead(&latents).await?;
         let sample = [batch, latents[1], latents[2], latents[3]];
         let cond = guidance_embedding.map(|e| [batch, e.len()]);
         let shapes = unet_inputs(&sample, &context.shape, cond.as_ref());
@@ -366,6 +367,21 @@ impl StableDiffusion {
         peak = peak.max(self.gpu_memory_bytes());
         self.decoder_session.release_if(self.low_memory);
         Ok(peak)
+    }
+
+    /// With every session kept, builds the VAE decoder's session for `latents` before the
+    /// UNet's: a session places its intermediates in the slabs earlier ones made and adds
+    /// slabs for what does not fit, so the decoder's full-size images (the largest
+    /// intermediates) go first and the UNet's fit in their slabs, instead of the decoder
+    /// adding slabs beside the UNet's.
+    async fn keep_decoder_ahead(&mut self, latents: &[usize]) -> Result<()> {
+        if !self.low_memory {
+            let input = self.vae_decoder.input_names()[0].to_string();
+            self.decoder_session
+                .get(&self.gpu, &self.vae_decoder, &[(&input, latents)])
+                .await?;
+        }
+        Ok(())
     }
 
     /// The latents of one image of `width` x `height` pixels.
@@ -423,6 +439,7 @@ impl StableDiffusion {
         timings.gpu_peak_bytes = timings.gpu_peak_bytes.max(self.gpu_memory_bytes());
         self.encoder_session.release_if(self.low_memory);
 
+        self.keep_decoder_ahead(&shape).await?;
         let sample_shape = [batch, shape[1], shape[2], shape[3]];
         let cond_shape = guidance_embedding.as_ref().map(|e| [batch, e.len()]);
         let shapes = unet_inputs(&sample_shape, &context.shape, cond_shape.as_ref());

@@ -338,11 +338,10 @@ impl StableDiffusion {
         Ok(HostTensor::f32(shape, latents))
     }
 
-    /// Generates one image. `on_step` sees every step and may cancel.
-    /// Builds every session `request` needs (text encoder, UNet and VAE decoder at its size)
-    /// without generating, and returns the most GPU memory the sessions hold at once (with
-    /// `low_memory`, the largest stage's). Without `low_memory`, nothing is left to compile
-    /// or upload before the first step.
+    /// Builds every session `request` needs (text encoder, VAE encoder for an init image,
+    /// UNet and VAE decoder at its size) without generating, and returns the most GPU
+    /// memory the sessions hold at once (with `low_memory`, the largest stage's). Without
+    /// `low_memory`, nothing is left to compile or upload before the first step.
     pub async fn prepare(&mut self, request: &Request) -> Result<u64> {
         let (width, height) = self.validate(request)?;
         let (guidance_embedding, guidance) = self.guidance(request);
@@ -353,6 +352,20 @@ impl StableDiffusion {
         self.text_session.release_if(self.low_memory);
         let latents = self.latent_shape(width, height);
         self.keep_decoder_ahead(&latents).await?;
+        if request.init_image.is_some() {
+            let encoder = self
+                .vae_encoder
+                .as_ref()
+                .ok_or_else(|| Error::Invalid("no VAE encoder".into()))?;
+            let input = encoder.input_names()[0].to_string();
+            let factor = self.config.vae_scale_factor;
+            let pixels = [1, 3, latents[2] * factor, latents[3] * factor];
+            self.encoder_session
+                .get(&self.gpu, encoder, &[(&input, &pixels)])
+                .await?;
+            peak = peak.max(self.gpu_memory_bytes());
+            self.encoder_session.release_if(self.low_memory);
+        }
         let sample = [batch, latents[1], latents[2], latents[3]];
         let cond = guidance_embedding.map(|e| [batch, e.len()]);
         let shapes = unet_inputs(&sample, &context.shape, cond.as_ref());
@@ -370,10 +383,10 @@ impl StableDiffusion {
     }
 
     /// With every session kept, builds the VAE decoder's session for `latents` before the
-    /// UNet's: a session places its intermediates in the slabs earlier ones made and adds
-    /// slabs for what does not fit, so the decoder's full-size images (the largest
-    /// intermediates) go first and the UNet's fit in their slabs, instead of the decoder
-    /// adding slabs beside the UNet's.
+    /// VAE encoder's and the UNet's: a session places its intermediates in the slabs
+    /// earlier ones made and adds slabs for what does not fit, so the decoder's full-size
+    /// images (the largest intermediates) go first and the others fit in their slabs,
+    /// instead of the decoder adding slabs beside theirs.
     async fn keep_decoder_ahead(&mut self, latents: &[usize]) -> Result<()> {
         if !self.low_memory {
             let input = self.vae_decoder.input_names()[0].to_string();
@@ -408,6 +421,7 @@ impl StableDiffusion {
         (embedding, scale)
     }
 
+    /// Generates one image. `on_step` sees every step and may cancel.
     pub async fn generate(
         &mut self,
         request: &Request,
@@ -433,13 +447,13 @@ impl StableDiffusion {
 
         let mut rng = TorchRng::new(request.seed);
         let shape = self.latent_shape(width, height).to_vec();
+        self.keep_decoder_ahead(&shape).await?;
         let (first, mut latents) = self
             .initial_latents(request, scheduler.as_ref(), &mut rng, &shape, &mut timings)
             .await?;
         timings.gpu_peak_bytes = timings.gpu_peak_bytes.max(self.gpu_memory_bytes());
         self.encoder_session.release_if(self.low_memory);
 
-        self.keep_decoder_ahead(&shape).await?;
         let sample_shape = [batch, shape[1], shape[2], shape[3]];
         let cond_shape = guidance_embedding.as_ref().map(|e| [batch, e.len()]);
         let shapes = unet_inputs(&sample_shape, &context.shape, cond_shape.as_ref());

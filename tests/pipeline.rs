@@ -235,6 +235,36 @@ fn low_memory_mode_holds_one_model_at_a_time() {
     assert_eq!(pipeline.gpu_memory_bytes(), 0);
 }
 
+/// For image-to-image too, `prepare` builds what a generation builds (the VAE encoder
+/// included) and reports the peak it reaches, with sessions kept and one at a time.
+#[test]
+fn prepare_reports_the_peak_of_image_to_image() {
+    let gpu = common::gpu();
+    let request = Request {
+        prompt: "a red 7 on a blue background".into(),
+        steps: 2,
+        seed: 7,
+        init_image: Some(RgbaImage {
+            width: 32,
+            height: 32,
+            pixels: (0..32 * 32 * 4).map(|i| (i * 7 % 251) as u8).collect(),
+        }),
+        strength: 0.5,
+        ..Request::default()
+    };
+    for low_memory in [false, true] {
+        let mut pipeline = load(&gpu, None);
+        pipeline.set_low_memory(low_memory);
+        let predicted = pollster::block_on(pipeline.prepare(&request)).unwrap();
+        let generated =
+            pollster::block_on(pipeline.generate(&request, &mut |_| Control::Continue)).unwrap();
+        assert_eq!(
+            predicted, generated.timings.gpu_peak_bytes,
+            "low memory: {low_memory}"
+        );
+    }
+}
+
 #[test]
 fn missing_files_are_listed() {
     let gpu = common::gpu();

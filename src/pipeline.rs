@@ -299,19 +299,25 @@ impl StableDiffusion {
         .await
     }
 
-    /// Image -> scaled latents through the VAE encoder, sampling the posterior with `rng`
-    /// (`latent_dist.sample(generator) * scaling_factor`).
-    async fn encode_image(&mut self, image: &RgbaImage, rng: &mut TorchRng) -> Result<HostTensor> {
+    /// The VAE encoder's session for images of `shape`, and the name of its input.
+    async fn encoder_for(&mut self, shape: &[usize]) -> Result<(&Session, String)> {
         let encoder = self
             .vae_encoder
             .as_ref()
             .ok_or_else(|| Error::Invalid("no VAE encoder".into()))?;
-        let pixels = GpuTensor::from_host(&self.gpu, &image.to_vae_input());
         let input = encoder.input_names()[0].to_string();
         let session = self
             .encoder_session
-            .get(&self.gpu, encoder, &[(&input, &pixels.shape)])
+            .get(&self.gpu, encoder, &[(&input, shape)])
             .await?;
+        Ok((session, input))
+    }
+
+    /// Image -> scaled latents through the VAE encoder, sampling the posterior with `rng`
+    /// (`latent_dist.sample(generator) * scaling_factor`).
+    async fn encode_image(&mut self, image: &RgbaImage, rng: &mut TorchRng) -> Result<HostTensor> {
+        let pixels = GpuTensor::from_host(&self.gpu, &image.to_vae_input());
+        let (session, input) = self.encoder_for(&pixels.shape).await?;
         let outputs = session.run(&[(&input, &pixels)]).await?;
         let parameters = outputs
             .into_values()
@@ -353,15 +359,8 @@ impl StableDiffusion {
         let latents = self.latent_shape(width, height);
         self.keep_decoder_ahead(&latents).await?;
         if request.init_image.is_some() {
-            let encoder = self
-                .vae_encoder
-                .as_ref()
-                .ok_or_else(|| Error::Invalid("no VAE encoder".into()))?;
-            let input = encoder.input_names()[0].to_string();
             let factor = self.config.vae_scale_factor;
-            let pixels = [1, 3, latents[2] * factor, latents[3] * factor];
-            self.encoder_session
-                .get(&self.gpu, encoder, &[(&input, &pixels)])
+            self.encoder_for(&[1, 3, latents[2] * factor, latents[3] * factor])
                 .await?;
             peak = peak.max(self.gpu_memory_bytes());
             self.encoder_session.release_if(self.low_memory);

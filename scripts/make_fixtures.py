@@ -510,6 +510,45 @@ def fp16_converter_case():
     np.save(os.path.join(folder, "ref_y.npy"), ref)
 
 
+def fp16_activations_case():
+    """graphs/fp16_activations: an fp16 graph shaped like a VAE decoder's resnet and
+    upsampler, as optimum exports them (fp16 inputs, weights and outputs; GroupNorm as
+    Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, SiLU as Sigmoid * x, the
+    residual sum divided by an output scale of 1): websd keeps such activations as halves.
+    out_y is onnxruntime on the fp16 graph; reference.onnx is the same graph in fp32 (kept,
+    for the memory comparison) and ref_y its result. Own random stream."""
+    local = np.random.default_rng(85)
+    mk = helper.make_node
+    f = lambda *shape: local.uniform(-0.5, 0.5, shape).astype(np.float32)
+    x = 2 * f(1, 8, 16, 16)
+    weights = {"w1": f(8, 8, 3, 3), "b1": f(8), "w2": f(8, 8, 3, 3), "b2": f(8),
+               "w3": f(4, 8, 3, 3), "b3": f(4), "gamma": 1 + f(8, 1, 1), "beta": f(8, 1, 1),
+               "ones": np.ones(4, np.float32), "zeros": np.zeros(4, np.float32), "one": np.ones((), np.float32),
+               "scales": np.array([1, 1, 2, 2], np.float32)}
+    shapes = {"grouped": np.array([0, 4, -1], np.int64), "shape": np.array([1, 8, 16, 16], np.int64)}
+    nodes = [mk("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             mk("Reshape", ["c1", "grouped"], ["g"]),
+             mk("InstanceNormalization", ["g", "ones", "zeros"], ["n"], epsilon=1e-5),
+             mk("Reshape", ["n", "shape"], ["n4"]), mk("Mul", ["n4", "gamma"], ["scaled"]),
+             mk("Add", ["scaled", "beta"], ["shifted"]), mk("Sigmoid", ["shifted"], ["sig"]),
+             mk("Mul", ["shifted", "sig"], ["silu"]),
+             mk("Conv", ["silu", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             mk("Add", ["c1", "c2"], ["sum"]), mk("Div", ["sum", "one"], ["residual"]),
+             mk("Resize", ["residual", "", "scales"], ["up"], mode="nearest"),
+             mk("Conv", ["up", "w3", "b3"], ["y"], pads=[1, 1, 1, 1])]
+    folder = os.path.join(ROOT, "graphs", "fp16_activations")
+    os.makedirs(folder, exist_ok=True)
+    for name, elem, dtype in [("model.onnx", TensorProto.FLOAT16, np.float16), ("reference.onnx", TensorProto.FLOAT, np.float32)]:
+        inits = [numpy_helper.from_array(v if k == "scales" else v.astype(dtype), k) for k, v in weights.items()]
+        inits += [numpy_helper.from_array(v, k) for k, v in shapes.items()]
+        graph = helper.make_graph(nodes, "fp16_activations", [helper.make_tensor_value_info("x", elem, x.shape)],
+                                  [helper.make_tensor_value_info("y", elem, [1, 4, 32, 32])], inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), os.path.join(folder, name))
+    feed = x.astype(np.float16)
+    save_case(folder, {"x": feed}, run_ort(os.path.join(folder, "model.onnx"), {"x": feed}))
+    np.save(os.path.join(folder, "ref_y.npy"), run_ort(os.path.join(folder, "reference.onnx"), {"x": feed.astype(np.float32)})["y"])
+
+
 def narrow_tile_cases():
     """Products a few columns wide (the GEMM core's 4-, 8- and 16-column tiles) and batches
     folded into one product: convolutions whose columns span images, MatMuls whose batch
@@ -553,3 +592,4 @@ if __name__ == "__main__":
     narrow_tile_cases()
     one_tap_cases()
     fp16_converter_case()
+    fp16_activations_case()

@@ -69,7 +69,8 @@ impl Shader {
     }
 }
 
-/// A shader specialised by its override constants: `OP`, if it has one, and for MatMul and
+/// A shader specialised by its override constants: `OP`, if it has one; `HALF_INPUT` and
+/// `HALF_OUTPUT` for the kernels that store activations as halves; for MatMul and
 /// Conv `HALF_WEIGHTS` (B, or the filter, stored as packed f16 pairs) and `TILE_N` (output
 /// tiles 16, 8 or 4 columns wide instead of 64, for products a few columns wide); and for
 /// those two, by its arithmetic.
@@ -85,6 +86,10 @@ pub struct KernelKey {
     /// MatMul and Conv with half weights, on a device with `shader-f16`: tiles staged as
     /// f16 and products summed in f16 four at a time, accumulated in f32 (gemm_f16.wgsl).
     pub half_arithmetic: bool,
+    /// Conv, Norm and Resize: the input activation (`HALF_INPUT`) or the output
+    /// (`HALF_OUTPUT`) stored as packed f16 pairs (`lower::half_values`).
+    pub half_input: bool,
+    pub half_output: bool,
 }
 
 /// Output columns per workgroup of the GEMM core (gemm.wgsl) for a product `n` columns
@@ -108,6 +113,8 @@ impl From<Shader> for KernelKey {
             tile_columns: 64,
             swapped: false,
             half_arithmetic: false,
+            half_input: false,
+            half_output: false,
         }
     }
 }
@@ -211,6 +218,12 @@ impl Pipelines {
             }
             if key.swapped {
                 constants.push(("SWAPPED", 1.0));
+            }
+            if key.half_input {
+                constants.push(("HALF_INPUT", 1.0));
+            }
+            if key.half_output {
+                constants.push(("HALF_OUTPUT", 1.0));
             }
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("{key:?}")),

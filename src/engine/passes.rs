@@ -45,6 +45,7 @@ pub fn infer_shapes(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<
 const SHAPE_FOLD_LIMIT: usize = 4096;
 
 fn fuse(graph: &mut Graph) {
+    skip_unit_scaling(graph);
     fuse_silu(graph);
     fuse_group_norm(graph);
     fuse_attention(graph);
@@ -175,6 +176,49 @@ fn sole_consumer(graph: &Graph, uses: &[usize], value: ValueId) -> Option<usize>
         .nodes
         .iter()
         .position(|n| n.inputs.contains(&Some(value)))
+}
+
+/// A Mul or Div by a constant one (diffusers' `output_scale_factor` of 1 after every
+/// resnet of a VAE) changes nothing, exactly: its readers read its input instead, which
+/// saves a pass over the tensor and a copy of it alive.
+fn skip_unit_scaling(graph: &mut Graph) {
+    let is_one = |v: ValueId| {
+        graph.values[v]
+            .constant
+            .as_ref()
+            .is_some_and(|c| c.len() == 1 && c.to_f32()[0] == 1.0)
+    };
+    let mut forward: HashMap<ValueId, ValueId> = HashMap::new();
+    let mut dead = vec![false; graph.nodes.len()];
+    for (n, node) in graph.nodes.iter().enumerate() {
+        let (Op::Binary(op @ (BinaryOp::Mul | BinaryOp::Div)), &[Some(a), Some(b)]) =
+            (&node.op, &node.inputs[..])
+        else {
+            continue;
+        };
+        let x = match (is_one(a), is_one(b)) {
+            (_, true) => a,
+            (true, false) if *op == BinaryOp::Mul => b,
+            _ => continue,
+        };
+        let out = node.outputs[0];
+        let (input, output) = (&graph.values[x], &graph.values[out]);
+        if input.shape == output.shape
+            && input.dtype == output.dtype
+            && !graph.outputs.contains(&out)
+        {
+            forward.insert(out, x);
+            dead[n] = true;
+        }
+    }
+    for node in &mut graph.nodes {
+        for input in node.inputs.iter_mut().flatten() {
+            while let Some(&x) = forward.get(input) {
+                *input = x;
+            }
+        }
+    }
+    retain_nodes(graph, &dead);
 }
 
 /// Sigmoid(x) -> Mul(x, s) becomes one Silu(x).

@@ -309,7 +309,8 @@ impl Session {
         passes::prepare(&mut graph, dims, model.objective.as_ref())?;
         let oom_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let validation_scope = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let built = Builder::new(gpu, &graph)
+        let inference = model.objective.is_none();
+        let built = Builder::new(gpu, &graph, inference)
             .build(model.source.as_deref())
             .await;
         let validation = validation_scope.pop().await;

@@ -2,9 +2,10 @@
 //! inputs/outputs exchanged with the caller.
 //!
 //! The engine distinguishes three logical element types. Every floating-point ONNX type is
-//! computed in f32 (f16 weights read by MatMul, Gemm and Conv stay packed f16 pairs on the
-//! GPU, see `lower::half_weights`; other f16 tensors are upcast on upload), every integer type is an `I64` on the
-//! host and an i32 on the GPU, and booleans are 32-bit words on the GPU.
+//! computed in f32 (f16 weights read by MatMul, Gemm, Conv and Gather stay packed f16 pairs
+//! on the GPU, and so do an fp16 model's activations where the kernels allow, see
+//! `lower::half_values`; other f16 tensors are upcast on upload), every integer type is an
+//! `I64` on the host and an i32 on the GPU, and booleans are 32-bit words on the GPU.
 
 use std::borrow::Cow;
 

@@ -7,7 +7,9 @@
 // as launches over runs of input channels that sum into the output, each reading its
 // window of the filter in place. `weight_step` > 1 reads one tap of a larger filter as a
 // 1x1 kernel (lower/conv.rs: a filter wider than its image, where only that tap can land
-// inside it).
+// inside it). `HALF_INPUT` / `HALF_OUTPUT`: the image / output stored as packed f16 pairs
+// (an fp16 model's activations); a thread's four output columns are then four neighbouring
+// pixels of one image (lowering: a multiple of 4 pixels per image), two words.
 
 struct Params {
     images: u32,
@@ -40,14 +42,23 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;
-@group(0) @binding(2) var<storage, read> image: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out: array<u32>; // f32 bits, or f16 pairs
+@group(0) @binding(2) var<storage, read> image: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(3) var<storage, read> weight: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
 // The filter stored as packed f16 pairs (an fp16 model's weights, kept at half size on the
 // GPU and read without the shader-f16 feature). Products and sums stay f32.
 override HALF_WEIGHTS: bool = false;
+override HALF_INPUT: bool = false;
+override HALF_OUTPUT: bool = false;
+
+fn image_at(i: u32) -> f32 {
+    if HALF_INPUT {
+        return unpack2x16float(image[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(image[i]);
+}
 
 fn weight_at(i: u32) -> f32 {
     if HALF_WEIGHTS {
@@ -115,7 +126,7 @@ fn load_b4(k: u32) -> vec4<f32> {
         let y = column_y[j] + dy;
         let x = column_x[j] + dx;
         if column_live[j] && y >= 0 && x >= 0 && y < i32(p.in_h) && x < i32(p.in_w) {
-            v[j] = image[column_image[j] + plane + u32(y) * p.in_w + u32(x)];
+            v[j] = image_at(column_image[j] + plane + u32(y) * p.in_w + u32(x));
         }
     }
     return v;
@@ -128,15 +139,27 @@ fn store4(m: u32, n: u32, values: vec4<f32>) {
     }
     let pixels = p.out_h * p.out_w;
     let row = out_start + m * pixels;
+    if HALF_OUTPUT {
+        if n < gemm_n() {
+            let word = (row + (n / pixels) * p.out_channels * pixels + n % pixels) >> 1u;
+            var v = values + bias_value;
+            if p.accumulate != 0u {
+                v += vec4(unpack2x16float(out[word]), unpack2x16float(out[word + 1u]));
+            }
+            out[word] = pack2x16float(v.xy);
+            out[word + 1u] = pack2x16float(v.zw);
+        }
+        return;
+    }
     for (var j = 0u; j < 4u; j++) {
         let column = n + j;
         if column < gemm_n() {
             let at = row + (column / pixels) * p.out_channels * pixels + column % pixels;
             var v = values[j] + bias_value;
             if p.accumulate != 0u {
-                v += out[at];
+                v += bitcast<f32>(out[at]);
             }
-            out[at] = v;
+            out[at] = bitcast<u32>(v);
         }
     }
 }

@@ -8,13 +8,17 @@
 // first..first+n of the output: inputs of the output's shape are bound as the same window
 // (index = local index), broadcast inputs whole; `base` is the element each input's
 // binding starts at.
+//
+// Type 3 is f16, stored as packed pairs (an fp16 model's activations): read one half of a
+// word; an output of halves is written a word (two elements) per thread. Halves come only
+// without broadcasting, every operand of the output's even size.
 
 override OP: u32;
 
 struct Params {
     n: u32,
     rank: u32,
-    out_type: u32,      // 0 f32, 1 int, 2 bool
+    out_type: u32,      // 0 f32, 1 int, 2 bool, 3 f16
     a_type: u32,
     b_type: u32,
     c_type: u32,
@@ -39,6 +43,27 @@ fn decode(word: u32, kind: u32) -> f32 {
         return bitcast<f32>(word);
     }
     return f32(bitcast<i32>(word));
+}
+
+fn read_a(i: u32, kind: u32) -> f32 {
+    if kind == 3u {
+        return unpack2x16float(a[i >> 1u])[i & 1u];
+    }
+    return decode(a[i], kind);
+}
+
+fn read_b(i: u32, kind: u32) -> f32 {
+    if kind == 3u {
+        return unpack2x16float(b[i >> 1u])[i & 1u];
+    }
+    return decode(b[i], kind);
+}
+
+fn read_c(i: u32, kind: u32) -> f32 {
+    if kind == 3u {
+        return unpack2x16float(c[i >> 1u])[i & 1u];
+    }
+    return decode(c[i], kind);
 }
 
 fn encode(v: f32, kind: u32) -> u32 {
@@ -117,10 +142,21 @@ fn binary(x: f32, y: f32) -> f32 {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
-    let i = (wg.y * groups.x + wg.x) * 256u + lane;
-    if i >= p.n {
+    let t = (wg.y * groups.x + wg.x) * 256u + lane;
+    if p.out_type == 3u {
+        let i = 2u * t;
+        if i < p.n {
+            out[t] = pack2x16float(vec2(element(i), element(i + 1u)));
+        }
         return;
     }
+    if t < p.n {
+        out[t] = encode(element(t), p.out_type);
+    }
+}
+
+// Output element i of this launch.
+fn element(i: u32) -> f32 {
     var ia = i;
     var ib = i;
     var ic = i;
@@ -137,14 +173,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
             ic += index * p.c_strides[d];
         }
     }
-    let x = decode(a[ia], p.a_type);
-    var r: f32;
+    let x = read_a(ia, p.a_type);
     if OP < 100u {
-        r = unary(x);
+        return unary(x);
     } else if OP < 200u {
-        r = binary(x, decode(b[ib], p.b_type));
-    } else {
-        r = select(decode(c[ic], p.c_type), decode(b[ib], p.b_type), x != 0.0);
+        return binary(x, read_b(ib, p.b_type));
     }
-    out[i] = encode(r, p.out_type);
+    return select(read_c(ic, p.c_type), read_b(ib, p.b_type), x != 0.0);
 }

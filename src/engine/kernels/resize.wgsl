@@ -1,5 +1,7 @@
 // Resize of the last two axes (NCHW images) with nearest or bilinear sampling and the
 // coordinate transforms torch exports. Out-of-range source coordinates clamp to the edge.
+// `HALF_INPUT` / `HALF_OUTPUT`: x / out stored as packed f16 pairs; then each thread
+// writes two neighbouring outputs (planes of halves have an even size).
 
 struct Params {
     n: u32,
@@ -15,8 +17,18 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;
-@group(0) @binding(2) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read_write> out: array<u32>; // f32 bits, or f16 pairs
+@group(0) @binding(2) var<storage, read> x: array<u32>; // f32 bits, or f16 pairs
+
+override HALF_INPUT: bool = false;
+override HALF_OUTPUT: bool = false;
+
+fn x_at(i: u32) -> f32 {
+    if HALF_INPUT {
+        return unpack2x16float(x[i >> 1u])[i & 1u];
+    }
+    return bitcast<f32>(x[i]);
+}
 
 fn source_coordinate(o: u32, out_len: u32, in_len: u32, scale: f32) -> f32 {
     let position = f32(o);
@@ -43,18 +55,28 @@ fn nearest(c: f32, in_len: u32) -> u32 {
 @compute @workgroup_size(256)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
-    let i = (wg.y * groups.x + wg.x) * 256u + lane;
-    if i >= p.n {
+    let t = (wg.y * groups.x + wg.x) * 256u + lane;
+    if HALF_OUTPUT {
+        let i = 2u * t;
+        if i < p.n {
+            out[t] = pack2x16float(vec2(resized(i), resized(i + 1u)));
+        }
         return;
     }
+    if t < p.n {
+        out[t] = bitcast<u32>(resized(t));
+    }
+}
+
+// Output element i.
+fn resized(i: u32) -> f32 {
     let ox = i % p.out_w;
     let oy = (i / p.out_w) % p.out_h;
     let plane = (i / (p.out_w * p.out_h)) * p.in_h * p.in_w;
     let sy = source_coordinate(oy, p.out_h, p.in_h, p.scale_h);
     let sx = source_coordinate(ox, p.out_w, p.in_w, p.scale_w);
     if p.linear == 0u {
-        out[i] = x[plane + nearest(sy, p.in_h) * p.in_w + nearest(sx, p.in_w)];
-        return;
+        return x_at(plane + nearest(sy, p.in_h) * p.in_w + nearest(sx, p.in_w));
     }
     let cy = clamp(sy, 0.0, f32(p.in_h - 1u));
     let cx = clamp(sx, 0.0, f32(p.in_w - 1u));
@@ -64,7 +86,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
     let x1 = min(x0 + 1u, p.in_w - 1u);
     let fy = cy - f32(y0);
     let fx = cx - f32(x0);
-    let top = mix(x[plane + y0 * p.in_w + x0], x[plane + y0 * p.in_w + x1], fx);
-    let bottom = mix(x[plane + y1 * p.in_w + x0], x[plane + y1 * p.in_w + x1], fx);
-    out[i] = mix(top, bottom, fy);
+    let top = mix(x_at(plane + y0 * p.in_w + x0), x_at(plane + y0 * p.in_w + x1), fx);
+    let bottom = mix(x_at(plane + y1 * p.in_w + x0), x_at(plane + y1 * p.in_w + x1), fx);
+    return mix(top, bottom, fy);
 }

@@ -120,7 +120,7 @@ impl Lowering<'_> {
         // pixels need more column tiles than a launch may have (then image by image).
         let fits = [image, weight, out]
             .iter()
-            .all(|&v| numel(self.shape(v)) <= self.max_binding)
+            .all(|&v| self.words(v, numel(self.shape(v))) <= self.max_binding)
             && columns.div_ceil(tile_columns as usize) <= self.max_groups as usize;
         if !fits {
             return self.conv_in_parts(&g, image, weight, bias, out);
@@ -153,9 +153,19 @@ impl Lowering<'_> {
         ];
         let kernel = KernelKey {
             tile_columns,
-            ..self.gemm_kernel(Shader::Conv, weight)
+            ..self.conv_kernel(image, weight, out)
         };
         Ok(vec![self.launch(kernel, params, out, inputs, groups)])
+    }
+
+    /// conv.wgsl reading `weight` (`gemm_kernel`), with the image and output stored as
+    /// they are (f32 or halves).
+    fn conv_kernel(&self, image: ValueId, weight: ValueId, out: ValueId) -> KernelKey {
+        KernelKey {
+            half_input: self.half(image),
+            half_output: self.half(out),
+            ..self.gemm_kernel(Shader::Conv, weight)
+        }
     }
 
     /// A convolution whose image, output or weights exceed one binding (the VAE decoder's
@@ -227,7 +237,7 @@ impl Lowering<'_> {
             }
         }
         let (image_len, out_len) = (g.in_channels * in_plane, g.out_channels * out_plane);
-        let kernel = self.gemm_kernel(Shader::Conv, weight);
+        let kernel = self.conv_kernel(image, weight, out);
         let mut launches = Vec::new();
         for n in 0..g.batch {
             for part in &parts {

@@ -6,6 +6,9 @@ use super::super::ops::broadcast_strides;
 use super::super::tensor::{DType, numel};
 use super::{LowerResult, Lowering, MAX_RANK, check_rank};
 
+/// elementwise.wgsl's element type codes.
+const HALF_CODE: usize = 3;
+
 fn dtype_code(d: DType) -> usize {
     match d {
         DType::F32 => 0,
@@ -38,8 +41,26 @@ impl Lowering<'_> {
             op: Some(op),
             ..Shader::Elementwise.into()
         };
-        let runs = self.runs(n, &[1], usize::MAX, "element")?;
+        let code = |v: ValueId| match self.half(v) {
+            true => HALF_CODE,
+            false => dtype_code(self.dtype(v)),
+        };
+        // With halves, runs are of pairs (a word of halves), which a thread writes at once;
+        // `half_values` gives them only operands of the output's (even) size.
+        let pair = inputs.iter().chain([&out]).any(|&v| self.half(v));
+        let unit = if pair { 2 } else { 1 };
+        let words: Vec<usize> = inputs
+            .iter()
+            .chain([&out])
+            .map(|&v| self.words(v, unit))
+            .collect();
+        let runs: Vec<_> = self
+            .runs(n.div_ceil(unit), &words, usize::MAX, "element")?
+            .into_iter()
+            .map(|r| r.start * unit..(r.end * unit).min(n))
+            .collect();
         let split = runs.len() > 1;
+        let per_thread = if self.half(out) { 2 } else { 1 };
         Ok(runs
             .into_iter()
             .map(|run| {
@@ -48,10 +69,10 @@ impl Lowering<'_> {
                 let params = Params::default()
                     .u(run.len())
                     .u(shape.len())
-                    .u(dtype_code(self.dtype(out)))
-                    .u(dtype_code(self.dtype(operand(0))))
-                    .u(dtype_code(self.dtype(operand(1))))
-                    .u(dtype_code(self.dtype(operand(2))))
+                    .u(code(out))
+                    .u(code(operand(0)))
+                    .u(code(operand(1)))
+                    .u(code(operand(2)))
                     .u(broadcast as usize)
                     .u(run.start)
                     .array(shape.iter().map(|&d| d as isize), MAX_RANK)
@@ -70,7 +91,7 @@ impl Lowering<'_> {
                     params: params.0,
                     output: self.part(out, &run, split),
                     inputs: operands,
-                    workgroups: self.linear(run.len()),
+                    workgroups: self.linear(run.len().div_ceil(per_thread)),
                 }
             })
             .collect())

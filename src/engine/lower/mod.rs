@@ -16,7 +16,7 @@ use std::ops::Range;
 use super::graph::{Graph, Node, ValueId};
 use super::infer::{self, InputInfo};
 use super::kernels::{KernelKey, LINEAR_WORKGROUP, Launch, Operand, Params, Shader, grid};
-use super::ops::{Op, ReduceOp, UnaryOp, WHERE_CODE, normalize_axis};
+use super::ops::{BinaryOp, Op, ReduceOp, UnaryOp, WHERE_CODE, normalize_axis};
 use super::tensor::{DType, Storage, numel};
 
 /// Highest rank the strided kernels (elementwise, copy, reduce) index.
@@ -32,7 +32,7 @@ type LowerResult<T> = std::result::Result<T, String>;
 
 pub struct Lowering<'g> {
     graph: &'g Graph,
-    /// Per value: an fp16 weight the GPU keeps as packed halves (see `half_weights`).
+    /// Per value: stored as packed halves (see `half_values`).
     halves: &'g [bool],
     /// Whether products with half weights compute in f16 (`KernelKey::half_arithmetic`).
     half_arithmetic: bool,
@@ -62,7 +62,7 @@ fn check_rank(rank: usize) -> LowerResult<()> {
 /// memory of f32. That is every f16 initializer read only as MatMul's or Gemm's B, as
 /// Conv's filter or as the table rows of a Gather (the kernels that read halves; a text
 /// encoder's token embeddings are most of its weights); any other reader gets f32.
-pub fn half_weights(graph: &Graph) -> Vec<bool> {
+fn half_weights(graph: &Graph) -> Vec<bool> {
     let mut halves: Vec<bool> = graph
         .values
         .iter()
@@ -89,6 +89,101 @@ pub fn half_weights(graph: &Graph) -> Vec<bool> {
         halves[v] = false;
     }
     halves
+}
+
+/// Per value: whether the GPU keeps it as packed f16 pairs: the fp16 weights of
+/// `half_weights`, and for an fp16 model (one with such weights) run for `inference`,
+/// every intermediate that a kernel writing halves makes and only kernels reading halves
+/// use: the convolutions, group norms, residual sums and upsamplings that hold a UNet's and
+/// a VAE decoder's largest activations, at half the memory and traffic. Arithmetic stays
+/// f32; only storage is f16, as the model computes in f16 anyway. What attention, MatMul
+/// and the copies touch stays f32, and so does everything training sees (its gradients).
+pub fn half_values(graph: &Graph, inference: bool) -> Vec<bool> {
+    let mut halves = half_weights(graph);
+    if !inference || !halves.contains(&true) {
+        return halves;
+    }
+    let mut half = vec![false; graph.values.len()];
+    for node in &graph.nodes {
+        if let [out] = node.outputs[..] {
+            half[out] = writes_halves(graph, node);
+        }
+    }
+    for node in &graph.nodes {
+        for (i, v) in node.inputs.iter().enumerate() {
+            if let Some(v) = v
+                && !reads_halves(graph, node, i)
+            {
+                half[*v] = false;
+            }
+        }
+    }
+    for &v in &graph.outputs {
+        half[v] = false;
+    }
+    for (v, value) in graph.values.iter().enumerate() {
+        let intermediate = value.constant.is_none() && value.stored.is_none();
+        if half[v] && intermediate && value.dtype == DType::F32 {
+            halves[v] = true;
+        }
+    }
+    halves
+}
+
+/// Elements per row of a normalisation (the unit its kernel writes in pairs).
+fn norm_row(graph: &Graph, node: &Node) -> Option<usize> {
+    let shape = &graph.values[node.outputs[0]].shape;
+    match node.op {
+        Op::GroupNorm { groups, .. } => Some(numel(&shape[1..]) / groups.max(1)),
+        Op::InstanceNorm { .. } => Some(numel(shape.get(2..)?)),
+        _ => None,
+    }
+}
+
+/// An arithmetic op over operands of the output's shape (no broadcasting): what the
+/// element-wise kernel runs in pairs of halves.
+fn same_shape_arithmetic(graph: &Graph, node: &Node) -> bool {
+    let shape = &graph.values[node.outputs[0]].shape;
+    matches!(
+        node.op,
+        Op::Binary(BinaryOp::Add | BinaryOp::Sub | BinaryOp::Mul | BinaryOp::Div)
+    ) && node
+        .inputs
+        .iter()
+        .all(|i| i.is_some_and(|i| graph.values[i].shape == *shape))
+}
+
+/// Whether `node`'s kernel can store its output as halves: it writes them two at a time,
+/// so the pairs must not straddle a unit it computes apart (four output pixels of a
+/// convolution, a normalised row, an upsampled plane).
+fn writes_halves(graph: &Graph, node: &Node) -> bool {
+    let shape = &graph.values[node.outputs[0]].shape;
+    let even = numel(shape).is_multiple_of(2);
+    match node.op {
+        Op::Conv(_) => shape.len() == 4 && (shape[2] * shape[3]).is_multiple_of(4),
+        Op::GroupNorm { .. } | Op::InstanceNorm { .. } => {
+            norm_row(graph, node).is_some_and(|len| len.is_multiple_of(2))
+        }
+        Op::Resize { .. } => shape.len() == 4 && (shape[2] * shape[3]).is_multiple_of(2),
+        _ => even && same_shape_arithmetic(graph, node),
+    }
+}
+
+/// Whether `node`'s kernel can read its input `i` as halves (the image of a convolution;
+/// a normalisation's or upsampling's input, in units of even length; either operand of
+/// same-shape arithmetic).
+fn reads_halves(graph: &Graph, node: &Node, i: usize) -> bool {
+    let input = |k: usize| node.inputs[k].map(|v| &graph.values[v].shape);
+    match node.op {
+        Op::Conv(_) => i == 0,
+        Op::GroupNorm { .. } | Op::InstanceNorm { .. } => {
+            i == 0 && norm_row(graph, node).is_some_and(|len| len.is_multiple_of(2))
+        }
+        Op::Resize { .. } => {
+            i == 0 && input(0).is_some_and(|s| s.len() == 4 && (s[2] * s[3]).is_multiple_of(2))
+        }
+        _ => i < 2 && same_shape_arithmetic(graph, node),
+    }
 }
 
 /// A Gather of whole rows of an even number of elements: rows then start on word
@@ -121,7 +216,7 @@ impl<'g> Lowering<'g> {
     /// The GEMM kernel (MatMul or Conv) reading `weight` as its B or filter: packed halves
     /// if the weight is kept so, and then f16 arithmetic where the device does it.
     fn gemm_kernel(&self, shader: Shader, weight: ValueId) -> KernelKey {
-        let half_weights = self.halves[weight];
+        let half_weights = self.half(weight);
         KernelKey {
             half_weights,
             half_arithmetic: half_weights && self.half_arithmetic,
@@ -224,8 +319,8 @@ impl<'g> Lowering<'g> {
     }
 
     /// Splits `units` consecutive units (elements, rows, channel planes) into runs whose
-    /// parts fit one binding: each tensor the launch windows has `unit_len` elements per
-    /// unit, and every run starts at an aligned offset in all of them. Runs hold at most
+    /// parts fit one binding: each tensor the launch windows has `unit_len` 4-byte words per
+    /// unit (`words`), and every run starts at an aligned offset in all of them. Runs hold at most
     /// `max_units` units (what another tensor of the launch allows). One run when
     /// everything fits, so small work never splits.
     fn runs(
@@ -258,11 +353,25 @@ impl<'g> Lowering<'g> {
             .collect())
     }
 
+    /// Whether `value` is stored as packed halves (`half_values`).
+    fn half(&self, value: ValueId) -> bool {
+        self.halves[value]
+    }
+
+    /// 4-byte words that `elements` elements of `value` take (half values are windowed only
+    /// in units of an even length: see `half_values`).
+    fn words(&self, value: ValueId, elements: usize) -> usize {
+        match self.half(value) {
+            true => elements.div_ceil(2),
+            false => elements,
+        }
+    }
+
     /// A binding that holds elements `range` of `value`: it starts at the aligned offset at
     /// or before `range.start`, and the kernel skips the returned number of elements.
     fn windowed(&self, value: ValueId, range: &Range<usize>) -> (Operand, usize) {
         // Offsets are aligned in bytes: halves need twice the elements between them.
-        let align = if self.halves[value] {
+        let align = if self.half(value) {
             2 * self.align
         } else {
             self.align

@@ -2,7 +2,7 @@
 
 use super::super::graph::Node;
 use super::super::infer;
-use super::super::kernels::{Launch, Params, Shader};
+use super::super::kernels::{KernelKey, Launch, Params, Shader};
 use super::super::ops::{CoordinateMode, NearestMode, ResizeMode};
 use super::{LowerResult, Lowering};
 
@@ -45,13 +45,16 @@ impl Lowering<'_> {
         };
         // Each output plane reads only its own input plane: runs of planes window both.
         let (in_plane, out_plane) = (ins[2] * ins[3], outs[2] * outs[3]);
-        let runs = self.runs(
-            outs[0] * outs[1],
-            &[in_plane, out_plane],
-            usize::MAX,
-            "image plane",
-        )?;
+        let words = [self.words(x, in_plane), self.words(out, out_plane)];
+        let runs = self.runs(outs[0] * outs[1], &words, usize::MAX, "image plane")?;
         let split = runs.len() > 1;
+        let kernel = KernelKey {
+            half_input: self.half(x),
+            half_output: self.half(out),
+            ..Shader::Resize.into()
+        };
+        // Halves are written in pairs, one thread each.
+        let per_thread = if kernel.half_output { 2 } else { 1 };
         let launches = runs
             .into_iter()
             .map(|run| {
@@ -68,11 +71,11 @@ impl Lowering<'_> {
                     .f(scale(2))
                     .f(scale(3));
                 Launch {
-                    kernel: Shader::Resize.into(),
+                    kernel,
                     params: params.0,
                     output: self.part(out, &(run.start * out_plane..run.end * out_plane), split),
                     inputs: vec![self.part(x, &(run.start * in_plane..run.end * in_plane), split)],
-                    workgroups: self.linear(n),
+                    workgroups: self.linear(n.div_ceil(per_thread)),
                 }
             })
             .collect();

@@ -34,8 +34,14 @@ impl Lowering<'_> {
             Some(b) => Operand::Value(b),
             None => Operand::Constant(Arc::new(HostTensor::f32(vec![len], vec![0.0; len]))),
         };
-        let runs = self.runs(rows, &[len], usize::MAX, "normalised row")?;
+        let words = [self.words(x, len), self.words(out, len)];
+        let runs = self.runs(rows, &words, usize::MAX, "normalised row")?;
         let split = runs.len() > 1;
+        let kernel = KernelKey {
+            half_input: self.half(x),
+            half_output: self.half(out),
+            ..Shader::Norm.into()
+        };
         let launches = runs
             .into_iter()
             .map(|run| {
@@ -50,7 +56,7 @@ impl Lowering<'_> {
                     .u(run.start);
                 let elements = run.start * len..run.end * len;
                 Launch {
-                    kernel: Shader::Norm.into(),
+                    kernel,
                     params: params.0,
                     output: self.part(out, &elements, split),
                     inputs: vec![

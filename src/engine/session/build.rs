@@ -9,7 +9,7 @@ use super::super::error::{Error, Result};
 use super::super::gpu::Gpu;
 use super::super::graph::{Graph, ValueId};
 use super::super::kernels::{KernelKey, Launch, Operand, bind_buffers};
-use super::super::lower::{Lowered, Lowering, half_weights};
+use super::super::lower::{Lowered, Lowering, half_values};
 use super::super::source::FileSource;
 use super::super::tensor::{HostTensor, numel};
 use super::arena::{self, Block};
@@ -31,7 +31,7 @@ pub(super) struct Builder<'g> {
     /// a constant shared by several launches (every image of a batch, every run of rows)
     /// is uploaded once.
     constants: HashMap<*const HostTensor, wgpu::Buffer>,
-    /// Per value: an fp16 weight kept as packed halves (`lower::half_weights`).
+    /// Per value: kept as packed halves (`lower::half_values`).
     halves: Vec<bool>,
     memory_bytes: u64,
     scratch_bytes: u64,
@@ -39,14 +39,16 @@ pub(super) struct Builder<'g> {
 }
 
 impl<'g> Builder<'g> {
-    pub(super) fn new(gpu: &'g Gpu, graph: &'g Graph) -> Self {
+    /// `inference`: no gradients follow, so an fp16 model's activations may be stored as
+    /// halves (`lower::half_values`).
+    pub(super) fn new(gpu: &'g Gpu, graph: &'g Graph, inference: bool) -> Self {
         Builder {
             gpu,
             graph,
             root: (0..graph.values.len()).collect(),
             buffers: HashMap::new(),
             constants: HashMap::new(),
-            halves: half_weights(graph),
+            halves: half_values(graph, inference),
             memory_bytes: 0,
             scratch_bytes: 0,
             scratch: Vec::new(),

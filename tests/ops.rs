@@ -299,6 +299,48 @@ fn fp16_gather_tables_stay_halves() {
     common::compare("y in runs", &run(&cut, true).1, &y_full, 0.0).unwrap();
 }
 
+/// A model that stores its weights as f16 and casts them up computes in f32 (Glyph SD is
+/// one): its activations stay f32, as many bytes as with f32 weights, and the same result.
+#[test]
+fn weights_cast_up_from_f16_keep_f32_activations() {
+    let filter: Vec<f32> = noise(8 * 8 * 9, 5, 0.2)
+        .into_iter()
+        .map(|v| half::f16::from_f32(v).to_f32())
+        .collect();
+    let x = HostTensor::f32(vec![1, 8, 16, 16], noise(8 * 256, 6, 1.0));
+    let run = |stored_f16: bool| {
+        let graph = GraphBuilder::new(17).input("x", &[1, 8, 16, 16]);
+        let graph = match stored_f16 {
+            true => graph.weight_f16("w16", &[8, 8, 3, 3], &filter).node(
+                "Cast",
+                &["w16"],
+                &["w"],
+                &[("to", Attr::Int(1))],
+            ),
+            false => graph.weight("w", &[8, 8, 3, 3], &filter),
+        };
+        let pads = [("pads", Attr::Ints(vec![1, 1, 1, 1]))];
+        let model = graph
+            .node("Conv", &["x", "w"], &["a"], &pads)
+            .node("Conv", &["a", "w"], &["b"], &pads)
+            .node("Add", &["a", "b"], &["c"], &[])
+            .node("Conv", &["c", "w"], &["y"], &pads)
+            .output("y")
+            .build()
+            .unwrap();
+        let gpu = common::gpu();
+        let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
+        let y = pollster::block_on(session.run_host(&[("x", &x)]))
+            .unwrap()
+            .remove("y")
+            .unwrap();
+        (session.scratch_bytes, y)
+    };
+    let ((cast_bytes, y_cast), (f32_bytes, y_f32)) = (run(true), run(false));
+    assert_eq!(cast_bytes, f32_bytes);
+    common::compare("y", &y_cast, &y_f32, 0.0).unwrap();
+}
+
 /// fp16 weights read by MatMul stay packed halves on the GPU: the session holds about half
 /// the bytes of the same weights in f32 and computes the same product.
 #[test]

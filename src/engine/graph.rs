@@ -27,6 +27,9 @@ pub struct Value {
     /// A weight left in the model's files (large initializers of a model opened through a
     /// `FileSource`): constant, but its values are never on the host, only uploaded.
     pub stored: Option<StoredTensor>,
+    /// The model declares it float16: an input, initializer or constant of that type, or
+    /// what a Cast to it makes (`lower::half_values` infers what other ops make from these).
+    pub declared_f16: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -59,6 +62,7 @@ impl Graph {
             shape: constant.as_ref().map_or(vec![], |c| c.shape.clone()),
             constant: constant.map(Arc::new),
             stored: None,
+            declared_f16: false,
         });
         self.values.len() - 1
     }

@@ -210,26 +210,30 @@ fn load_graph(model: onnx::ModelProto, split: Option<&Split>) -> Result<Graph> {
     };
 
     for init in &graph.initializer {
-        match split.map(|s| stored_tensor(init, s)).transpose()?.flatten() {
+        let id = match split.map(|s| stored_tensor(init, s)).transpose()?.flatten() {
             Some(stored) => {
                 let id = builder.define(&init.name, stored.storage.dtype());
                 builder.values[id].stored = Some(stored);
+                id
             }
             None => {
                 let tensor = tensor_from_proto(init, split)?;
                 let id = builder.define(&init.name, tensor.dtype());
                 builder.values[id].constant = Some(Arc::new(tensor));
+                id
             }
-        }
+        };
+        builder.values[id].declared_f16 = init.data_type == FLOAT16;
     }
     let mut inputs = Vec::new();
     for info in &graph.input {
         if builder.by_name.contains_key(&info.name) {
             continue; // an initializer also listed as an input (older exporters)
         }
-        let (dtype, dims) = value_type(info)?;
-        let id = builder.define(&info.name, dtype);
+        let (storage, dims) = value_type(info)?;
+        let id = builder.define(&info.name, storage.dtype());
         builder.values[id].dims = Some(dims);
+        builder.values[id].declared_f16 = storage == Storage::F16;
         inputs.push(id);
     }
 
@@ -251,6 +255,9 @@ fn load_graph(model: onnx::ModelProto, split: Option<&Split>) -> Result<Graph> {
                 .ok_or_else(|| Error::parse("Constant without output"))?;
             let id = builder.define(output, tensor.dtype());
             builder.values[id].constant = Some(Arc::new(tensor));
+            builder.values[id].declared_f16 = Attributes::new(proto)
+                .tensor("value")
+                .is_some_and(|t| t.data_type == FLOAT16);
             continue;
         }
         let op = Op::parse(proto, opset)?;
@@ -263,11 +270,15 @@ fn load_graph(model: onnx::ModelProto, split: Option<&Split>) -> Result<Graph> {
             })
             .collect::<Result<Vec<_>>>()?;
         // Dtypes of outputs are settled by shape inference; F32 is a placeholder.
-        let outputs = proto
+        let outputs: Vec<ValueId> = proto
             .output
             .iter()
             .map(|name| builder.define(name, DType::F32))
             .collect();
+        if proto.op_type == "Cast" {
+            let to = Attributes::new(proto).int("to", 0);
+            builder.values[outputs[0]].declared_f16 = to == FLOAT16 as i64;
+        }
         nodes.push(Node {
             name: proto.name.clone(),
             op,
@@ -353,6 +364,7 @@ impl Builder {
             shape: Vec::new(),
             constant: None,
             stored: None,
+            declared_f16: false,
         });
         // A later definition of the same name shadows the earlier one (SSA violations are
         // rejected by onnx.checker, so this only matters for malformed files).
@@ -368,7 +380,10 @@ impl Builder {
     }
 }
 
-fn value_type(info: &onnx::ValueInfoProto) -> Result<(DType, Vec<Dim>)> {
+/// `TensorProto.DataType` of float16.
+const FLOAT16: i32 = 10;
+
+fn value_type(info: &onnx::ValueInfoProto) -> Result<(Storage, Vec<Dim>)> {
     let tensor = info
         .r#type
         .as_ref()
@@ -395,7 +410,7 @@ fn value_type(info: &onnx::ValueInfoProto) -> Result<(DType, Vec<Dim>)> {
                 .collect()
         })
         .unwrap_or_default();
-    Ok((storage.dtype(), dims))
+    Ok((storage, dims))
 }
 
 fn constant_node_value(node: &onnx::NodeProto, split: Option<&Split>) -> Result<HostTensor> {

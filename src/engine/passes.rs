@@ -284,6 +284,7 @@ fn fuse_group_norm(graph: &mut Graph) {
                 shape: vec![channels],
                 constant: Some(Arc::new(HostTensor::f32(vec![channels], values))),
                 stored: None,
+                declared_f16: false,
             });
             id
         };

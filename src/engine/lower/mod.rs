@@ -92,21 +92,23 @@ fn half_weights(graph: &Graph) -> Vec<bool> {
 }
 
 /// Per value: whether the GPU keeps it as packed f16 pairs: the fp16 weights of
-/// `half_weights`, and for an fp16 model (one with such weights) run for `inference`,
-/// every intermediate that a kernel writing halves makes and only kernels reading halves
-/// use: the convolutions, group norms, residual sums and upsamplings that hold a UNet's and
-/// a VAE decoder's largest activations, at half the memory and traffic. Arithmetic stays
-/// f32; only storage is f16, as the model computes in f16 anyway. What attention, MatMul
-/// and the copies touch stays f32, and so does everything training sees (its gradients).
+/// `half_weights`, and when run for `inference`, every intermediate the model computes in
+/// f16 (`computed_f16`) that a kernel writing halves makes and only kernels reading halves
+/// use: the convolutions, group norms, residual sums and upsamplings that hold a UNet's
+/// and a VAE decoder's largest activations, at half the memory and traffic. Arithmetic
+/// stays f32. What attention, MatMul and the copies touch stays f32, and so does
+/// everything training sees (its gradients). A model that only stores its weights as f16
+/// and casts them up computes in f32, and keeps f32 activations.
 pub fn half_values(graph: &Graph, inference: bool) -> Vec<bool> {
     let mut halves = half_weights(graph);
-    if !inference || !halves.contains(&true) {
+    if !inference {
         return halves;
     }
+    let f16 = computed_f16(graph);
     let mut half = vec![false; graph.values.len()];
     for node in &graph.nodes {
         if let [out] = node.outputs[..] {
-            half[out] = writes_halves(graph, node);
+            half[out] = f16[out] && writes_halves(graph, node);
         }
     }
     for node in &graph.nodes {
@@ -128,6 +130,32 @@ pub fn half_values(graph: &Graph, inference: bool) -> Vec<bool> {
         }
     }
     halves
+}
+
+/// Per value: whether the model computes it in float16: what it declares so (inputs,
+/// Casts to f16), and the float outputs of any other op reading such an activation (ONNX
+/// gives an op's float inputs and outputs one type; weights are not counted, so that an
+/// f32 graph fed f16 weights directly, as `websd bench --f16` builds, stays f32).
+fn computed_f16(graph: &Graph) -> Vec<bool> {
+    let mut f16: Vec<bool> = graph.values.iter().map(|v| v.declared_f16).collect();
+    for node in &graph.nodes {
+        if matches!(node.op, Op::Cast(_)) {
+            continue;
+        }
+        let activation = |i: usize| {
+            let v = &graph.values[i];
+            v.constant.is_none() && v.stored.is_none()
+        };
+        let from_f16 = node
+            .inputs
+            .iter()
+            .flatten()
+            .any(|&i| f16[i] && activation(i));
+        for &out in &node.outputs {
+            f16[out] |= from_f16 && graph.values[out].dtype == DType::F32;
+        }
+    }
+    f16
 }
 
 /// Elements per row of a normalisation (the unit its kernel writes in pairs).

@@ -299,6 +299,52 @@ fn fp16_gather_tables_stay_halves() {
     common::compare("y in runs", &run(&cut, true).1, &y_full, 0.0).unwrap();
 }
 
+/// Same-shape arithmetic between halves runs two elements per thread, also in runs of
+/// pairs when the tensors exceed a binding: x cast to f16, doubled, squared (both kept as
+/// halves, each result rounded to f16) and summed over channels by a 1x1 convolution gives
+/// what the host computes with the same roundings, whole and cut into runs.
+#[test]
+fn half_arithmetic_runs_in_pairs_past_the_binding_limit() {
+    let (channels, pixels) = (64, 8 * 8);
+    let round = |v: f32| half::f16::from_f32(v).to_f32();
+    let x: Vec<f32> = noise(channels * pixels, 8, 2.0)
+        .into_iter()
+        .map(round)
+        .collect();
+    let ones = vec![1.0; channels];
+    let model = GraphBuilder::new(17)
+        .input("x", &[1, channels, 8, 8])
+        .weight("w", &[1, channels, 1, 1], &ones)
+        .node("Cast", &["x"], &["x16"], &[("to", Attr::Int(10))])
+        .node("Add", &["x16", "x16"], &["doubled"], &[])
+        .node("Mul", &["doubled", "doubled"], &["squared"], &[])
+        .node("Conv", &["squared", "w"], &["y"], &[])
+        .output("y")
+        .build()
+        .unwrap();
+    let expected: Vec<f32> = (0..pixels)
+        .map(|p| {
+            (0..channels)
+                .map(|c| round(round(2.0 * x[c * pixels + p]).powi(2)))
+                .sum()
+        })
+        .collect();
+    let expected = HostTensor::f32(vec![1, 1, 8, 8], expected);
+    let input = HostTensor::f32(vec![1, channels, 8, 8], x);
+    let gpu = common::gpu();
+    for (what, gpu) in [
+        ("whole", gpu.clone()),
+        ("in runs", gpu.with_binding_limit(1 << 10)),
+    ] {
+        let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
+        let y = pollster::block_on(session.run_host(&[("x", &input)]))
+            .unwrap()
+            .remove("y")
+            .unwrap();
+        common::compare(what, &y, &expected, 1e-6).unwrap();
+    }
+}
+
 /// A model that stores its weights as f16 and casts them up computes in f32 (Glyph SD is
 /// one): its activations stay f32, as many bytes as with f32 weights, and the same result.
 #[test]

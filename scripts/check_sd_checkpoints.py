@@ -8,7 +8,7 @@ more); run it before changing loading or memory code:
 
     python scripts/check_sd_checkpoints.py WORK [--websd target/release/websd]
         [--versions 1.5,2.1] [--dtypes fp32,fp16] [--latent 8] [--graphs unet,...]
-        [--f16-arithmetic on|off]
+        [--f16-arithmetic on|off] [--f16-activations on|off]
 
 Needs torch, diffusers, transformers, optimum-onnx and onnxruntime. The tokenizer is the
 real CLIP vocabulary from tests/fixtures/tiny-sd. Exits non-zero if a graph fails to load
@@ -94,10 +94,12 @@ def inputs_for(model, graph, latent, hidden):
     return feeds
 
 
-def run_websd(websd, model, feeds, work, f16_arithmetic=None):
+def run_websd(websd, model, feeds, work, f16_arithmetic=None, f16_activations=None):
     args = [websd, "run", model, "--output-dir", os.path.join(work, "out")]
     if f16_arithmetic:
         args += ["--f16-arithmetic", f16_arithmetic]
+    if f16_activations:
+        args += ["--f16-activations", f16_activations]
     for name, value in feeds.items():
         path = os.path.join(work, f"{name}.npy")
         np.save(path, value)
@@ -147,6 +149,8 @@ def main():
     args.add_argument("--graphs", default="text_encoder,unet,vae_decoder")
     args.add_argument("--f16-arithmetic", choices=["on", "off"],
                       help="how websd computes products with fp16 weights (default: the device's choice)")
+    args.add_argument("--f16-activations", choices=["on", "off"],
+                      help="whether websd keeps an fp16 model's activations as halves (default: on)")
     opts = args.parse_args()
     results, failed = [], False
     for version in opts.versions.split(","):
@@ -166,7 +170,8 @@ def main():
                 work = os.path.join(opts.work, "run", f"sd{version}-{dtype}-{graph}")
                 shutil.rmtree(work, ignore_errors=True)
                 os.makedirs(work)
-                actual, websd_seconds, memory = run_websd(opts.websd, model, feeds, work, opts.f16_arithmetic)
+                actual, websd_seconds, memory = run_websd(opts.websd, model, feeds, work, opts.f16_arithmetic,
+                                                            opts.f16_activations)
                 name = next(iter(expected))
                 row = {"model": f"SD {version} {dtype}", "graph": graph, "onnxruntime_s": round(ort_seconds, 2),
                        "websd_s": round(websd_seconds, 2), "memory": memory}

@@ -126,18 +126,23 @@ fn fp16_graphs_match_onnxruntime() {
 #[test]
 fn fp16_activations_are_stored_as_halves() {
     let dir = common::fixtures().join("graphs/fp16_activations");
-    let intermediates = |file: &str| {
+    let intermediates = |file: &str, halves: bool| {
         // A device of its own: sessions on one device share their intermediates' slabs.
-        let gpu = common::gpu();
+        let gpu = common::gpu().with_half_activations(halves);
         let model = common::load_model(&dir.join(file));
         let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
         session.scratch_bytes
     };
-    let (half, full) = (intermediates("model.onnx"), intermediates("reference.onnx"));
+    let (half, full) = (
+        intermediates("model.onnx", true),
+        intermediates("reference.onnx", true),
+    );
     assert!(
         half > 0 && 2 * half <= full,
         "intermediates of the fp16 graph {half} B, of the fp32 graph {full} B"
     );
+    // `--f16-activations off`: as many bytes as in fp32.
+    assert_eq!(intermediates("model.onnx", false), full);
     let model = common::load_model(&dir.join("model.onnx"));
     let reference = &common::tensors(&dir, "ref_")["y"];
     let fp16 = &common::tensors(&dir, "out_")["y"];

@@ -30,6 +30,11 @@ pub struct SharedGpu {
     /// where the device has `shader-f16` and is a GPU; CPU adapters emulate f16 arithmetic,
     /// slower than f32 (see `with_half_arithmetic`).
     pub half_arithmetic: bool,
+    /// Whether an fp16 model's activations are stored as halves where it computes in f16
+    /// and the kernels allow (`lower::half_values`): on by default, half the memory and
+    /// traffic for the error PyTorch's fp16 has; off keeps them f32 (see
+    /// `with_half_activations`).
+    pub half_activations: bool,
     /// Compiled kernels, shared by every session and by the arithmetic outside graphs
     /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model
     /// loaded again compiles nothing.
@@ -93,6 +98,7 @@ impl Gpu {
             limits,
             shader_f16,
             half_arithmetic,
+            half_activations: true,
             compiled: Mutex::default(),
             scratch: Mutex::default(),
         })))
@@ -115,7 +121,7 @@ impl Gpu {
         limits.max_storage_buffer_binding_size = bytes.min(limits.max_storage_buffer_binding_size);
         limits.min_storage_buffer_offset_alignment =
             limits.min_storage_buffer_offset_alignment.max(256);
-        self.derived(limits, self.half_arithmetic)
+        self.derived(limits, self.half_arithmetic, self.half_activations)
     }
 
     /// The same device, with products that read fp16 weights computed in f16 (`on`) or in
@@ -127,12 +133,18 @@ impl Gpu {
                 self.describe()
             )));
         }
-        Ok(self.derived(self.limits.clone(), on))
+        Ok(self.derived(self.limits.clone(), on, self.half_activations))
+    }
+
+    /// The same device, storing an fp16 model's activations as halves (`on`, the default)
+    /// or as f32. Sessions built later follow it.
+    pub fn with_half_activations(&self, on: bool) -> Gpu {
+        self.derived(self.limits.clone(), self.half_arithmetic, on)
     }
 
     /// Another handle on this device, planning sessions with other limits or arithmetic (its
     /// own compiled kernels and intermediates).
-    fn derived(&self, limits: wgpu::Limits, half_arithmetic: bool) -> Gpu {
+    fn derived(&self, limits: wgpu::Limits, half_arithmetic: bool, half_activations: bool) -> Gpu {
         #[allow(clippy::arc_with_non_send_sync)]
         Gpu(Arc::new(SharedGpu {
             device: self.device.clone(),
@@ -141,6 +153,7 @@ impl Gpu {
             limits,
             shader_f16: self.shader_f16,
             half_arithmetic,
+            half_activations,
             compiled: Mutex::default(),
             scratch: Mutex::default(),
         }))
@@ -163,8 +176,12 @@ impl Gpu {
             true => ", fp16 weights computed in f16",
             false => "",
         };
+        let activations = match self.half_activations {
+            true => "",
+            false => ", fp16 activations kept as f32",
+        };
         format!(
-            "{name} ({:?}, {:?}, {max_binding} MiB per binding{arithmetic})",
+            "{name} ({:?}, {:?}, {max_binding} MiB per binding{arithmetic}{activations})",
             info.backend, info.device_type
         )
     }

@@ -36,10 +36,15 @@ fn main() -> std::process::ExitCode {
 #[cfg(not(target_arch = "wasm32"))]
 static HALF_ARITHMETIC: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
-/// Opens the default adapter, with the arithmetic the command line chose.
+/// Whether an fp16 model's activations are stored as halves (`--f16-activations`).
+#[cfg(not(target_arch = "wasm32"))]
+static HALF_ACTIVATIONS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+/// Opens the default adapter, with the arithmetic and storage the command line chose.
 #[cfg(not(target_arch = "wasm32"))]
 async fn open_gpu() -> Result<websd::engine::Gpu, String> {
     let gpu = websd::engine::Gpu::new().await.map_err(|e| e.to_string())?;
+    let gpu = gpu.with_half_activations(HALF_ACTIVATIONS.get().copied().unwrap_or(true));
     match HALF_ARITHMETIC.get().copied().flatten() {
         Some(on) => gpu.with_half_arithmetic(on).map_err(|e| e.to_string()),
         None => Ok(gpu),
@@ -73,6 +78,10 @@ mod cli {
         /// `on` or `off`; by default on where the device has shader-f16 and is a GPU.
         #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
         f16_arithmetic: Option<bool>,
+        /// An fp16 model's activations stored as f16 where it computes in f16 (`on`, the
+        /// default: half the memory, PyTorch fp16's error) or as f32 (`off`).
+        #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
+        f16_activations: Option<bool>,
     }
 
     fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -146,6 +155,7 @@ mod cli {
         stderr_logger();
         let cli = Cli::parse();
         let _ = crate::HALF_ARITHMETIC.set(cli.f16_arithmetic);
+        let _ = crate::HALF_ACTIVATIONS.set(cli.f16_activations.unwrap_or(true));
         let result = match cli.command {
             Command::Run {
                 model,

@@ -40,7 +40,7 @@ pub(super) struct Builder<'g> {
 
 impl<'g> Builder<'g> {
     /// `inference`: no gradients follow, so an fp16 model's activations may be stored as
-    /// halves (`lower::half_values`).
+    /// halves (`lower::half_values`), if `gpu` allows.
     pub(super) fn new(gpu: &'g Gpu, graph: &'g Graph, inference: bool) -> Self {
         Builder {
             gpu,
@@ -48,7 +48,7 @@ impl<'g> Builder<'g> {
             root: (0..graph.values.len()).collect(),
             buffers: HashMap::new(),
             constants: HashMap::new(),
-            halves: half_values(graph, inference),
+            halves: half_values(graph, inference && gpu.half_activations),
             memory_bytes: 0,
             scratch_bytes: 0,
             scratch: Vec::new(),

@@ -350,6 +350,45 @@ fn half_arithmetic_runs_in_pairs_past_the_binding_limit() {
     }
 }
 
+/// Zero padding of the image axes read only by a Conv (SD's VAE encoder before each
+/// downsampling) becomes the Conv's own padding: one launch fewer, the same result bit for
+/// bit as convolving the padded copy (kept when the padded tensor is also an output).
+#[test]
+fn zero_padding_folds_into_the_convolution() {
+    let x = HostTensor::f32(vec![2, 3, 9, 8], noise(2 * 3 * 72, 9, 1.0));
+    let filter = noise(5 * 3 * 9, 10, 0.3);
+    let run = |keep_padded: bool| {
+        let graph = GraphBuilder::new(17)
+            .input("x", &[2, 3, 9, 8])
+            .weight("w", &[5, 3, 3, 3], &filter)
+            .ints("pads", &[8], &[0, 0, 0, 0, 0, 0, 1, 1])
+            .node("Pad", &["x", "pads"], &["padded"], &[])
+            .node(
+                "Conv",
+                &["padded", "w"],
+                &["y"],
+                &[("strides", Attr::Ints(vec![2, 2]))],
+            )
+            .output("y");
+        let graph = match keep_padded {
+            true => graph.output("padded"),
+            false => graph,
+        };
+        let model = graph.build().unwrap();
+        let session =
+            pollster::block_on(Session::new(&common::gpu(), &model, &HashMap::new())).unwrap();
+        let mut outputs = pollster::block_on(session.run_host(&[("x", &x)])).unwrap();
+        (session.launch_count, outputs.remove("y").unwrap())
+    };
+    let ((fused_launches, fused), (launches, y)) = (run(false), run(true));
+    assert_eq!(y.shape, vec![2, 5, 4, 4]);
+    assert!(
+        fused_launches < launches,
+        "{fused_launches} vs {launches} launches"
+    );
+    common::compare("y", &fused, &y, 0.0).unwrap();
+}
+
 /// A model that stores its weights as f16 and casts them up computes in f32 (Glyph SD is
 /// one): its activations stay f32, as many bytes as with f32 weights, and the same result.
 #[test]

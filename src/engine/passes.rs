@@ -46,6 +46,7 @@ const SHAPE_FOLD_LIMIT: usize = 4096;
 
 fn fuse(graph: &mut Graph) {
     skip_unit_scaling(graph);
+    fuse_pad_into_conv(graph);
     fuse_silu(graph);
     fuse_group_norm(graph);
     fuse_attention(graph);
@@ -219,6 +220,57 @@ fn skip_unit_scaling(graph: &mut Graph) {
         }
     }
     retain_nodes(graph, &dead);
+}
+
+/// Zero padding of the image axes read only by a Conv becomes the Conv's own padding
+/// (its kernel reads anything outside the image as zero, before and after): SD's VAE
+/// encoder pads (0, 1, 0, 1) before each stride-2 downsampling convolution, a full copy of
+/// a tensor of up to 128 MiB at 512x512, now never made.
+fn fuse_pad_into_conv(graph: &mut Graph) {
+    let uses = use_counts(graph);
+    let mut dead = vec![false; graph.nodes.len()];
+    for p in 0..graph.nodes.len() {
+        if !matches!(graph.nodes[p].op, Op::Pad) {
+            continue;
+        }
+        let padded = graph.nodes[p].outputs[0];
+        let Some(c) = sole_consumer(graph, &uses, padded) else {
+            continue;
+        };
+        let Some(spatial) = zero_padding_of_images(graph, &graph.nodes[p]) else {
+            continue;
+        };
+        let source = graph.nodes[p].inputs[0];
+        let conv = &mut graph.nodes[c];
+        let Op::Conv(attrs) = &mut conv.op else {
+            continue;
+        };
+        if conv.inputs[0] != Some(padded) || attrs.auto_pad != "NOTSET" {
+            continue;
+        }
+        let own = match attrs.pads.len() {
+            4 => attrs.pads.clone(),
+            _ => vec![0; 4],
+        };
+        attrs.pads = own.iter().zip(spatial).map(|(a, b)| a + b).collect();
+        conv.inputs[0] = source;
+        dead[p] = true;
+    }
+    retain_nodes(graph, &dead);
+}
+
+/// A constant-zero Pad of only the last two axes of a 4-D tensor, by non-negative amounts:
+/// those amounts in ONNX Conv order (begins, then ends).
+fn zero_padding_of_images(graph: &Graph, pad: &Node) -> Option<[usize; 4]> {
+    let infos = input_infos(graph, pad);
+    let (begin, end) = infer::pad_amounts(&infos).ok()?;
+    let zero_value = infer::const_input(&infos, 2, "the pad value")
+        .ok()?
+        .is_none_or(|v| v.to_f32().iter().all(|&x| x == 0.0));
+    let images_only = begin.len() == 4 && [begin[0], begin[1], end[0], end[1]] == [0; 4];
+    let amounts = [begin[2], begin[3], end[2], end[3]];
+    (zero_value && images_only && amounts.iter().all(|&a| a >= 0))
+        .then(|| amounts.map(|a| a as usize))
 }
 
 /// Sigmoid(x) -> Mul(x, s) becomes one Silu(x).

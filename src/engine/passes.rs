@@ -229,7 +229,7 @@ fn skip_unit_scaling(graph: &mut Graph) {
 fn fuse_pad_into_conv(graph: &mut Graph) {
     let uses = use_counts(graph);
     let mut dead = vec![false; graph.nodes.len()];
-    for p in 0..graph.nodes.len() {
+    for (p, folded) in dead.iter_mut().enumerate() {
         if !matches!(graph.nodes[p].op, Op::Pad) {
             continue;
         }
@@ -254,7 +254,7 @@ fn fuse_pad_into_conv(graph: &mut Graph) {
         };
         attrs.pads = own.iter().zip(spatial).map(|(a, b)| a + b).collect();
         conv.inputs[0] = source;
-        dead[p] = true;
+        *folded = true;
     }
     retain_nodes(graph, &dead);
 }

@@ -8,6 +8,9 @@ use std::sync::Arc;
 use super::graph::ValueId;
 use super::tensor::HostTensor;
 
+/// Reading activations stored as halves (the kernels that may: Conv, Norm, Resize).
+const HALVES: &str = include_str!("kernels/halves.wgsl");
+
 /// Largest head dimension the fused attention kernel holds per thread (attention.wgsl's
 /// MAX_DIM). Wider heads run unfused.
 pub const ATTENTION_MAX_HEAD_DIM: usize = 160;
@@ -37,8 +40,10 @@ pub enum Shader {
 impl Shader {
     /// The module's WGSL. The GEMM kernels (MatMul, Conv) are the prelude of their
     /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), the GEMM
-    /// core, then their operands' readers.
+    /// core, then their operands' readers. Those that read and write activations stored as
+    /// halves (Conv, Norm, Resize) get the accessor of halves.wgsl.
     fn source(self, half_arithmetic: bool) -> String {
+        let with_halves = |kernel: &str| format!("{HALVES}\n{kernel}");
         let gemm = |operands: &str| {
             let prelude = match half_arithmetic {
                 true => include_str!("kernels/gemm_f16.wgsl"),
@@ -55,11 +60,11 @@ impl Shader {
             Shader::Fill => include_str!("kernels/fill.wgsl").into(),
             Shader::Gather => include_str!("kernels/gather.wgsl").into(),
             Shader::MatMul => gemm(include_str!("kernels/matmul.wgsl")),
-            Shader::Conv => gemm(include_str!("kernels/conv.wgsl")),
-            Shader::Norm => include_str!("kernels/norm.wgsl").into(),
+            Shader::Conv => gemm(&with_halves(include_str!("kernels/conv.wgsl"))),
+            Shader::Norm => with_halves(include_str!("kernels/norm.wgsl")),
             Shader::Softmax => include_str!("kernels/softmax.wgsl").into(),
             Shader::Reduce => include_str!("kernels/reduce.wgsl").into(),
-            Shader::Resize => include_str!("kernels/resize.wgsl").into(),
+            Shader::Resize => with_halves(include_str!("kernels/resize.wgsl")),
             Shader::Attention => include_str!("kernels/attention.wgsl").into(),
             Shader::AttentionGrad => include_str!("kernels/attention_grad.wgsl").into(),
             Shader::Combine => include_str!("kernels/combine.wgsl").into(),

@@ -43,22 +43,13 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read_write> out: array<u32>; // f32 bits, or f16 pairs
-@group(0) @binding(2) var<storage, read> image: array<u32>; // f32 bits, or f16 pairs
+@group(0) @binding(2) var<storage, read> x: array<u32>; // the image: f32 bits, or f16 pairs
 @group(0) @binding(3) var<storage, read> weight: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
 // The filter stored as packed f16 pairs (an fp16 model's weights, kept at half size on the
 // GPU and read without the shader-f16 feature). Products and sums stay f32.
 override HALF_WEIGHTS: bool = false;
-override HALF_INPUT: bool = false;
-override HALF_OUTPUT: bool = false;
-
-fn image_at(i: u32) -> f32 {
-    if HALF_INPUT {
-        return unpack2x16float(image[i >> 1u])[i & 1u];
-    }
-    return bitcast<f32>(image[i]);
-}
 
 fn weight_at(i: u32) -> f32 {
     if HALF_WEIGHTS {
@@ -123,10 +114,10 @@ fn load_b4(k: u32) -> vec4<f32> {
     let plane = image_start + channel * p.in_h * p.in_w;
     var v = vec4<f32>();
     for (var j = 0u; j < 4u; j++) {
-        let y = column_y[j] + dy;
-        let x = column_x[j] + dx;
-        if column_live[j] && y >= 0 && x >= 0 && y < i32(p.in_h) && x < i32(p.in_w) {
-            v[j] = image_at(column_image[j] + plane + u32(y) * p.in_w + u32(x));
+        let row = column_y[j] + dy;
+        let col = column_x[j] + dx;
+        if column_live[j] && row >= 0 && col >= 0 && row < i32(p.in_h) && col < i32(p.in_w) {
+            v[j] = x_at(column_image[j] + plane + u32(row) * p.in_w + u32(col));
         }
     }
     return v;

@@ -24,17 +24,9 @@ struct Params {
 @group(0) @binding(3) var<storage, read> scale: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
-override HALF_INPUT: bool = false;
-override HALF_OUTPUT: bool = false;
 
 var<workgroup> partial: array<f32, 256>;
 
-fn x_at(i: u32) -> f32 {
-    if HALF_INPUT {
-        return unpack2x16float(x[i >> 1u])[i & 1u];
-    }
-    return bitcast<f32>(x[i]);
-}
 
 fn workgroup_sum(value: f32, lane: u32) -> f32 {
     partial[lane] = value;

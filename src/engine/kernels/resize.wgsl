@@ -20,15 +20,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> out: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(2) var<storage, read> x: array<u32>; // f32 bits, or f16 pairs
 
-override HALF_INPUT: bool = false;
-override HALF_OUTPUT: bool = false;
 
-fn x_at(i: u32) -> f32 {
-    if HALF_INPUT {
-        return unpack2x16float(x[i >> 1u])[i & 1u];
-    }
-    return bitcast<f32>(x[i]);
-}
 
 fn source_coordinate(o: u32, out_len: u32, in_len: u32, scale: f32) -> f32 {
     let position = f32(o);

@@ -267,10 +267,11 @@ fn zero_padding_of_images(graph: &Graph, pad: &Node) -> Option<[usize; 4]> {
     let zero_value = infer::const_input(&infos, 2, "the pad value")
         .ok()?
         .is_none_or(|v| v.to_f32().iter().all(|&x| x == 0.0));
-    let images_only = begin.len() == 4 && [begin[0], begin[1], end[0], end[1]] == [0; 4];
-    let amounts = [begin[2], begin[3], end[2], end[3]];
-    (zero_value && images_only && amounts.iter().all(|&a| a >= 0))
-        .then(|| amounts.map(|a| a as usize))
+    let (&[0, 0, top, left], &[0, 0, bottom, right]) = (&begin[..], &end[..]) else {
+        return None; // not 4-D, or padding batch or channels
+    };
+    let amounts = [top, left, bottom, right];
+    (zero_value && amounts.iter().all(|&a| a >= 0)).then(|| amounts.map(|a| a as usize))
 }
 
 /// Sigmoid(x) -> Mul(x, s) becomes one Silu(x).

@@ -1,7 +1,8 @@
 """Full-size Stable Diffusion checkpoints, as a user brings them: builds SD 1.5- and SD
 2.1-architecture pipelines with random weights (diffusers, seeded, no download), exports
 them with `optimum-cli export onnx --task text-to-image` in fp32 and fp16, then runs every
-graph through `websd run` and onnxruntime at a small latent size and prints, per graph, the
+graph (text encoder, UNet, VAE decoder and encoder) through `websd run` and onnxruntime at
+a small latent size and prints, per graph, the
 largest difference relative to the output's scale, both times, websd's peak host memory and
 its GPU memory. Too slow for CI (exports take minutes, an SD UNet on lavapipe a minute or
 more); run it before changing loading or memory code:
@@ -76,7 +77,8 @@ def inputs_for(model, graph, latent, hidden):
     types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
              "tensor(int32)": np.int32}
     values = {
-        "sample": rng.standard_normal((2, 4, latent, latent)),
+        "sample": rng.standard_normal((2, 4, latent, latent)) if graph == "unet"
+        else rng.uniform(-1, 1, (1, 3, 8 * latent, 8 * latent)),
         "encoder_hidden_states": rng.standard_normal((2, 77, hidden)),
         "latent_sample": rng.standard_normal((1, 4, latent, latent)),
     }
@@ -129,6 +131,10 @@ def torch_fp16(folder, graph, feeds):
         if graph == "vae_decoder":
             model = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).half()
             return model.decode(tensor("latent_sample")).sample.float().numpy()
+        if graph == "vae_encoder":
+            # What optimum exports: the posterior's moments, before sampling.
+            model = AutoencoderKL.from_pretrained(os.path.join(folder, "vae")).half()
+            return model.quant_conv(model.encoder(tensor("sample"))).float().numpy()
     return None
 
 
@@ -146,7 +152,7 @@ def main():
     args.add_argument("--versions", default="1.5,2.1")
     args.add_argument("--dtypes", default="fp32,fp16")
     args.add_argument("--latent", type=int, default=8)
-    args.add_argument("--graphs", default="text_encoder,unet,vae_decoder")
+    args.add_argument("--graphs", default="text_encoder,unet,vae_decoder,vae_encoder")
     args.add_argument("--f16-arithmetic", choices=["on", "off"],
                       help="how websd computes products with fp16 weights (default: the device's choice)")
     args.add_argument("--f16-activations", choices=["on", "off"],

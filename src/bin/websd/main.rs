@@ -36,15 +36,19 @@ fn main() -> std::process::ExitCode {
 #[cfg(not(target_arch = "wasm32"))]
 static HALF_ARITHMETIC: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
-/// Whether an fp16 model's activations are stored as halves (`--f16-activations`).
+/// Whether an fp16 model's activations are stored as halves (`--f16-activations`); `None`:
+/// the default, on.
 #[cfg(not(target_arch = "wasm32"))]
-static HALF_ACTIVATIONS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+static HALF_ACTIVATIONS: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
 /// Opens the default adapter, with the arithmetic and storage the command line chose.
 #[cfg(not(target_arch = "wasm32"))]
 async fn open_gpu() -> Result<websd::engine::Gpu, String> {
     let gpu = websd::engine::Gpu::new().await.map_err(|e| e.to_string())?;
-    let gpu = gpu.with_half_activations(HALF_ACTIVATIONS.get().copied().unwrap_or(true));
+    let gpu = match HALF_ACTIVATIONS.get().copied().flatten() {
+        Some(on) => gpu.with_half_activations(on),
+        None => gpu,
+    };
     match HALF_ARITHMETIC.get().copied().flatten() {
         Some(on) => gpu.with_half_arithmetic(on).map_err(|e| e.to_string()),
         None => Ok(gpu),
@@ -155,7 +159,7 @@ mod cli {
         stderr_logger();
         let cli = Cli::parse();
         let _ = crate::HALF_ARITHMETIC.set(cli.f16_arithmetic);
-        let _ = crate::HALF_ACTIVATIONS.set(cli.f16_activations.unwrap_or(true));
+        let _ = crate::HALF_ACTIVATIONS.set(cli.f16_activations);
         let result = match cli.command {
             Command::Run {
                 model,

@@ -8,15 +8,17 @@ its GPU memory. Too slow for CI (exports take minutes, an SD UNet on lavapipe a 
 more); run it before changing loading or memory code:
 
     python scripts/check_sd_checkpoints.py WORK [--websd target/release/websd]
-        [--versions 1.5,2.1] [--dtypes fp32,fp16] [--latent 8] [--graphs unet,...]
+        [--versions 1.5,2.1] [--dtypes fp32,fp16] [--latent 16] [--graphs unet,...]
         [--f16-arithmetic on|off] [--f16-activations on|off]
 
 Needs torch, diffusers, transformers, optimum-onnx and onnxruntime. The tokenizer is the
 real CLIP vocabulary from tests/fixtures/tiny-sd. Exits non-zero if a graph fails to load
 in websd or differs by more than 1e-4 of its scale (fp32), or (fp16, when fp32 runs too)
-if websd's fp16 result is further from the fp32 result than twice PyTorch's own fp16
-error on the same module (what diffusers gives on an fp16 GPU; onnxruntime's CPU provider
-is no yardstick there: it computes most fp16 nodes in f32).
+if websd's fp16 result is further from onnxruntime's fp16 result than onnxruntime's own
+fp16 error (its fp16 result against the fp32 export's). PyTorch's fp16 error on the same
+module (what diffusers gives on an fp16 GPU) is printed beside it. The default latent size
+is 16: at 8 the VAE encoder's output has 512 values, and its largest difference is too
+noisy a sample to set against another.
 """
 import argparse
 import json
@@ -151,7 +153,7 @@ def main():
     args.add_argument("--websd", default="target/release/websd")
     args.add_argument("--versions", default="1.5,2.1")
     args.add_argument("--dtypes", default="fp32,fp16")
-    args.add_argument("--latent", type=int, default=8)
+    args.add_argument("--latent", type=int, default=16)
     args.add_argument("--graphs", default="text_encoder,unet,vae_decoder,vae_encoder")
     args.add_argument("--f16-arithmetic", choices=["on", "off"],
                       help="how websd computes products with fp16 weights (default: the device's choice)")
@@ -195,10 +197,10 @@ def main():
                         off = lambda result: float(np.abs(result.astype(np.float32) - reference[graph]).max()) / scale
                         row["onnxruntime_fp16_vs_fp32"] = off(expected[name])
                         row["websd_fp16_vs_fp32"] = off(actual[name])
+                        failed |= row["max_diff_over_scale"] > row["onnxruntime_fp16_vs_fp32"]
                         pytorch = torch_fp16(folder, graph, feeds)
                         if pytorch is not None:
                             row["pytorch_fp16_vs_fp32"] = off(pytorch)
-                            failed |= row["websd_fp16_vs_fp32"] > 2 * row["pytorch_fp16_vs_fp32"] + 1e-4
                 print(json.dumps(row), flush=True)
                 results.append(row)
     with open(os.path.join(opts.work, "results.json"), "w") as f:

@@ -514,7 +514,8 @@ def fp16_activations_case():
     """graphs/fp16_activations: an fp16 graph shaped like a VAE decoder's resnet and
     upsampler, as optimum exports them (fp16 inputs, weights and outputs; GroupNorm as
     Reshape -> InstanceNormalization -> Reshape -> Mul -> Add, SiLU as Sigmoid * x, the
-    residual sum divided by an output scale of 1): websd keeps such activations as halves.
+    residual sum divided by an output scale of 1): websd keeps the largest (the upsampled
+    image) as halves.
     out_y is onnxruntime on the fp16 graph; reference.onnx is the same graph in fp32 (kept,
     for the memory comparison) and ref_y its result. Own random stream."""
     local = np.random.default_rng(85)

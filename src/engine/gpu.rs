@@ -30,10 +30,9 @@ pub struct SharedGpu {
     /// where the device has `shader-f16` and is a GPU; CPU adapters emulate f16 arithmetic,
     /// slower than f32 (see `with_half_arithmetic`).
     pub half_arithmetic: bool,
-    /// Whether an fp16 model's activations are stored as halves where it computes in f16
-    /// and the kernels allow (`lower::half_values`): on by default, half the memory and
-    /// traffic for the error PyTorch's fp16 has; off keeps them f32 (see
-    /// `with_half_activations`).
+    /// Whether an fp16 model's largest activations are stored as halves where it computes
+    /// in f16 and the kernels allow (`lower::half_values`): on by default, half the memory
+    /// and traffic where a graph peaks; off keeps them f32 (see `with_half_activations`).
     pub half_activations: bool,
     /// Compiled kernels, shared by every session and by the arithmetic outside graphs
     /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model

@@ -82,8 +82,8 @@ mod cli {
         /// `on` or `off`; by default on where the device has shader-f16 and is a GPU.
         #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
         f16_arithmetic: Option<bool>,
-        /// An fp16 model's activations stored as f16 where it computes in f16 (`on`, the
-        /// default: half the memory, PyTorch fp16's error) or as f32 (`off`).
+        /// An fp16 model's largest activations stored as f16 where it computes in f16 (`on`,
+        /// the default: half the memory where it peaks) or as f32 (`off`).
         #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
         f16_activations: Option<bool>,
     }

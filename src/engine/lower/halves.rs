@@ -2,7 +2,7 @@
 //! weights read by the kernels that unpack them, and the activations an fp16 model computes
 //! in f16 between kernels that read and write halves.
 
-use super::super::graph::{Graph, Node};
+use super::super::graph::{Graph, Node, Value};
 use super::super::ops::{BinaryOp, Op, normalize_axis};
 use super::super::tensor::{DType, Storage, numel};
 
@@ -40,23 +40,27 @@ fn half_weights(graph: &Graph) -> Vec<bool> {
 }
 
 /// Per value: whether the GPU keeps it as packed f16 pairs: the fp16 weights of
-/// `half_weights`, and when run for `inference`, every intermediate the model computes in
-/// f16 (`computed_f16`) that a kernel writing halves makes and only kernels reading halves
-/// use: the convolutions, group norms, residual sums and upsamplings that hold a UNet's
-/// and a VAE decoder's largest activations, at half the memory and traffic. Arithmetic
-/// stays f32. What attention, MatMul and the copies touch stays f32, and so does
-/// everything training sees (its gradients). A model that only stores its weights as f16
-/// and casts them up computes in f32, and keeps f32 activations.
+/// `half_weights`, and when run for `inference`, the largest intermediates the model
+/// computes in f16 (`computed_f16`) that a kernel writing halves makes and only kernels
+/// reading halves use: the convolutions, group norms, residual sums and upsamplings at a
+/// VAE decoder's full resolution, which set a generation's memory peak, at half the memory
+/// and traffic. Arithmetic stays f32. Smaller activations stay f32 too: each value stored
+/// as halves rounds, and the rounding of the deep, low-resolution layers grows through
+/// everything after them, while keeping them f32 costs next to nothing at the peak. What
+/// attention, MatMul and the copies touch stays f32, and so does everything training sees
+/// (its gradients). A model that only stores its weights as f16 and casts them up computes
+/// in f32, and keeps f32 activations.
 pub fn half_values(graph: &Graph, inference: bool) -> Vec<bool> {
     let mut halves = half_weights(graph);
     if !inference {
         return halves;
     }
     let f16 = computed_f16(graph);
+    let large = large_activations(graph);
     let mut half = vec![false; graph.values.len()];
     for node in &graph.nodes {
         if let [out] = node.outputs[..] {
-            half[out] = f16[out] && writes_halves(graph, node);
+            half[out] = f16[out] && large[out] && writes_halves(graph, node);
         }
     }
     for node in &graph.nodes {
@@ -78,6 +82,25 @@ pub fn half_values(graph: &Graph, inference: bool) -> Vec<bool> {
         }
     }
     halves
+}
+
+/// Per value: whether it is an activation of at least half the elements of the graph's
+/// largest one: the sizes that can set the memory peak.
+fn large_activations(graph: &Graph) -> Vec<bool> {
+    let activation = |v: &Value| v.constant.is_none() && v.stored.is_none();
+    let size = |v: &Value| numel(&v.shape);
+    let largest = graph
+        .values
+        .iter()
+        .filter(|v| activation(v))
+        .map(size)
+        .max()
+        .unwrap_or(0);
+    graph
+        .values
+        .iter()
+        .map(|v| activation(v) && 2 * size(v) >= largest)
+        .collect()
 }
 
 /// Per value: whether the model computes it in float16: what it declares so (inputs,
@@ -170,4 +193,56 @@ fn gathers_even_rows(graph: &Graph, node: &Node, axis: i64) -> bool {
     };
     let shape = &graph.values[*table].shape;
     normalize_axis(axis, shape.len()) == Ok(0) && numel(&shape[1..]).is_multiple_of(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+    use crate::engine::builder::{Attr, GraphBuilder};
+    use crate::engine::{loader, passes};
+
+    /// A graph computing in f16 (its input cast to FLOAT16) with one activation at full
+    /// size, then a strided convolution down to a sixteenth and two small values after it.
+    fn graph() -> Graph {
+        let pads = || ("pads", Attr::Ints(vec![1, 1, 1, 1]));
+        let bytes = GraphBuilder::new(17)
+            .input("x", &[1, 4, 32, 32])
+            .weight("w", &[4, 4, 3, 3], &[0.1; 144])
+            .weight("down", &[4, 4, 4, 4], &[0.1; 256])
+            .node("Cast", &["x"], &["xh"], &[("to", Attr::Int(10))])
+            .node("Conv", &["xh", "w"], &["full"], &[pads()])
+            .node(
+                "Conv",
+                &["full", "down"],
+                &["small"],
+                &[("strides", Attr::Ints(vec![4, 4]))],
+            )
+            .node("Conv", &["small", "w"], &["smaller_too"], &[pads()])
+            .node("Add", &["small", "smaller_too"], &["sum"], &[])
+            .node("Cast", &["sum"], &["y"], &[("to", Attr::Int(1))])
+            .output("y")
+            .to_bytes();
+        let mut graph = loader::load_graph_bytes(bytes.into()).unwrap();
+        passes::prepare(&mut graph, &HashMap::new(), None).unwrap();
+        graph
+    }
+
+    fn named(graph: &Graph, halves: &[bool]) -> Vec<String> {
+        let mut names: Vec<String> = (0..halves.len())
+            .filter(|&v| halves[v])
+            .map(|v| graph.values[v].name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn only_the_largest_activations_are_stored_as_halves() {
+        let graph = graph();
+        assert_eq!(named(&graph, &half_values(&graph, true)), ["full"]);
+        // Training keeps every activation f32.
+        assert!(named(&graph, &half_values(&graph, false)).is_empty());
+    }
 }

@@ -9,9 +9,12 @@ more); run it before changing loading or memory code:
 
     python scripts/check_sd_checkpoints.py WORK [--websd target/release/websd]
         [--versions 1.5,2.1] [--dtypes fp32,fp16] [--latent 16] [--graphs unet,...]
-        [--f16-arithmetic on|off] [--f16-activations on|off]
+        [--f16-arithmetic on|off] [--f16-activations on|off] [--page]
 
-Needs torch, diffusers, transformers, optimum-onnx and onnxruntime. The tokenizer is the
+`--page` also runs each graph through the built page in headless Chromium
+(scripts/page_graph.mjs; `trunk build --release` first) on the same inputs, judged the
+same way, with its run time, GPU and WebAssembly memory and Chromium's peak resident
+memory. Needs torch, diffusers, transformers, optimum-onnx and onnxruntime. The tokenizer is the
 real CLIP vocabulary from tests/fixtures/tiny-sd. Exits non-zero if a graph fails to load
 in websd or differs by more than 1e-4 of its scale (fp32), or (fp16, when fp32 runs too)
 if websd's fp16 result is further from onnxruntime's fp16 result than onnxruntime's own
@@ -118,6 +121,19 @@ def run_websd(websd, model, feeds, work, f16_arithmetic=None, f16_activations=No
     return outputs, seconds, f"host {memory.group(1)}, GPU {memory.group(2)}" if memory else ""
 
 
+def run_page(model, feeds, work):
+    """The graph through the page (after run_websd saved the feeds in `work`)."""
+    out = os.path.join(work, "page")
+    args = ["node", os.path.join(ROOT, "scripts", "page_graph.mjs"), model, out]
+    for name in feeds:
+        args += ["--input", f"{name}={os.path.join(work, name + '.npy')}"]
+    run = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    if run.returncode != 0:
+        return None, (run.stderr.strip().splitlines() or ["no output"])[-1]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    return {name: np.load(os.path.join(out, f"{name}.npy")) for name in report.pop("outputs")}, report
+
+
 def torch_fp16(folder, graph, feeds):
     """The graph's module from the diffusers folder in PyTorch fp16 (weights rounded as the
     fp16 export rounds them), on the same feeds: the fp16 yardstick."""
@@ -159,6 +175,7 @@ def main():
                       help="how websd computes products with fp16 weights (default: the device's choice)")
     args.add_argument("--f16-activations", choices=["on", "off"],
                       help="whether websd keeps an fp16 model's activations as halves (default: on)")
+    args.add_argument("--page", action="store_true", help="also run each graph through the page in headless Chromium")
     opts = args.parse_args()
     results, failed = [], False
     for version in opts.versions.split(","):
@@ -201,6 +218,17 @@ def main():
                         pytorch = torch_fp16(folder, graph, feeds)
                         if pytorch is not None:
                             row["pytorch_fp16_vs_fp32"] = off(pytorch)
+                if opts.page and actual is not None:
+                    page, report = run_page(model, feeds, work)
+                    if page is None:
+                        row["page_error"] = report
+                        failed = True
+                    else:
+                        diff = float(np.abs(page[name].astype(np.float32) - expected[name].astype(np.float32)).max())
+                        row["page_max_diff_over_scale"] = diff / max(scale, 1e-12)
+                        row["page"] = report
+                        limit = 1e-4 if dtype == "fp32" else row.get("onnxruntime_fp16_vs_fp32", np.inf)
+                        failed |= row["page_max_diff_over_scale"] > limit
                 print(json.dumps(row), flush=True)
                 results.append(row)
     with open(os.path.join(opts.work, "results.json"), "w") as f:

@@ -13,12 +13,11 @@ use web_sys::Blob;
 
 mod edit;
 mod files;
+mod graphs;
 
 use files::{BlobFolder, CACHE_NAME, fetch_folder};
 
-use crate::bench::time_session;
-use crate::clock::now_ms;
-use crate::engine::{DType, Gpu, Model, Session};
+use crate::engine::Gpu;
 use crate::image::RgbaImage;
 use crate::lora::Lora;
 use crate::pipeline::{Control, Edit, Request, StableDiffusion, StepEvent};
@@ -149,64 +148,6 @@ impl App {
                     run_generation(pipeline, &state, &params, &on_step).await
                 })
                 .await
-        })
-    }
-
-    /// Times one ONNX graph (a single file, weights inline) fetched from `url`, for side by
-    /// side comparisons with other runtimes on the same page: its session is built for
-    /// `dims` (`{batch_size: 2, ...}`) and run once untimed, then `runs` times on noise
-    /// inputs (`websd bench`'s). Resolves to {buildMs, bestMs, gpuMemoryBytes, inputs:
-    /// [{name, shape, float}]} so that the other runtime can be fed the same shapes.
-    #[wasm_bindgen(js_name = timeGraph)]
-    pub fn time_graph(&self, url: String, dims: JsValue, runs: u32) -> js_sys::Promise {
-        let state = self.state.clone();
-        future_to_promise(async move {
-            let dims: HashMap<String, usize> = serde_wasm_bindgen::from_value(dims)
-                .map_err(|e| js_error(format!("bad dimensions: {e}")))?;
-            let gpu = state.gpu().await?;
-            let window = web_sys::window().ok_or_else(|| js_error("no window"))?;
-            let response: web_sys::Response = JsFuture::from(window.fetch_with_str(&url))
-                .await?
-                .dyn_into()?;
-            if !response.ok() {
-                return Err(js_error(format!("{url}: HTTP {}", response.status())));
-            }
-            let blob: Blob = JsFuture::from(response.blob()?).await?.dyn_into()?;
-            let files = BlobFolder(HashMap::from([("model.onnx".to_string(), blob)]));
-            let model = Model::open(Rc::new(files), "model.onnx")
-                .await
-                .map_err(js_error)?;
-            let start = now_ms();
-            let session = Session::new(&gpu, &model, &dims).await.map_err(js_error)?;
-            let build_ms = now_ms() - start;
-            let best = time_session(&gpu, &session, runs as usize)
-                .await
-                .map_err(js_error)?;
-            let inputs = js_sys::Array::new();
-            for name in session.input_names() {
-                let input = Object::new();
-                set(&input, "name", name);
-                let shape: js_sys::Array = session
-                    .input_shape(name)
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|&d| JsValue::from(d as u32))
-                    .collect();
-                set(&input, "shape", shape);
-                set(
-                    &input,
-                    "float",
-                    session.input_dtype(name) == Some(DType::F32),
-                );
-                inputs.push(&input);
-            }
-            let result = Object::new();
-            set(&result, "buildMs", build_ms);
-            set(&result, "bestMs", best * 1000.0);
-            set(&result, "gpuMemoryBytes", session.memory_bytes as f64);
-            set(&result, "wasmMemoryBytes", wasm_memory_bytes());
-            set(&result, "inputs", inputs);
-            Ok(result.into())
         })
     }
 

@@ -10,6 +10,7 @@ import assert from "node:assert/strict";
 
 const root = path.resolve(process.argv[2] ?? "dist");
 const outDir = path.resolve(process.argv[3] ?? "target/e2e");
+const fixtures = path.resolve("tests/fixtures");
 const MIME = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css",
   ".json": "application/json", ".png": "image/png", ".txt": "text/plain" };
 const PREFIX = "/some/sub/path/";
@@ -17,8 +18,11 @@ const PREFIX = "/some/sub/path/";
 const server = http.createServer((req, res) => {
   const url = new URL(req.url, "http://x");
   if (!url.pathname.startsWith(PREFIX)) { res.writeHead(404).end(); return; }
-  let file = path.join(root, decodeURIComponent(url.pathname.slice(PREFIX.length)));
-  if (!file.startsWith(root)) { res.writeHead(403).end(); return; }
+  // The site, and test fixtures under fixtures/ for the single-graph calls.
+  const rel = decodeURIComponent(url.pathname.slice(PREFIX.length));
+  const dir = rel.startsWith("fixtures/") ? fixtures : root;
+  let file = path.join(dir, rel.startsWith("fixtures/") ? rel.slice("fixtures/".length) : rel);
+  if (!file.startsWith(dir)) { res.writeHead(403).end(); return; }
   if (fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, "index.html");
   if (!fs.existsSync(file)) { res.writeHead(404).end(); return; }
   const body = fs.readFileSync(file);
@@ -209,6 +213,38 @@ await step("loads uncached when the cache refuses a file", () => withPage(["--en
   await page.locator("#model-status", { hasText: /^Loaded / }).waitFor({ timeout: 120_000 });
   assert.match(await page.locator("#file-progress").innerText(), /unet\/model\.onnx: .*not cached \(.*UnknownError/);
   assert.deepEqual(problems, []);
+}));
+
+/// A little-endian float32 .npy file's values.
+function npyFloats(bytes) {
+  const headerLength = bytes.readUInt16LE(8);
+  assert.match(bytes.toString("latin1", 10, 10 + headerLength), /'descr': '<f4'/);
+  const data = bytes.subarray(10 + headerLength);
+  return new Float32Array(data.buffer.slice(data.byteOffset, data.byteOffset + data.length));
+}
+
+await step("runs one graph with external data on given inputs (runGraph), as onnxruntime", () => withPage(["--enable-unsafe-webgpu"], async (page, problems) => {
+  await page.goto(site);
+  await page.waitForFunction(() => window.wasmBindings?.App, null, { timeout: 120_000 });
+  const result = await page.evaluate(async () => {
+    const app = new window.wasmBindings.App();
+    await app.initGpu();
+    const graph = "fixtures/graphs/constant_external_data/";
+    const r = await app.runGraph(graph + "model.onnx", { x: graph + "in_x.npy" });
+    return { y: Array.from(r.outputs.y), runMs: r.runMs };
+  });
+  const actual = npyFloats(Buffer.from(result.y));
+  const expected = npyFloats(fs.readFileSync(path.join(fixtures, "graphs/constant_external_data/out_y.npy")));
+  assert.equal(actual.length, expected.length);
+  const scale = Math.max(...expected.map(Math.abs));
+  const worst = Math.max(...actual.map((v, i) => Math.abs(v - expected[i])));
+  assert.ok(worst <= 1e-5 * scale, `largest difference ${worst} of ${scale}`);
+  const missing = await page.evaluate(async () => {
+    try { await new window.wasmBindings.App().runGraph("fixtures/graphs/nothing/model.onnx", {}); return null; }
+    catch (e) { return String(e.message ?? e); }
+  });
+  assert.match(missing, /nothing\/model\.onnx: HTTP 404/);
+  assert.deepEqual(problems.filter((p) => !/404/.test(p)), []);
 }));
 
 await step("explains a missing WebGPU", () => withPage(["--disable-features=WebGPU"], async (page) => {

@@ -40,7 +40,11 @@ const base = `http://127.0.0.1:${server.address().port}`;
 const rssMiB = () => { try { return execSync("ps -C chromium -o rss=").toString().split("\n").filter(Boolean).reduce((a, b) => a + Number(b), 0) / 1024; } catch { return 0; } };
 let peakRss = 0;
 const sampler = setInterval(() => { peakRss = Math.max(peakRss, rssMiB()); }, 1000);
-const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
+// A persistent profile on disk, as a user's browser has: large Blobs (a 3.3 GB fp32 UNet's
+// external data) are then kept on disk, where a fresh incognito-like context holds them in
+// memory and refuses past about 2 GB.
+const profile = fs.mkdtempSync("/tmp/websd-profile-");
+const browser = await chromium.launchPersistentContext(profile, { executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
 let failed = false;
 try {
   const page = await browser.newPage();
@@ -70,4 +74,5 @@ try {
 clearInterval(sampler);
 await browser.close();
 server.close();
+fs.rmSync(profile, { recursive: true, force: true });
 process.exit(failed ? 1 : 0);

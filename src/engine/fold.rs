@@ -21,6 +21,7 @@ pub fn can_fold(op: &Op) -> bool {
             | Op::InstanceNorm { .. }
             | Op::LayerNorm { .. }
             | Op::GroupNorm { .. }
+            | Op::NormTable { .. }
             | Op::Softmax { .. }
             | Op::Resize { .. }
             | Op::Attention { .. }

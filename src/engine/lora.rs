@@ -180,6 +180,7 @@ fn attach(graph: &mut Graph, layer: &AdaptableLayer, adapter: &LoraAdapter) -> R
                 dilations: vec![],
                 pads: vec![],
                 auto_pad: "NOTSET".into(),
+                normalized_input: None,
                 ..attrs.clone()
             };
             (Op::Conv(attrs.clone()), Op::Conv(pointwise))

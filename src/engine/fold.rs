@@ -21,7 +21,6 @@ pub fn can_fold(op: &Op) -> bool {
             | Op::InstanceNorm { .. }
             | Op::LayerNorm { .. }
             | Op::GroupNorm { .. }
-            | Op::NormTable { .. }
             | Op::Softmax { .. }
             | Op::Resize { .. }
             | Op::Attention { .. }

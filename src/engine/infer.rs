@@ -105,13 +105,6 @@ pub fn infer(
             DType::F32,
             conv_geometry(attrs, x()?.shape, input(inputs, 1)?.shape)?.output_shape(),
         )]),
-        Op::NormTable { .. } => {
-            let shape = x()?.shape;
-            if shape.len() < 2 {
-                return Err("the input must have a channel axis".into());
-            }
-            Ok(vec![(DType::F32, vec![shape[0], shape[1], 2])])
-        }
         Op::InstanceNorm { .. }
         | Op::LayerNorm { .. }
         | Op::GroupNorm { .. }

@@ -180,7 +180,6 @@ fn attach(graph: &mut Graph, layer: &AdaptableLayer, adapter: &LoraAdapter) -> R
                 dilations: vec![],
                 pads: vec![],
                 auto_pad: "NOTSET".into(),
-                normalized_input: None,
                 ..attrs.clone()
             };
             (Op::Conv(attrs.clone()), Op::Conv(pointwise))

@@ -82,16 +82,6 @@ pub struct ConvAttrs {
     /// ONNX order: begins for every spatial axis, then ends. Empty means "from auto_pad".
     pub pads: Vec<usize>,
     pub auto_pad: String,
-    /// Set when a group norm before the convolution was folded into how it reads its image
-    /// (`passes::fold_norm_into_conv`): input 3 is that norm's `NormTable`.
-    pub normalized_input: Option<NormalizedInput>,
-}
-
-/// A convolution's image read through a group norm: each element times its image's and
-/// channel's scale plus shift (a `NormTable`), then SiLU if `silu`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct NormalizedInput {
-    pub silu: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,13 +137,6 @@ pub enum Op {
         groups: usize,
         per_channel_affine: bool,
         silu: bool,
-    },
-    /// A GroupNorm's statistics and affine parameters as a table [N, C, 2] of scale and
-    /// shift per image and channel, for the convolutions it was folded into (inference).
-    NormTable {
-        epsilon: f32,
-        groups: usize,
-        per_channel_affine: bool,
     },
     /// `legacy` (opset < 13): normalise over every axis from `axis` on.
     Softmax {
@@ -471,7 +454,6 @@ fn parse_conv(a: &Attributes) -> ParseResult<Op> {
         dilations: to_usize(a.ints("dilations").unwrap_or_default()),
         pads: to_usize(a.ints("pads").unwrap_or_default()),
         auto_pad: a.string("auto_pad", "NOTSET"),
-        normalized_input: None,
     }))
 }
 

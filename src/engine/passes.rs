@@ -13,8 +13,6 @@ use super::infer::{self, InputInfo};
 use super::ops::{BinaryOp, Op, UnaryOp, broadcast_shapes};
 use super::tensor::{DType, HostTensor, numel};
 
-mod norm_into_conv;
-
 /// Everything a session needs; with an objective, the loss and the backward pass are
 /// appended once shapes are known, and fused with the forward pass.
 pub fn prepare(
@@ -31,9 +29,6 @@ pub fn prepare(
         grad::append_backward(graph, objective)?;
     }
     fuse(graph);
-    if objective.is_none() {
-        norm_into_conv::fold_norm_into_conv(graph);
-    }
     Ok(())
 }
 
@@ -43,7 +38,6 @@ pub fn infer_shapes(graph: &mut Graph, dims: &HashMap<String, usize>) -> Result<
     bind_inputs(graph, dims)?;
     infer_and_fold(graph, SHAPE_FOLD_LIMIT)?;
     fuse(graph);
-    norm_into_conv::fold_norm_into_conv(graph);
     Ok(())
 }
 

@@ -146,7 +146,6 @@ fn conv_attrs(group: usize, strides: [usize; 2], dilations: [usize; 2], pads: [u
         dilations: dilations.to_vec(),
         pads: pads.to_vec(),
         auto_pad: "NOTSET".into(),
-        normalized_input: None,
     })
 }
 

@@ -10,10 +10,6 @@
 // inside it). `HALF_INPUT` / `HALF_OUTPUT`: the image / output stored as packed f16 pairs
 // (an fp16 model's activations); a thread's four output columns are then four neighbouring
 // pixels of one image (lowering: a multiple of 4 pixels per image), two words.
-// `OP` 1 reads the image through a group norm folded into the convolution: each element
-// times its image's and channel's scale plus shift from `norm` (a NormTable: [scale, shift]
-// at 2 * (norm_base + image * norm_stride + channel)); `OP` 2 applies SiLU after. Padding
-// stays zero, as it is in the normalised image.
 
 struct Params {
     images: u32,
@@ -43,8 +39,6 @@ struct Params {
     weight_row: u32,
     // Elements between consecutive k of a filter row.
     weight_step: u32,
-    norm_base: u32,
-    norm_stride: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -52,9 +46,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read> x: array<u32>; // the image: f32 bits, or f16 pairs
 @group(0) @binding(3) var<storage, read> weight: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
-@group(0) @binding(5) var<storage, read> norm: array<f32>;
-
-override OP: u32 = 0u;
 
 // The filter stored as packed f16 pairs (an fp16 model's weights, kept at half size on the
 // GPU and read without the shader-f16 feature). Products and sums stay f32.
@@ -70,14 +61,12 @@ fn weight_at(i: u32) -> f32 {
 var<private> image_start: u32;
 var<private> out_start: u32;
 var<private> first_out_channel: u32;
-var<private> first_in_channel: u32;
 
 fn group_out_channels() -> u32 { return p.out_channels / p.groups; }
 fn group_in_channels() -> u32 { return p.in_channels / p.groups; }
 
 fn begin(group: u32) {
-    first_in_channel = group * group_in_channels();
-    image_start = p.in_base + first_in_channel * p.in_h * p.in_w;
+    image_start = p.in_base + group * group_in_channels() * p.in_h * p.in_w;
     first_out_channel = group * group_out_channels();
     out_start = p.out_base + first_out_channel * p.out_h * p.out_w;
 }
@@ -100,7 +89,6 @@ fn load_a4(m: u32, k: u32) -> vec4<f32> {
 // The 4 staged output columns: where their image starts, the top-left input coordinates
 // of their patch (before the tap offset), and which of them exist.
 var<private> column_image: vec4<u32>;
-var<private> column_index: vec4<u32>; // which image of the launch
 var<private> column_y: vec4<i32>;
 var<private> column_x: vec4<i32>;
 var<private> column_live: vec4<bool>;
@@ -111,8 +99,7 @@ fn begin_columns(n: u32) {
         let column = n + j;
         let pixel = column % pixels;
         column_live[j] = column < gemm_n();
-        column_index[j] = column / pixels;
-        column_image[j] = column_index[j] * p.in_channels * p.in_h * p.in_w;
+        column_image[j] = (column / pixels) * p.in_channels * p.in_h * p.in_w;
         column_y[j] = i32((pixel / p.out_w) * p.stride_h) - p.pad_h;
         column_x[j] = i32((pixel % p.out_w) * p.stride_w) - p.pad_w;
     }
@@ -131,13 +118,6 @@ fn load_b4(k: u32) -> vec4<f32> {
         let col = column_x[j] + dx;
         if column_live[j] && row >= 0 && col >= 0 && row < i32(p.in_h) && col < i32(p.in_w) {
             v[j] = x_at(column_image[j] + plane + u32(row) * p.in_w + u32(col));
-            if OP != 0u {
-                let at = 2u * (p.norm_base + column_index[j] * p.norm_stride + first_in_channel + channel);
-                v[j] = v[j] * norm[at] + norm[at + 1u];
-                if OP == 2u {
-                    v[j] = v[j] / (1.0 + exp(-v[j]));
-                }
-            }
         }
     }
     return v;

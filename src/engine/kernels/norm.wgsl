@@ -3,10 +3,6 @@
 // parameters at index (row % row_mod) * row_mul + col / col_div, which expresses each op's
 // parameter layout. `act` 1 applies SiLU after (fused GroupNorm -> SiLU). Past the binding
 // limit, launches take runs of rows; `first_row` is the run's first row in the whole tensor.
-// `table_channels` > 0 (a GroupNorm folded into the convolutions reading it) writes, in
-// place of the normalised row, its `table_channels` channels' [scale, shift] pairs (inverse
-// deviation times the affine scale; affine shift less mean times that): conv.wgsl applies
-// them as it reads the image. The table is small and bound whole.
 // `HALF_INPUT` / `HALF_OUTPUT`: x / out stored as packed f16 pairs (an fp16 model's
 // activations); statistics and arithmetic stay f32. Rows of halves have an even length, so
 // a thread writes a pair of elements to one word.
@@ -20,7 +16,6 @@ struct Params {
     epsilon: f32,
     act: u32,
     first_row: u32,
-    table_channels: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -67,17 +62,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
     }
     let inv_std = inverseSqrt(workgroup_sum(squares, lane) / f32(p.len) + p.epsilon);
     param_row = ((p.first_row + row) % p.row_mod) * p.row_mul;
-    if p.table_channels > 0u {
-        let plane = p.len / p.table_channels;
-        for (var c = lane; c < p.table_channels; c += 256u) {
-            let k = param_row + c * plane / p.col_div;
-            let factor = inv_std * scale[k];
-            let at = 2u * ((p.first_row + row) * p.table_channels + c);
-            out[at] = bitcast<u32>(factor);
-            out[at + 1u] = bitcast<u32>(bias[k] - mean * factor);
-        }
-        return;
-    }
     if HALF_OUTPUT {
         for (var i = 2u * lane; i < p.len; i += 512u) {
             let pair = vec2(normalized(base, i, mean, inv_std), normalized(base, i + 1u, mean, inv_std));

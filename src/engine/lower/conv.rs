@@ -7,22 +7,18 @@ use std::sync::Arc;
 use super::super::graph::{Node, ValueId};
 use super::super::infer::{self, ConvGeometry};
 use super::super::kernels::{KernelKey, Launch, Operand, Params, Shader, gemm_tile_columns};
-use super::super::ops::{ConvAttrs, Op};
+use super::super::ops::ConvAttrs;
 use super::super::tensor::{HostTensor, numel};
 use super::{LowerResult, Lowering};
 
 /// Where a launch's tensors start in their bindings: image, output and filter offsets in
-/// elements, the filter's elements per output channel, and between its consecutive k;
-/// the norm table's entry for the launch's first image and input channel, and its entries
-/// per image (the image's channels).
+/// elements, the filter's elements per output channel, and between its consecutive k.
 struct Bases {
     image: usize,
     out: usize,
     weight: usize,
     weight_row: usize,
     weight_step: usize,
-    norm: usize,
-    norm_stride: usize,
 }
 
 impl Bases {
@@ -34,16 +30,8 @@ impl Bases {
             weight: 0,
             weight_row: filter_row(g),
             weight_step: 1,
-            norm: 0,
-            norm_stride: g.in_channels,
         }
     }
-}
-
-/// The NormTable a convolution reads its image through (input 3), if a group norm was
-/// folded into it.
-fn norm_table(node: &Node) -> Option<ValueId> {
-    node.inputs.get(3).copied().flatten()
 }
 
 /// `g`'s padding before each axis, signed as conv.wgsl reads it.
@@ -115,8 +103,6 @@ fn conv_params(
         .u(bases.weight)
         .u(bases.weight_row)
         .u(bases.weight_step)
-        .u(bases.norm)
-        .u(bases.norm_stride)
 }
 
 impl Lowering<'_> {
@@ -137,7 +123,7 @@ impl Lowering<'_> {
             .all(|&v| self.words(v, numel(self.shape(v))) <= self.max_binding)
             && columns.div_ceil(tile_columns as usize) <= self.max_groups as usize;
         if !fits {
-            return self.conv_in_parts(node, &g, bias);
+            return self.conv_in_parts(&g, image, weight, bias, out);
         }
         let params = match live_tap(&g) {
             Some(tap) => {
@@ -164,29 +150,19 @@ impl Lowering<'_> {
             Operand::Value(image),
             Operand::Value(weight),
             Operand::Value(bias.unwrap_or(weight)),
-            Operand::Value(norm_table(node).unwrap_or(weight)),
         ];
         let kernel = KernelKey {
             tile_columns,
-            ..self.conv_kernel(node, weight, out)
+            ..self.conv_kernel(image, weight, out)
         };
         Ok(vec![self.launch(kernel, params, out, inputs, groups)])
     }
 
-    /// conv.wgsl for `node` reading `weight` (`gemm_kernel`), with the image and output
-    /// stored as they are (f32 or halves), the image read through a norm table if the
-    /// convolution has one (`OP` 1, or 2 with SiLU).
-    fn conv_kernel(&self, node: &Node, weight: ValueId, out: ValueId) -> KernelKey {
-        let op = match &node.op {
-            Op::Conv(ConvAttrs {
-                normalized_input: Some(norm),
-                ..
-            }) => Some(1 + norm.silu as u32),
-            _ => None,
-        };
+    /// conv.wgsl reading `weight` (`gemm_kernel`), with the image and output stored as
+    /// they are (f32 or halves).
+    fn conv_kernel(&self, image: ValueId, weight: ValueId, out: ValueId) -> KernelKey {
         KernelKey {
-            op,
-            half_input: node.inputs[0].is_some_and(|image| self.half(image)),
+            half_input: self.half(image),
             half_output: self.half(out),
             ..self.gemm_kernel(Shader::Conv, weight)
         }
@@ -200,15 +176,12 @@ impl Lowering<'_> {
     /// read from its input channels on); bias slices become constants of their own.
     fn conv_in_parts(
         &self,
-        node: &Node,
         g: &ConvGeometry,
+        image: ValueId,
+        weight: ValueId,
         bias: Option<ValueId>,
+        out: ValueId,
     ) -> LowerResult<Vec<Launch>> {
-        let (image, weight, out) = (
-            Self::input(node, 0)?,
-            Self::input(node, 1)?,
-            node.outputs[0],
-        );
         let biases = bias
             .map(|b| {
                 self.graph.values[b]
@@ -264,7 +237,7 @@ impl Lowering<'_> {
             }
         }
         let (image_len, out_len) = (g.in_channels * in_plane, g.out_channels * out_plane);
-        let kernel = self.conv_kernel(node, weight, out);
+        let kernel = self.conv_kernel(image, weight, out);
         let mut launches = Vec::new();
         for n in 0..g.batch {
             for part in &parts {
@@ -292,8 +265,6 @@ impl Lowering<'_> {
                     weight: filter_base,
                     weight_row: row,
                     weight_step: 1,
-                    norm: n * g.in_channels + part.inputs.start,
-                    norm_stride: g.in_channels,
                 };
                 let params = conv_params(
                     &geometry,
@@ -309,8 +280,7 @@ impl Lowering<'_> {
                     inputs: vec![
                         image_window,
                         filter_window.clone(),
-                        part.bias.clone().unwrap_or(filter_window.clone()),
-                        norm_table(node).map_or(filter_window, Operand::Value),
+                        part.bias.clone().unwrap_or(filter_window),
                     ],
                     workgroups: [
                         out_plane.div_ceil(64) as u32,

@@ -129,13 +129,11 @@ fn computed_f16(graph: &Graph) -> Vec<bool> {
     f16
 }
 
-/// Elements per row of a normalisation (the unit its kernel reads and writes in pairs).
+/// Elements per row of a normalisation (the unit its kernel writes in pairs).
 fn norm_row(graph: &Graph, node: &Node) -> Option<usize> {
-    let shape = &graph.values[node.inputs[0]?].shape;
+    let shape = &graph.values[node.outputs[0]].shape;
     match node.op {
-        Op::GroupNorm { groups, .. } | Op::NormTable { groups, .. } => {
-            Some(numel(&shape[1..]) / groups.max(1))
-        }
+        Op::GroupNorm { groups, .. } => Some(numel(&shape[1..]) / groups.max(1)),
         Op::InstanceNorm { .. } => Some(numel(shape.get(2..)?)),
         _ => None,
     }
@@ -177,7 +175,7 @@ fn reads_halves(graph: &Graph, node: &Node, i: usize) -> bool {
     let input = |k: usize| node.inputs[k].map(|v| &graph.values[v].shape);
     match node.op {
         Op::Conv(_) => i == 0,
-        Op::GroupNorm { .. } | Op::InstanceNorm { .. } | Op::NormTable { .. } => {
+        Op::GroupNorm { .. } | Op::InstanceNorm { .. } => {
             i == 0 && norm_row(graph, node).is_some_and(|len| len.is_multiple_of(2))
         }
         Op::Resize { .. } => {

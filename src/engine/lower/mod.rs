@@ -21,7 +21,6 @@ use super::infer::{self, InputInfo};
 use super::kernels::{KernelKey, LINEAR_WORKGROUP, Launch, Operand, Params, Shader, grid};
 use super::ops::{Op, ReduceOp, UnaryOp, WHERE_CODE, normalize_axis};
 use super::tensor::{DType, numel};
-use rows::NormOutput;
 
 /// Highest rank the strided kernels (elementwise, copy, reduce) index.
 const MAX_RANK: usize = 6;
@@ -129,14 +128,7 @@ impl<'g> Lowering<'g> {
             Op::InstanceNorm { epsilon } => {
                 let shape = self.shape(x()?);
                 let (rows, len) = (shape[0] * shape[1], numel(&shape[2..]));
-                launches(self.norm(
-                    node,
-                    rows,
-                    len,
-                    [shape[1], 1, len],
-                    *epsilon,
-                    NormOutput::Rows { silu: false },
-                )?)
+                launches(self.norm(node, rows, len, [shape[1], 1, len], *epsilon, false)?)
             }
             Op::GroupNorm {
                 epsilon,
@@ -144,36 +136,20 @@ impl<'g> Lowering<'g> {
                 per_channel_affine,
                 silu,
             } => {
-                let silu = *silu;
-                launches(self.group_norm(
-                    node,
-                    *epsilon,
-                    *groups,
-                    *per_channel_affine,
-                    NormOutput::Rows { silu },
-                )?)
-            }
-            Op::NormTable {
-                epsilon,
-                groups,
-                per_channel_affine,
-            } => {
-                let channels = self.shape(x()?)[1] / groups;
-                let output = NormOutput::Table { channels };
-                launches(self.group_norm(node, *epsilon, *groups, *per_channel_affine, output)?)
+                let shape = self.shape(x()?);
+                let (rows, len) = (shape[0] * groups, numel(&shape[1..]) / groups);
+                let layout = if *per_channel_affine {
+                    [*groups, shape[1] / groups, numel(&shape[2..])]
+                } else {
+                    [*groups, 1, len]
+                };
+                launches(self.norm(node, rows, len, layout, *epsilon, *silu)?)
             }
             Op::LayerNorm { axis, epsilon } => {
                 let shape = self.shape(x()?);
                 let axis = normalize_axis(*axis, shape.len())?;
                 let (rows, len) = (numel(&shape[..axis]), numel(&shape[axis..]));
-                launches(self.norm(
-                    node,
-                    rows,
-                    len,
-                    [1, 0, 1],
-                    *epsilon,
-                    NormOutput::Rows { silu: false },
-                )?)
+                launches(self.norm(node, rows, len, [1, 0, 1], *epsilon, false)?)
             }
             Op::Softmax { axis, legacy } => launches(self.softmax(node, *axis, *legacy)?),
             Op::Reduce {

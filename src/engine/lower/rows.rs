@@ -14,17 +14,8 @@ use super::{LowerResult, Lowering, MAX_RANK, check_rank};
 /// loop silently. Longer rows run in parts.
 const MAX_ROW_PER_LAUNCH: usize = 1 << 20;
 
-/// What a normalisation writes (norm.wgsl).
-#[derive(Clone, Copy)]
-pub(super) enum NormOutput {
-    /// The normalised rows, SiLU applied after if `silu`.
-    Rows { silu: bool },
-    /// A [scale, shift] pair per channel, `channels` to a row (a GroupNorm's `NormTable`).
-    Table { channels: usize },
-}
-
 impl Lowering<'_> {
-    /// `layout` = [row_mod, row_mul, col_div] (see norm.wgsl).
+    /// `layout` = [row_mod, row_mul, col_div] (see norm.wgsl); `silu` applies SiLU after.
     pub(super) fn norm(
         &self,
         node: &Node,
@@ -32,12 +23,8 @@ impl Lowering<'_> {
         len: usize,
         layout: [usize; 3],
         epsilon: f32,
-        output: NormOutput,
+        silu: bool,
     ) -> LowerResult<Vec<Launch>> {
-        let (silu, table_channels) = match output {
-            NormOutput::Rows { silu } => (silu, 0),
-            NormOutput::Table { channels } => (false, channels),
-        };
         let (x, scale, out) = (
             Self::input(node, 0)?,
             Self::input(node, 1)?,
@@ -47,12 +34,7 @@ impl Lowering<'_> {
             Some(b) => Operand::Value(b),
             None => Operand::Constant(Arc::new(HostTensor::f32(vec![len], vec![0.0; len]))),
         };
-        // A table (a [scale, shift] pair per channel of a row) is small, and bound whole.
-        let table = table_channels > 0;
-        let words = match table {
-            true => vec![self.words(x, len)],
-            false => vec![self.words(x, len), self.words(out, len)],
-        };
+        let words = [self.words(x, len), self.words(out, len)];
         let runs = self.runs(rows, &words, usize::MAX, "normalised row")?;
         let split = runs.len() > 1;
         let kernel = KernelKey {
@@ -71,16 +53,12 @@ impl Lowering<'_> {
                     .u(layout[2])
                     .f(epsilon)
                     .u(silu as usize)
-                    .u(run.start)
-                    .u(table_channels);
+                    .u(run.start);
                 let elements = run.start * len..run.end * len;
                 Launch {
                     kernel,
                     params: params.0,
-                    output: match table {
-                        true => Operand::Value(out),
-                        false => self.part(out, &elements, split),
-                    },
+                    output: self.part(out, &elements, split),
                     inputs: vec![
                         self.part(x, &elements, split),
                         Operand::Value(scale),
@@ -91,26 +69,6 @@ impl Lowering<'_> {
             })
             .collect();
         Ok(launches)
-    }
-
-    /// GroupNorm, or its `NormTable`: rows of a group's channels of one image, their affine
-    /// parameters per channel (opset 21) or per group.
-    pub(super) fn group_norm(
-        &self,
-        node: &Node,
-        epsilon: f32,
-        groups: usize,
-        per_channel_affine: bool,
-        output: NormOutput,
-    ) -> LowerResult<Vec<Launch>> {
-        let shape = self.shape(Self::input(node, 0)?);
-        let (rows, len) = (shape[0] * groups, numel(&shape[1..]) / groups);
-        let layout = if per_channel_affine {
-            [groups, shape[1] / groups, numel(&shape[2..])]
-        } else {
-            [groups, 1, len]
-        };
-        self.norm(node, rows, len, layout, epsilon, output)
     }
 
     /// Softmax over `axis`, the input viewed as [outer, len, inner]. Past one binding,

@@ -1,19 +1,11 @@
 // Loads a full-size SD 1.5 fp16 optimum export through the built page (headless Chromium,
 // SwiftShader) from a local server, then generates one 64x64 step; prints what happened.
 import { chromium } from "playwright-core";
-import http from "node:http"; import fs from "node:fs"; import path from "node:path";
+import fs from "node:fs"; import path from "node:path";
+import { serve } from "./serve.mjs";
 const site = path.resolve("dist"), model = process.argv[2];
-const MIME = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css", ".json": "application/json" };
-const server = http.createServer((req, res) => {
-  const p = decodeURIComponent(new URL(req.url, "http://x").pathname);
-  let f = p.startsWith("/model/") ? path.join(model, p.slice(7)) : path.join(site, p);
-  if (fs.existsSync(f) && fs.statSync(f).isDirectory()) f = path.join(f, "index.html");
-  if (!fs.existsSync(f)) { res.writeHead(404).end(); return; }
-  res.writeHead(200, { "content-type": MIME[path.extname(f)] ?? "application/octet-stream", "content-length": fs.statSync(f).size });
-  fs.createReadStream(f).pipe(res);
-});
-await new Promise((r) => server.listen(0, "127.0.0.1", r));
-const base = `http://127.0.0.1:${server.address().port}`;
+const server = await serve((p) => p.startsWith("/model/") ? path.join(model, p.slice(7)) : path.join(site, p));
+const base = server.base;
 // A persistent profile on disk, as a user's browser has: Cache Storage and large Blobs are
 // kept on disk (a fresh incognito-like context keeps both in memory).
 const profile = fs.mkdtempSync("/tmp/websd-profile-");

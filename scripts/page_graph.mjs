@@ -10,9 +10,9 @@
 // model folder's.
 import { chromium } from "playwright-core";
 import { execSync } from "node:child_process";
-import http from "node:http";
 import fs from "node:fs";
 import path from "node:path";
+import { serve } from "./serve.mjs";
 
 const [modelPath, outDir, ...rest] = process.argv.slice(2);
 const routes = {}; // URL path -> file
@@ -24,17 +24,8 @@ for (let i = 0; i < rest.length; i += 2) {
   routes[`/inputs/${name}.npy`] = path.resolve(file);
   inputs[name] = `/inputs/${name}.npy`;
 }
-const MIME = { ".html": "text/html", ".js": "text/javascript", ".wasm": "application/wasm", ".css": "text/css", ".json": "application/json" };
-const server = http.createServer((req, res) => {
-  const p = decodeURIComponent(new URL(req.url, "http://x").pathname);
-  let file = routes[p] ?? (p.startsWith("/graph/") ? path.join(graphDir, p.slice(7)) : path.join("dist", p));
-  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, "index.html");
-  if (!fs.existsSync(file)) { res.writeHead(404).end(); return; }
-  res.writeHead(200, { "content-type": MIME[path.extname(file)] ?? "application/octet-stream", "content-length": fs.statSync(file).size });
-  fs.createReadStream(file).pipe(res);
-});
-await new Promise((r) => server.listen(0, "127.0.0.1", r));
-const base = `http://127.0.0.1:${server.address().port}`;
+const server = await serve((p) => routes[p] ?? (p.startsWith("/graph/") ? path.join(graphDir, p.slice(7)) : path.join("dist", p)));
+const base = server.base;
 // Resident memory of every Chromium process (SwiftShader keeps the GPU's buffers in the
 // GPU process), sampled every second.
 const rssMiB = () => { try { return execSync("ps -C chromium -o rss=").toString().split("\n").filter(Boolean).reduce((a, b) => a + Number(b), 0) / 1024; } catch { return 0; } };

@@ -11,9 +11,9 @@
 // in tests/fixtures/tiny-sd/unet. Both times leave outputs where the runtime puts them by
 // default: on the GPU for websd, read back for onnxruntime-web (a few KiB for that UNet).
 import { chromium } from "playwright-core";
-import http from "node:http";
 import fs from "node:fs";
 import path from "node:path";
+import { serve } from "./serve.mjs";
 
 const args = process.argv.slice(2);
 const modelPath = args[0];
@@ -31,17 +31,8 @@ if (!fs.existsSync(ortDir)) {
   console.error("onnxruntime-web is missing: npm install --no-save onnxruntime-web@1.30.0");
   process.exit(1);
 }
-const MIME = { ".html": "text/html", ".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm", ".css": "text/css", ".json": "application/json" };
-const server = http.createServer((req, res) => {
-  const p = decodeURIComponent(new URL(req.url, "http://x").pathname);
-  let file = routes[p] ?? (p.startsWith("/ort/") ? path.join(ortDir, p.slice(5)) : path.join("dist", p));
-  if (fs.existsSync(file) && fs.statSync(file).isDirectory()) file = path.join(file, "index.html");
-  if (!fs.existsSync(file)) { res.writeHead(404).end(); return; }
-  res.writeHead(200, { "content-type": MIME[path.extname(file)] ?? "application/octet-stream", "content-length": fs.statSync(file).size });
-  fs.createReadStream(file).pipe(res);
-});
-await new Promise((r) => server.listen(0, "127.0.0.1", r));
-const base = `http://127.0.0.1:${server.address().port}`;
+const server = await serve((p) => routes[p] ?? (p.startsWith("/ort/") ? path.join(ortDir, p.slice(5)) : path.join("dist", p)));
+const base = server.base;
 const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
 const page = await browser.newPage();
 page.on("pageerror", (e) => console.log("pageerror:", e.message.slice(0, 300)));

@@ -7,8 +7,10 @@
 //   node scripts/side_by_side.mjs MODEL.onnx --dim batch_size=2 --dim height=12 \
 //     --dim width=20 --dim sequence_length=16 [--runs 5]
 //
-// MODEL.onnx must hold its weights inline (one file), float inputs, e.g. the tiny SD UNet
-// in tests/fixtures/tiny-sd/unet. Both times leave outputs where the runtime puts them by
+// websd reads the graph's external data from next to it; onnxruntime-web is given only the
+// .onnx file, so the graph must hold its weights inline for it (the tiny SD UNet in
+// tests/fixtures/tiny-sd/unet; an optimum fp16 export's UNet, 1.6 GiB). Inputs are fed in
+// the types the graph declares (float32, float16, int64). Both times leave outputs where the runtime puts them by
 // default: on the GPU for websd, read back for onnxruntime-web (a few KiB for that UNet).
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -25,13 +27,15 @@ for (let i = 1; i < args.length; i += 2) {
     dims[name] = Number(value);
   } else if (args[i] === "--runs") runs = Number(args[i + 1]);
 }
-const routes = { "/graph/model.onnx": path.resolve(modelPath) };
+const graphDir = path.dirname(path.resolve(modelPath));
+const graphUrl = `/graph/${path.basename(modelPath)}`;
 const ortDir = path.resolve("node_modules/onnxruntime-web/dist");
 if (!fs.existsSync(ortDir)) {
   console.error("onnxruntime-web is missing: npm install --no-save onnxruntime-web@1.30.0");
   process.exit(1);
 }
-const server = await serve((p) => routes[p] ?? (p.startsWith("/ort/") ? path.join(ortDir, p.slice(5)) : path.join("dist", p)));
+const server = await serve((p) => p.startsWith("/graph/") ? path.join(graphDir, p.slice(7))
+  : p.startsWith("/ort/") ? path.join(ortDir, p.slice(5)) : path.join("dist", p));
 const base = server.base;
 const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
 const page = await browser.newPage();
@@ -39,23 +43,31 @@ page.on("pageerror", (e) => console.log("pageerror:", e.message.slice(0, 300)));
 await page.goto(base + "/");
 await page.waitForFunction(() => window.wasmBindings?.App, null, { timeout: 120_000 });
 
-const result = await page.evaluate(async ({ dims, runs }) => {
+const result = await page.evaluate(async ({ dims, runs, graphUrl }) => {
   const app = new window.wasmBindings.App();
   await app.initGpu();
-  const websd = await app.timeGraph("/graph/model.onnx", dims, runs);
+  const websd = await app.timeGraph(graphUrl, dims, runs);
 
   const ort = await import("/ort/ort.webgpu.min.mjs");
   ort.env.wasm.wasmPaths = "/ort/";
   const started = performance.now();
-  const session = await ort.InferenceSession.create("/graph/model.onnx", { executionProviders: ["webgpu"] });
+  const session = await ort.InferenceSession.create(graphUrl, { executionProviders: ["webgpu"] });
+  const declared = Object.fromEntries(session.inputMetadata.map((m) => [m.name, m.type]));
   const feeds = {};
   let seed = 1;
   const random = () => ((seed = (seed * 1103515245 + 12345) % 2147483648) / 2147483648) * 2 - 1;
+  // f16 bits of a value in [-1, 1] (rounded toward zero; subnormals flushed).
+  const halfBits = (v) => {
+    const f = new Float32Array([v]), bits = new Uint32Array(f.buffer)[0];
+    const exponent = ((bits >> 23) & 0xff) - 127 + 15;
+    return exponent <= 0 ? 0 : ((bits >> 16) & 0x8000) | (exponent << 10) | ((bits >> 13) & 0x3ff);
+  };
   for (const input of websd.inputs) {
     const n = input.shape.reduce((a, b) => a * b, 1);
-    feeds[input.name] = input.float
-      ? new ort.Tensor("float32", Float32Array.from({ length: n }, random), input.shape)
-      : new ort.Tensor("int64", new BigInt64Array(n).fill(1n), input.shape);
+    const type = declared[input.name];
+    feeds[input.name] = type === "float32" ? new ort.Tensor("float32", Float32Array.from({ length: n }, random), input.shape)
+      : type === "float16" ? new ort.Tensor("float16", Uint16Array.from({ length: n }, () => halfBits(random())), input.shape)
+      : new ort.Tensor(type, type === "int64" ? new BigInt64Array(n).fill(1n) : new Int32Array(n).fill(1), input.shape);
   }
   await session.run(feeds);
   const firstMs = performance.now() - started;
@@ -66,7 +78,7 @@ const result = await page.evaluate(async ({ dims, runs }) => {
     bestMs = Math.min(bestMs, performance.now() - t0);
   }
   return { websd, ort: { firstMs, bestMs } };
-}, { dims, runs });
+}, { dims, runs, graphUrl });
 
 const adapter = await page.evaluate(async () => {
   const a = await navigator.gpu.requestAdapter();

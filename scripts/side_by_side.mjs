@@ -51,7 +51,13 @@ const result = await page.evaluate(async ({ dims, runs, graphUrl }) => {
   const ort = await import("/ort/ort.webgpu.min.mjs");
   ort.env.wasm.wasmPaths = "/ort/";
   const started = performance.now();
-  const session = await ort.InferenceSession.create(graphUrl, { executionProviders: ["webgpu"] });
+  let session;
+  try {
+    session = await ort.InferenceSession.create(graphUrl, { executionProviders: ["webgpu"] });
+  } catch (e) {
+    // e.g. an fp16 graph on a device without shader-f16, which onnxruntime-web requires.
+    return { websd, ort: { error: String(e.message ?? e).split("\n")[0] } };
+  }
   const declared = Object.fromEntries(session.inputMetadata.map((m) => [m.name, m.type]));
   const feeds = {};
   let seed = 1;
@@ -84,11 +90,12 @@ const adapter = await page.evaluate(async () => {
   const a = await navigator.gpu.requestAdapter();
   return a?.info ? `${a.info.vendor} ${a.info.architecture} ${a.info.description}`.trim() : "unknown";
 });
-console.log(JSON.stringify({
-  model: modelPath, dims, runs, adapter,
-  websd_build_ms: Math.round(result.websd.buildMs), websd_best_ms: Math.round(result.websd.bestMs),
+const websd = { websd_build_ms: Math.round(result.websd.buildMs), websd_best_ms: Math.round(result.websd.bestMs),
+  websd_gpu_mib: Math.round(result.websd.gpuMemoryBytes / 2 ** 20) };
+const ortWeb = result.ort.error ? { ort_web_error: result.ort.error } : {
   ort_web_first_ms: Math.round(result.ort.firstMs), ort_web_best_ms: Math.round(result.ort.bestMs),
   ort_over_websd: +(result.ort.bestMs / result.websd.bestMs).toFixed(2),
-}));
+};
+console.log(JSON.stringify({ model: modelPath, dims, runs, adapter, ...websd, ...ortWeb }));
 await browser.close();
 server.close();

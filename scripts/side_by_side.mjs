@@ -7,10 +7,10 @@
 //   node scripts/side_by_side.mjs MODEL.onnx --dim batch_size=2 --dim height=12 \
 //     --dim width=20 --dim sequence_length=16 [--runs 5]
 //
-// websd reads the graph's external data from next to it; onnxruntime-web is given only the
-// .onnx file, so the graph must hold its weights inline for it (the tiny SD UNet in
-// tests/fixtures/tiny-sd/unet; an optimum fp16 export's UNet, 1.6 GiB). Inputs are fed in
-// the types the graph declares (float32, float16, int64). Both times leave outputs where the runtime puts them by
+// websd reads the graph's external data from next to it; onnxruntime-web is given the
+// .onnx file and, if there is one, optimum's `<name>_data` file beside it (the tiny SD UNet
+// in tests/fixtures/tiny-sd/unet holds its weights inline). Inputs are fed in the types
+// the graph declares (float32, float16, int64). Both times leave outputs where the runtime puts them by
 // default: on the GPU for websd, read back for onnxruntime-web (a few KiB for that UNet).
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -29,6 +29,8 @@ for (let i = 1; i < args.length; i += 2) {
 }
 const graphDir = path.dirname(path.resolve(modelPath));
 const graphUrl = `/graph/${path.basename(modelPath)}`;
+const dataName = `${path.basename(modelPath)}_data`;
+const externalData = fs.existsSync(path.join(graphDir, dataName)) ? [{ path: dataName, data: `/graph/${dataName}` }] : undefined;
 const ortDir = path.resolve("node_modules/onnxruntime-web/dist");
 if (!fs.existsSync(ortDir)) {
   console.error("onnxruntime-web is missing: npm install --no-save onnxruntime-web@1.30.0");
@@ -37,13 +39,16 @@ if (!fs.existsSync(ortDir)) {
 const server = await serve((p) => p.startsWith("/graph/") ? path.join(graphDir, p.slice(7))
   : p.startsWith("/ort/") ? path.join(ortDir, p.slice(5)) : path.join("dist", p));
 const base = server.base;
-const browser = await chromium.launch({ executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
+// A profile on disk, as a user's browser has: large Blobs (websd's fetch of a 3.3 GB
+// external data file) are kept on disk there, in memory in an incognito-like context.
+const profile = fs.mkdtempSync("/tmp/websd-profile-");
+const browser = await chromium.launchPersistentContext(profile, { executablePath: "/usr/bin/chromium", headless: true, args: ["--no-sandbox", "--enable-unsafe-webgpu"] });
 const page = await browser.newPage();
 page.on("pageerror", (e) => console.log("pageerror:", e.message.slice(0, 300)));
 await page.goto(base + "/");
 await page.waitForFunction(() => window.wasmBindings?.App, null, { timeout: 120_000 });
 
-const result = await page.evaluate(async ({ dims, runs, graphUrl }) => {
+const result = await page.evaluate(async ({ dims, runs, graphUrl, externalData }) => {
   const app = new window.wasmBindings.App();
   await app.initGpu();
   const websd = await app.timeGraph(graphUrl, dims, runs);
@@ -53,7 +58,7 @@ const result = await page.evaluate(async ({ dims, runs, graphUrl }) => {
   const started = performance.now();
   let session;
   try {
-    session = await ort.InferenceSession.create(graphUrl, { executionProviders: ["webgpu"] });
+    session = await ort.InferenceSession.create(graphUrl, { executionProviders: ["webgpu"], externalData });
   } catch (e) {
     // e.g. an fp16 graph on a device without shader-f16, which onnxruntime-web requires.
     return { websd, ort: { error: String(e.message ?? e).split("\n")[0] } };
@@ -84,7 +89,7 @@ const result = await page.evaluate(async ({ dims, runs, graphUrl }) => {
     bestMs = Math.min(bestMs, performance.now() - t0);
   }
   return { websd, ort: { firstMs, bestMs } };
-}, { dims, runs, graphUrl });
+}, { dims, runs, graphUrl, externalData });
 
 const adapter = await page.evaluate(async () => {
   const a = await navigator.gpu.requestAdapter();
@@ -98,4 +103,5 @@ const ortWeb = result.ort.error ? { ort_web_error: result.ort.error } : {
 };
 console.log(JSON.stringify({ model: modelPath, dims, runs, adapter, ...websd, ...ortWeb }));
 await browser.close();
+fs.rmSync(profile, { recursive: true, force: true });
 server.close();

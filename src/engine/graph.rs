@@ -32,6 +32,14 @@ pub struct Value {
     pub declared_f16: bool,
 }
 
+impl Value {
+    /// Whether the graph computes it (an input or an activation): neither a constant nor
+    /// a weight left in the files.
+    pub fn is_computed(&self) -> bool {
+        self.constant.is_none() && self.stored.is_none()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Node {
     pub name: String,

@@ -60,6 +60,16 @@ async fn fetch_npy(url: &str) -> Result<HostTensor, JsValue> {
     npy::read(&Uint8Array::new(&buffer).to_vec()).map_err(|e| js_error(format!("{url}: {e}")))
 }
 
+/// What both calls resolve to besides their own fields: {buildMs, gpuMemoryBytes,
+/// wasmMemoryBytes}.
+fn session_report(session: &Session, build_ms: f64) -> Object {
+    let result = Object::new();
+    set(&result, "buildMs", build_ms);
+    set(&result, "gpuMemoryBytes", session.memory_bytes as f64);
+    set(&result, "wasmMemoryBytes", wasm_memory_bytes());
+    result
+}
+
 #[wasm_bindgen]
 impl App {
     /// Times one ONNX graph fetched from `url`, for side by side comparisons with other
@@ -99,11 +109,8 @@ impl App {
                 );
                 inputs.push(&input);
             }
-            let result = Object::new();
-            set(&result, "buildMs", build_ms);
+            let result = session_report(&session, build_ms);
             set(&result, "bestMs", best * 1000.0);
-            set(&result, "gpuMemoryBytes", session.memory_bytes as f64);
-            set(&result, "wasmMemoryBytes", wasm_memory_bytes());
             set(&result, "inputs", inputs);
             Ok(result.into())
         })
@@ -145,12 +152,9 @@ impl App {
                     Uint8Array::from(npy::write(tensor).as_slice()),
                 );
             }
-            let result = Object::new();
+            let result = session_report(&session, build_ms);
             set(&result, "outputs", files);
-            set(&result, "buildMs", build_ms);
             set(&result, "runMs", run_ms);
-            set(&result, "gpuMemoryBytes", session.memory_bytes as f64);
-            set(&result, "wasmMemoryBytes", wasm_memory_bytes());
             Ok(result.into())
         })
     }

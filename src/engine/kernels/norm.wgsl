@@ -24,9 +24,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> scale: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
-
 var<workgroup> partial: array<f32, 256>;
-
 
 fn workgroup_sum(value: f32, lane: u32) -> f32 {
     partial[lane] = value;

@@ -20,8 +20,6 @@ struct Params {
 @group(0) @binding(1) var<storage, read_write> out: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(2) var<storage, read> x: array<u32>; // f32 bits, or f16 pairs
 
-
-
 fn source_coordinate(o: u32, out_len: u32, in_len: u32, scale: f32) -> f32 {
     let position = f32(o);
     switch p.coordinates {

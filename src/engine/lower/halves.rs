@@ -76,8 +76,7 @@ pub fn half_values(graph: &Graph, inference: bool) -> Vec<bool> {
         half[v] = false;
     }
     for (v, value) in graph.values.iter().enumerate() {
-        let intermediate = value.constant.is_none() && value.stored.is_none();
-        if half[v] && intermediate && value.dtype == DType::F32 {
+        if half[v] && value.is_computed() && value.dtype == DType::F32 {
             halves[v] = true;
         }
     }
@@ -87,19 +86,13 @@ pub fn half_values(graph: &Graph, inference: bool) -> Vec<bool> {
 /// Per value: whether it is an activation of at least half the elements of the graph's
 /// largest one: the sizes that can set the memory peak.
 fn large_activations(graph: &Graph) -> Vec<bool> {
-    let activation = |v: &Value| v.constant.is_none() && v.stored.is_none();
     let size = |v: &Value| numel(&v.shape);
-    let largest = graph
-        .values
-        .iter()
-        .filter(|v| activation(v))
-        .map(size)
-        .max()
-        .unwrap_or(0);
+    let computed = || graph.values.iter().filter(|v| v.is_computed());
+    let largest = computed().map(size).max().unwrap_or(0);
     graph
         .values
         .iter()
-        .map(|v| activation(v) && 2 * size(v) >= largest)
+        .map(|v| v.is_computed() && 2 * size(v) >= largest)
         .collect()
 }
 
@@ -113,15 +106,11 @@ fn computed_f16(graph: &Graph) -> Vec<bool> {
         if matches!(node.op, Op::Cast(_)) {
             continue;
         }
-        let activation = |i: usize| {
-            let v = &graph.values[i];
-            v.constant.is_none() && v.stored.is_none()
-        };
         let from_f16 = node
             .inputs
             .iter()
             .flatten()
-            .any(|&i| f16[i] && activation(i));
+            .any(|&i| f16[i] && graph.values[i].is_computed());
         for &out in &node.outputs {
             f16[out] |= from_f16 && graph.values[out].dtype == DType::F32;
         }

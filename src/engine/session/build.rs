@@ -162,7 +162,7 @@ impl<'g> Builder<'g> {
         }
         let is_output = |v: ValueId| graph.outputs.iter().any(|&o| self.root[o] == v);
         for (v, value) in graph.values.iter().enumerate() {
-            if value.constant.is_none() && value.stored.is_none() {
+            if value.is_computed() {
                 continue;
             }
             if self.root[v] != v || (last_use[v].is_none() && !is_output(v)) {

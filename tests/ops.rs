@@ -21,7 +21,22 @@ fn matches_onnxruntime(gpu: &Gpu, model: &Model, dir: &Path) -> Result<(), Strin
 
 #[test]
 fn every_operator_case_matches_onnxruntime() {
+    assert_every_case_matches(&common::gpu());
+}
+
+/// The same cases on the GEMM core the device does not run by default (the
+/// workgroup-memory core where the subgroup core is the default, as on llvmpipe), so that
+/// both stay checked wherever both can run.
+#[test]
+fn every_operator_case_matches_onnxruntime_on_the_other_gemm_core() {
     let gpu = common::gpu();
+    match gpu.with_subgroup_tiles(!gpu.subgroup_tiles) {
+        Ok(other) => assert_every_case_matches(&other),
+        Err(e) => eprintln!("skipped: {e}"),
+    }
+}
+
+fn assert_every_case_matches(gpu: &Gpu) {
     let mut failures = Vec::new();
     let mut dirs: Vec<_> = std::fs::read_dir(common::fixtures().join("ops"))
         .unwrap()
@@ -35,7 +50,7 @@ fn every_operator_case_matches_onnxruntime() {
     for dir in dirs {
         let case = dir.file_name().unwrap().to_string_lossy().to_string();
         let model = common::load_model(&dir.join("model.onnx"));
-        if let Err(e) = matches_onnxruntime(&gpu, &model, &dir) {
+        if let Err(e) = matches_onnxruntime(gpu, &model, &dir) {
             failures.push(format!("{case}: {e}"));
         }
     }

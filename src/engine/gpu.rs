@@ -15,6 +15,9 @@ const UPLOAD_CHUNK_ELEMENTS: usize = 4 << 20;
 /// Bytes of uploads staged natively before they are submitted and waited for.
 const UPLOAD_FLUSH_BYTES: usize = 32 << 20;
 
+/// The subgroup width gemm_subgroups.wgsl is written for.
+const SUBGROUP_TILE_LANES: u32 = 8;
+
 /// The device every session runs on. Cheap to clone: clones share one device.
 #[derive(Clone)]
 pub struct Gpu(Arc<SharedGpu>);
@@ -34,6 +37,11 @@ pub struct SharedGpu {
     /// in f16 and the kernels allow (`lower::half_values`): on by default, half the memory
     /// and traffic where a graph peaks; off keeps them f32 (see `with_half_activations`).
     pub half_activations: bool,
+    /// Whether the wide tiles of MatMul and Conv run on the subgroup GEMM core
+    /// (gemm_subgroups.wgsl): by default on CPU adapters whose subgroups are always 8 lanes
+    /// wide (llvmpipe on AVX2), where moving values between lanes is far cheaper than
+    /// reading workgroup memory (see `with_subgroup_tiles`).
+    pub subgroup_tiles: bool,
     /// Compiled kernels, shared by every session and by the arithmetic outside graphs
     /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model
     /// loaded again compiles nothing.
@@ -70,7 +78,15 @@ impl Gpu {
             .await
             .map_err(|e| Error::NoAdapter(e.to_string()))?;
         let limits = adapter.limits();
-        let features = adapter.features() & wgpu::Features::SHADER_F16;
+        let adapter_info = adapter.get_info();
+        let subgroup_tiles = adapter.features().contains(wgpu::Features::SUBGROUP)
+            && adapter_info.device_type == wgpu::DeviceType::Cpu
+            && adapter_info.subgroup_min_size == SUBGROUP_TILE_LANES
+            && adapter_info.subgroup_max_size == SUBGROUP_TILE_LANES;
+        let mut features = adapter.features() & wgpu::Features::SHADER_F16;
+        if subgroup_tiles {
+            features |= wgpu::Features::SUBGROUP;
+        }
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("websd"),
@@ -85,7 +101,6 @@ impl Gpu {
         device.set_device_lost_callback(|reason, message| {
             log::error!("GPU device lost ({reason:?}): {message}")
         });
-        let adapter_info = adapter.get_info();
         let shader_f16 = features.contains(wgpu::Features::SHADER_F16);
         let half_arithmetic = shader_f16 && adapter_info.device_type != wgpu::DeviceType::Cpu;
         // On wasm32 WebGPU handles are single-threaded (not Send/Sync); natively they are both.
@@ -98,7 +113,8 @@ impl Gpu {
             shader_f16,
             half_arithmetic,
             half_activations: true,
-            compiled: Mutex::default(),
+            subgroup_tiles,
+            compiled: Mutex::new(Pipelines::new(subgroup_tiles)),
             scratch: Mutex::default(),
         })))
     }
@@ -120,7 +136,7 @@ impl Gpu {
         limits.max_storage_buffer_binding_size = bytes.min(limits.max_storage_buffer_binding_size);
         limits.min_storage_buffer_offset_alignment =
             limits.min_storage_buffer_offset_alignment.max(256);
-        self.derived(limits, self.half_arithmetic, self.half_activations)
+        self.derived(|gpu| gpu.limits = limits)
     }
 
     /// The same device, with products that read fp16 weights computed in f16 (`on`) or in
@@ -132,30 +148,50 @@ impl Gpu {
                 self.describe()
             )));
         }
-        Ok(self.derived(self.limits.clone(), on, self.half_activations))
+        Ok(self.derived(|gpu| gpu.half_arithmetic = on))
     }
 
     /// The same device, storing an fp16 model's activations as halves (`on`, the default)
     /// or as f32. Sessions built later follow it.
     pub fn with_half_activations(&self, on: bool) -> Gpu {
-        self.derived(self.limits.clone(), self.half_arithmetic, on)
+        self.derived(|gpu| gpu.half_activations = on)
+    }
+
+    /// The same device, running the wide tiles of MatMul and Conv on the subgroup GEMM
+    /// core (`on`) or the workgroup-memory one. Sessions built later follow it. The
+    /// subgroup core needs a CPU adapter with 8-lane subgroups.
+    pub fn with_subgroup_tiles(&self, on: bool) -> Result<Gpu> {
+        if on && !self.device.features().contains(wgpu::Features::SUBGROUP) {
+            return Err(Error::Device(format!(
+                "{} has no {SUBGROUP_TILE_LANES}-lane subgroups on a CPU adapter",
+                self.describe()
+            )));
+        }
+        Ok(self.derived(|gpu| gpu.subgroup_tiles = on))
     }
 
     /// Another handle on this device, planning sessions with other limits or arithmetic (its
     /// own compiled kernels and intermediates).
-    fn derived(&self, limits: wgpu::Limits, half_arithmetic: bool, half_activations: bool) -> Gpu {
-        #[allow(clippy::arc_with_non_send_sync)]
-        Gpu(Arc::new(SharedGpu {
+    /// The same device with some of its settings changed, and its own kernel cache (which
+    /// the settings choose among).
+    fn derived(&self, change: impl FnOnce(&mut SharedGpu)) -> Gpu {
+        let mut gpu = SharedGpu {
             device: self.device.clone(),
             queue: self.queue.clone(),
             adapter_info: self.adapter_info.clone(),
-            limits,
+            limits: self.limits.clone(),
             shader_f16: self.shader_f16,
-            half_arithmetic,
-            half_activations,
+            half_arithmetic: self.half_arithmetic,
+            half_activations: self.half_activations,
+            subgroup_tiles: self.subgroup_tiles,
             compiled: Mutex::default(),
             scratch: Mutex::default(),
-        }))
+        };
+        change(&mut gpu);
+        // Kernels compiled for the old settings may not suit the new ones.
+        gpu.compiled = Mutex::new(Pipelines::new(gpu.subgroup_tiles));
+        #[allow(clippy::arc_with_non_send_sync)]
+        Gpu(Arc::new(gpu))
     }
 
     /// "name (backend, device type)", for logs and the UI. Browsers often hide the name;
@@ -179,8 +215,12 @@ impl Gpu {
             true => "",
             false => ", fp16 activations kept as f32",
         };
+        let tiles = match self.subgroup_tiles {
+            true => ", subgroup GEMM tiles",
+            false => "",
+        };
         format!(
-            "{name} ({:?}, {:?}, {max_binding} MiB per binding{arithmetic}{activations})",
+            "{name} ({:?}, {:?}, {max_binding} MiB per binding{arithmetic}{activations}{tiles})",
             info.backend, info.device_type
         )
     }

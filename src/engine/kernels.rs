@@ -40,19 +40,21 @@ pub enum Shader {
 impl Shader {
     /// The module's WGSL. The GEMM kernels (MatMul, Conv) are the prelude of their
     /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), the GEMM
-    /// core, then their operands' readers. Those that read and write activations stored as
-    /// halves (Conv, Norm, Resize) get the accessor of halves.wgsl.
-    fn source(self, half_arithmetic: bool) -> String {
+    /// core (gemm.wgsl, or gemm_subgroups.wgsl for `subgroup_core`), then their operands'
+    /// readers. Those that read and write activations stored as halves (Conv, Norm,
+    /// Resize) get the accessor of halves.wgsl.
+    fn source(self, half_arithmetic: bool, subgroup_core: bool) -> String {
         let with_halves = |kernel: &str| format!("{HALVES}\n{kernel}");
         let gemm = |operands: &str| {
             let prelude = match half_arithmetic {
                 true => include_str!("kernels/gemm_f16.wgsl"),
                 false => include_str!("kernels/gemm_f32.wgsl"),
             };
-            format!(
-                "{prelude}\n{}\n{operands}",
-                include_str!("kernels/gemm.wgsl")
-            )
+            let core = match subgroup_core {
+                true => include_str!("kernels/gemm_subgroups.wgsl"),
+                false => include_str!("kernels/gemm.wgsl"),
+            };
+            format!("{prelude}\n{core}\n{operands}")
         };
         match self {
             Shader::Elementwise => include_str!("kernels/elementwise.wgsl").into(),
@@ -196,21 +198,36 @@ pub fn grid(groups: usize, max_per_dim: u32) -> [u32; 3] {
     [x as u32, groups.div_ceil(x) as u32, 1]
 }
 
-/// Compiled pipelines of one session, created on first use and then reused.
+/// Compiled pipelines of one device's settings, created on first use and then reused.
 #[derive(Default)]
 pub struct Pipelines {
-    modules: HashMap<(Shader, bool), wgpu::ShaderModule>,
+    /// Whether wide GEMM tiles run on the subgroup core (`Gpu::subgroup_tiles`).
+    subgroup_tiles: bool,
+    modules: HashMap<(Shader, bool, bool), wgpu::ShaderModule>,
     pipelines: HashMap<KernelKey, wgpu::ComputePipeline>,
 }
 
 impl Pipelines {
+    pub fn new(subgroup_tiles: bool) -> Pipelines {
+        Pipelines {
+            subgroup_tiles,
+            ..Default::default()
+        }
+    }
+
     pub fn get(&mut self, device: &wgpu::Device, key: KernelKey) -> &wgpu::ComputePipeline {
         if !self.pipelines.contains_key(&key) {
-            let source = (key.shader, key.half_arithmetic);
+            // The subgroup core has 64x64 tiles only; narrow ones stay on gemm.wgsl.
+            let subgroup_core = self.subgroup_tiles
+                && matches!(key.shader, Shader::MatMul | Shader::Conv)
+                && key.tile_columns == 64;
+            let source = (key.shader, key.half_arithmetic, subgroup_core);
             let module = self.modules.entry(source).or_insert_with(|| {
                 device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(&format!("{:?}", key.shader)),
-                    source: wgpu::ShaderSource::Wgsl(key.shader.source(source.1).into()),
+                    source: wgpu::ShaderSource::Wgsl(
+                        key.shader.source(source.1, subgroup_core).into(),
+                    ),
                 })
             });
             let mut constants: Vec<(&str, f64)> =

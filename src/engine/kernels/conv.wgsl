@@ -78,10 +78,10 @@ fn gemm_k() -> u32 { return group_in_channels() * p.kernel_h * p.kernel_w; }
 fn load_a4(m: u32, k: u32) -> vec4<f32> {
     var v = vec4<f32>();
     let row = p.weight_base + (first_out_channel + m) * p.weight_row;
+    let row_inside = m < gemm_m();
     for (var j = 0u; j < 4u; j++) {
-        if k + j < gemm_k() {
-            v[j] = weight_at(row + (k + j) * p.weight_step);
-        }
+        let inside = row_inside && k + j < gemm_k();
+        v[j] = select(0.0, weight_at(select(0u, row + (k + j) * p.weight_step, inside)), inside);
     }
     return v;
 }
@@ -112,13 +112,15 @@ fn load_b4(k: u32) -> vec4<f32> {
     let dy = i32((tap / p.kernel_w) * p.dilation_h);
     let dx = i32((tap % p.kernel_w) * p.dilation_w);
     let plane = image_start + channel * p.in_h * p.in_w;
+    let k_inside = k < gemm_k();
     var v = vec4<f32>();
     for (var j = 0u; j < 4u; j++) {
         let row = column_y[j] + dy;
         let col = column_x[j] + dx;
-        if column_live[j] && row >= 0 && col >= 0 && row < i32(p.in_h) && col < i32(p.in_w) {
-            v[j] = x_at(column_image[j] + plane + u32(row) * p.in_w + u32(col));
-        }
+        let inside = k_inside && column_live[j] && row >= 0 && col >= 0 && row < i32(p.in_h)
+            && col < i32(p.in_w);
+        let value = x_at(select(0u, column_image[j] + plane + u32(row) * p.in_w + u32(col), inside));
+        v[j] = select(0.0, value, inside);
     }
     return v;
 }

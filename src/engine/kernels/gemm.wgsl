@@ -62,18 +62,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     for (var k0 = 0u; k0 < k_size; k0 += DEPTH) {
         for (var r = 0u; r < 4u; r++) {
             let m = a_m + 16u * r;
-            var va = vec4<f32>();
-            if row0 + m < m_size {
-                va = load_a4(row0 + m, k0 + a_k);
-            }
-            tile_a[m * A_STRIDE + a_k / 4u] = vec4<Stage>(va);
+            tile_a[m * A_STRIDE + a_k / 4u] = vec4<Stage>(load_a4(row0 + m, k0 + a_k));
         }
         for (var kb = b_k; kb < DEPTH; kb += b_step) {
-            var vb = vec4<f32>();
-            if k0 + kb < k_size {
-                vb = load_b4(k0 + kb);
-            }
-            tile_b[kb * B_QUADS + b_n / 4u] = vec4<Stage>(vb);
+            tile_b[kb * B_QUADS + b_n / 4u] = vec4<Stage>(load_b4(k0 + kb));
         }
         workgroupBarrier();
         for (var q = 0u; q < select(0u, DEPTH / 4u, computes); q++) {

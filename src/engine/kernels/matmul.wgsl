@@ -72,16 +72,21 @@ fn gemm_k() -> u32 { return p.k; }
 fn a_at(row: u32, k: u32) -> f32 { return a[a_base + row * p.a_m + k * p.a_k]; }
 fn b_at_kn(k: u32, column: u32) -> f32 { return b_at(b_base + k * p.b_k + column * p.b_n); }
 
+// The readers below load unconditionally, from element 0 when out of range, and then
+// select zero: on CPU adapters a load under a branch costs masking per lane.
 fn load_a4(m: u32, k: u32) -> vec4<f32> {
     var v = vec4<f32>();
     for (var j = 0u; j < 4u; j++) {
-        if k + j < p.k {
-            if SWAPPED {
-                v[j] = b_at_kn(k + j, m);
-            } else {
-                v[j] = a_at(m, k + j);
-            }
+        let inside = m < gemm_m() && k + j < p.k;
+        let row = select(0u, m, inside);
+        let depth = select(0u, k + j, inside);
+        var value: f32;
+        if SWAPPED {
+            value = b_at_kn(depth, row);
+        } else {
+            value = a_at(row, depth);
         }
+        v[j] = select(0.0, value, inside);
     }
     return v;
 }
@@ -93,14 +98,16 @@ fn begin_columns(n: u32) {
 fn load_b4(k: u32) -> vec4<f32> {
     var v = vec4<f32>();
     for (var j = 0u; j < 4u; j++) {
-        let n = first_column + j;
-        if n < gemm_n() {
-            if SWAPPED {
-                v[j] = a_at(n, k);
-            } else {
-                v[j] = b_at_kn(k, n);
-            }
+        let inside = first_column + j < gemm_n() && k < p.k;
+        let column = select(0u, first_column + j, inside);
+        let depth = select(0u, k, inside);
+        var value: f32;
+        if SWAPPED {
+            value = a_at(column, depth);
+        } else {
+            value = b_at_kn(depth, column);
         }
+        v[j] = select(0.0, value, inside);
     }
     return v;
 }

@@ -41,7 +41,13 @@ static HALF_ARITHMETIC: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock:
 #[cfg(not(target_arch = "wasm32"))]
 static HALF_ACTIVATIONS: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
-/// Opens the default adapter, with the arithmetic and storage the command line chose.
+/// Whether wide GEMM tiles run on the subgroup core (`--subgroup-tiles`); `None`: the
+/// device's default (see `Gpu::subgroup_tiles`).
+#[cfg(not(target_arch = "wasm32"))]
+static SUBGROUP_TILES: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+
+/// Opens the default adapter, with the arithmetic, storage and kernels the command line
+/// chose.
 #[cfg(not(target_arch = "wasm32"))]
 async fn open_gpu() -> Result<websd::engine::Gpu, String> {
     let gpu = websd::engine::Gpu::new().await.map_err(|e| e.to_string())?;
@@ -49,8 +55,12 @@ async fn open_gpu() -> Result<websd::engine::Gpu, String> {
         Some(on) => gpu.with_half_activations(on),
         None => gpu,
     };
-    match HALF_ARITHMETIC.get().copied().flatten() {
-        Some(on) => gpu.with_half_arithmetic(on).map_err(|e| e.to_string()),
+    let gpu = match HALF_ARITHMETIC.get().copied().flatten() {
+        Some(on) => gpu.with_half_arithmetic(on).map_err(|e| e.to_string())?,
+        None => gpu,
+    };
+    match SUBGROUP_TILES.get().copied().flatten() {
+        Some(on) => gpu.with_subgroup_tiles(on).map_err(|e| e.to_string()),
         None => Ok(gpu),
     }
 }
@@ -86,6 +96,10 @@ mod cli {
         /// the default: half the memory where it peaks) or as f32 (`off`).
         #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
         f16_activations: Option<bool>,
+        /// MatMul and Conv's wide tiles on the subgroup GEMM core (`on`) or the
+        /// workgroup-memory one (`off`); by default on for CPU adapters with 8-lane subgroups.
+        #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
+        subgroup_tiles: Option<bool>,
     }
 
     fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -160,6 +174,7 @@ mod cli {
         let cli = Cli::parse();
         let _ = crate::HALF_ARITHMETIC.set(cli.f16_arithmetic);
         let _ = crate::HALF_ACTIVATIONS.set(cli.f16_activations);
+        let _ = crate::SUBGROUP_TILES.set(cli.subgroup_tiles);
         let result = match cli.command {
             Command::Run {
                 model,

@@ -18,20 +18,37 @@ fn attention_launches(session: &Session) -> usize {
 }
 
 fn check_case(case: &str, fused: bool) {
-    let gpu = common::gpu();
+    check_case_on(&common::gpu(), case, fused);
+}
+
+fn check_case_on(gpu: &Gpu, case: &str, fused: bool) {
     let dir = common::fixtures().join("graphs").join(case);
     let model = common::load_model(&dir.join("model.onnx"));
-    let session = pollster::block_on(Session::new(&gpu, &model, &HashMap::new())).unwrap();
+    let session = pollster::block_on(Session::new(gpu, &model, &HashMap::new())).unwrap();
     assert_eq!(
         attention_launches(&session),
         fused as usize,
         "{case}: kernels {:?}",
         session.kernel_counts()
     );
-    let outputs = common::run_case(&gpu, &model, &HashMap::new(), &dir).unwrap();
+    let outputs = common::run_case(gpu, &model, &HashMap::new(), &dir).unwrap();
     for (name, expected) in common::tensors(&dir, "out_") {
         common::compare(&name, &outputs[&name], &expected, 2e-5)
             .unwrap_or_else(|e| panic!("{case}: {e}"));
+    }
+}
+
+/// The fused cases on the attention kernel the device does not run by default (the
+/// workgroup-memory one where the subgroup kernel is the default, as on llvmpipe).
+#[test]
+fn fused_attention_matches_onnxruntime_on_the_other_kernel() {
+    let gpu = common::gpu();
+    match gpu.with_subgroup_kernels(!gpu.subgroup_kernels) {
+        Ok(other) => {
+            check_case_on(&other, "attention_self", true);
+            check_case_on(&other, "attention_cross", true);
+        }
+        Err(e) => eprintln!("skipped: {e}"),
     }
 }
 

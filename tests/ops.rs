@@ -30,7 +30,7 @@ fn every_operator_case_matches_onnxruntime() {
 #[test]
 fn every_operator_case_matches_onnxruntime_on_the_other_gemm_core() {
     let gpu = common::gpu();
-    match gpu.with_subgroup_tiles(!gpu.subgroup_tiles) {
+    match gpu.with_subgroup_kernels(!gpu.subgroup_kernels) {
         Ok(other) => assert_every_case_matches(&other),
         Err(e) => eprintln!("skipped: {e}"),
     }

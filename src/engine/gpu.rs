@@ -15,8 +15,9 @@ const UPLOAD_CHUNK_ELEMENTS: usize = 4 << 20;
 /// Bytes of uploads staged natively before they are submitted and waited for.
 const UPLOAD_FLUSH_BYTES: usize = 32 << 20;
 
-/// The subgroup width gemm_subgroups.wgsl is written for.
-const SUBGROUP_TILE_LANES: u32 = 8;
+/// The subgroup width the subgroup kernels (gemm_subgroups.wgsl, attention_subgroups.wgsl)
+/// are written for.
+const SUBGROUP_LANES: u32 = 8;
 
 /// The device every session runs on. Cheap to clone: clones share one device.
 #[derive(Clone)]
@@ -37,11 +38,11 @@ pub struct SharedGpu {
     /// in f16 and the kernels allow (`lower::half_values`): on by default, half the memory
     /// and traffic where a graph peaks; off keeps them f32 (see `with_half_activations`).
     pub half_activations: bool,
-    /// Whether the wide tiles of MatMul and Conv run on the subgroup GEMM core
-    /// (gemm_subgroups.wgsl): by default on CPU adapters whose subgroups are always 8 lanes
-    /// wide (llvmpipe on AVX2), where moving values between lanes is far cheaper than
-    /// reading workgroup memory (see `with_subgroup_tiles`).
-    pub subgroup_tiles: bool,
+    /// Whether MatMul and Conv's wide tiles and fused attention run on their subgroup
+    /// kernels (gemm_subgroups.wgsl, attention_subgroups.wgsl): by default on CPU adapters
+    /// whose subgroups are always 8 lanes wide (llvmpipe on AVX2), where moving values
+    /// between lanes is far cheaper than reading memory (see `with_subgroup_kernels`).
+    pub subgroup_kernels: bool,
     /// Compiled kernels, shared by every session and by the arithmetic outside graphs
     /// (`arith.rs`): the text encoder, UNet and VAE use mostly the same ones, and a model
     /// loaded again compiles nothing.
@@ -79,12 +80,12 @@ impl Gpu {
             .map_err(|e| Error::NoAdapter(e.to_string()))?;
         let limits = adapter.limits();
         let adapter_info = adapter.get_info();
-        let subgroup_tiles = adapter.features().contains(wgpu::Features::SUBGROUP)
+        let subgroup_kernels = adapter.features().contains(wgpu::Features::SUBGROUP)
             && adapter_info.device_type == wgpu::DeviceType::Cpu
-            && adapter_info.subgroup_min_size == SUBGROUP_TILE_LANES
-            && adapter_info.subgroup_max_size == SUBGROUP_TILE_LANES;
+            && adapter_info.subgroup_min_size == SUBGROUP_LANES
+            && adapter_info.subgroup_max_size == SUBGROUP_LANES;
         let mut features = adapter.features() & wgpu::Features::SHADER_F16;
-        if subgroup_tiles {
+        if subgroup_kernels {
             features |= wgpu::Features::SUBGROUP;
         }
         let (device, queue) = adapter
@@ -113,8 +114,8 @@ impl Gpu {
             shader_f16,
             half_arithmetic,
             half_activations: true,
-            subgroup_tiles,
-            compiled: Mutex::new(Pipelines::new(subgroup_tiles)),
+            subgroup_kernels,
+            compiled: Mutex::new(Pipelines::new(subgroup_kernels)),
             scratch: Mutex::default(),
         })))
     }
@@ -157,17 +158,17 @@ impl Gpu {
         self.derived(|gpu| gpu.half_activations = on)
     }
 
-    /// The same device, running the wide tiles of MatMul and Conv on the subgroup GEMM
-    /// core (`on`) or the workgroup-memory one. Sessions built later follow it. The
-    /// subgroup core needs a CPU adapter with 8-lane subgroups.
-    pub fn with_subgroup_tiles(&self, on: bool) -> Result<Gpu> {
+    /// The same device, running MatMul and Conv's wide tiles and fused attention on their
+    /// subgroup kernels (`on`) or the workgroup-memory ones. Sessions built later follow
+    /// it. The subgroup kernels need a CPU adapter with 8-lane subgroups.
+    pub fn with_subgroup_kernels(&self, on: bool) -> Result<Gpu> {
         if on && !self.device.features().contains(wgpu::Features::SUBGROUP) {
             return Err(Error::Device(format!(
-                "{} has no {SUBGROUP_TILE_LANES}-lane subgroups on a CPU adapter",
+                "{} has no {SUBGROUP_LANES}-lane subgroups on a CPU adapter",
                 self.describe()
             )));
         }
-        Ok(self.derived(|gpu| gpu.subgroup_tiles = on))
+        Ok(self.derived(|gpu| gpu.subgroup_kernels = on))
     }
 
     /// Another handle on this device, planning sessions with other limits or arithmetic (its
@@ -183,13 +184,13 @@ impl Gpu {
             shader_f16: self.shader_f16,
             half_arithmetic: self.half_arithmetic,
             half_activations: self.half_activations,
-            subgroup_tiles: self.subgroup_tiles,
+            subgroup_kernels: self.subgroup_kernels,
             compiled: Mutex::default(),
             scratch: Mutex::default(),
         };
         change(&mut gpu);
         // Kernels compiled for the old settings may not suit the new ones.
-        gpu.compiled = Mutex::new(Pipelines::new(gpu.subgroup_tiles));
+        gpu.compiled = Mutex::new(Pipelines::new(gpu.subgroup_kernels));
         #[allow(clippy::arc_with_non_send_sync)]
         Gpu(Arc::new(gpu))
     }
@@ -215,8 +216,8 @@ impl Gpu {
             true => "",
             false => ", fp16 activations kept as f32",
         };
-        let tiles = match self.subgroup_tiles {
-            true => ", subgroup GEMM tiles",
+        let tiles = match self.subgroup_kernels {
+            true => ", subgroup kernels",
             false => "",
         };
         format!(

@@ -40,17 +40,18 @@ pub enum Shader {
 impl Shader {
     /// The module's WGSL. The GEMM kernels (MatMul, Conv) are the prelude of their
     /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), the GEMM
-    /// core (gemm.wgsl, or gemm_subgroups.wgsl for `subgroup_core`), then their operands'
+    /// core (gemm.wgsl, or gemm_subgroups.wgsl for `subgroups`), then their operands'
     /// readers. Those that read and write activations stored as halves (Conv, Norm,
-    /// Resize) get the accessor of halves.wgsl.
-    fn source(self, half_arithmetic: bool, subgroup_core: bool) -> String {
+    /// Resize) get the accessor of halves.wgsl. Attention with `subgroups` is
+    /// attention_subgroups.wgsl.
+    fn source(self, half_arithmetic: bool, subgroups: bool) -> String {
         let with_halves = |kernel: &str| format!("{HALVES}\n{kernel}");
         let gemm = |operands: &str| {
             let prelude = match half_arithmetic {
                 true => include_str!("kernels/gemm_f16.wgsl"),
                 false => include_str!("kernels/gemm_f32.wgsl"),
             };
-            let core = match subgroup_core {
+            let core = match subgroups {
                 true => include_str!("kernels/gemm_subgroups.wgsl"),
                 false => include_str!("kernels/gemm.wgsl"),
             };
@@ -67,6 +68,9 @@ impl Shader {
             Shader::Softmax => include_str!("kernels/softmax.wgsl").into(),
             Shader::Reduce => include_str!("kernels/reduce.wgsl").into(),
             Shader::Resize => with_halves(include_str!("kernels/resize.wgsl")),
+            Shader::Attention if subgroups => {
+                include_str!("kernels/attention_subgroups.wgsl").into()
+            }
             Shader::Attention => include_str!("kernels/attention.wgsl").into(),
             Shader::AttentionGrad => include_str!("kernels/attention_grad.wgsl").into(),
             Shader::Combine => include_str!("kernels/combine.wgsl").into(),
@@ -97,6 +101,9 @@ pub struct KernelKey {
     /// (`HALF_OUTPUT`) stored as packed f16 pairs (`lower::half_values`).
     pub half_input: bool,
     pub half_output: bool,
+    /// Attention: channel quads of a query or key and of a value (ceil(d / 4), ceil(e / 4)),
+    /// constants of its subgroup kernel.
+    pub head_quads: [u32; 2],
 }
 
 /// Output columns per workgroup of the GEMM core (gemm.wgsl) for a product `n` columns
@@ -122,6 +129,7 @@ impl From<Shader> for KernelKey {
             half_arithmetic: false,
             half_input: false,
             half_output: false,
+            head_quads: [0, 0],
         }
     }
 }
@@ -201,33 +209,35 @@ pub fn grid(groups: usize, max_per_dim: u32) -> [u32; 3] {
 /// Compiled pipelines of one device's settings, created on first use and then reused.
 #[derive(Default)]
 pub struct Pipelines {
-    /// Whether wide GEMM tiles run on the subgroup core (`Gpu::subgroup_tiles`).
-    subgroup_tiles: bool,
+    /// Whether wide GEMM tiles and attention run on subgroup kernels
+    /// (`Gpu::subgroup_kernels`).
+    subgroup_kernels: bool,
     modules: HashMap<(Shader, bool, bool), wgpu::ShaderModule>,
     pipelines: HashMap<KernelKey, wgpu::ComputePipeline>,
 }
 
 impl Pipelines {
-    pub fn new(subgroup_tiles: bool) -> Pipelines {
+    pub fn new(subgroup_kernels: bool) -> Pipelines {
         Pipelines {
-            subgroup_tiles,
+            subgroup_kernels,
             ..Default::default()
         }
     }
 
     pub fn get(&mut self, device: &wgpu::Device, key: KernelKey) -> &wgpu::ComputePipeline {
         if !self.pipelines.contains_key(&key) {
-            // The subgroup core has 64x64 tiles only; narrow ones stay on gemm.wgsl.
-            let subgroup_core = self.subgroup_tiles
-                && matches!(key.shader, Shader::MatMul | Shader::Conv)
-                && key.tile_columns == 64;
-            let source = (key.shader, key.half_arithmetic, subgroup_core);
+            // The subgroup GEMM core has 64x64 tiles only; narrow ones stay on gemm.wgsl.
+            let subgroups = self.subgroup_kernels
+                && match key.shader {
+                    Shader::MatMul | Shader::Conv => key.tile_columns == 64,
+                    Shader::Attention => true,
+                    _ => false,
+                };
+            let source = (key.shader, key.half_arithmetic, subgroups);
             let module = self.modules.entry(source).or_insert_with(|| {
                 device.create_shader_module(wgpu::ShaderModuleDescriptor {
                     label: Some(&format!("{:?}", key.shader)),
-                    source: wgpu::ShaderSource::Wgsl(
-                        key.shader.source(source.1, subgroup_core).into(),
-                    ),
+                    source: wgpu::ShaderSource::Wgsl(key.shader.source(source.1, subgroups).into()),
                 })
             });
             let mut constants: Vec<(&str, f64)> =
@@ -246,6 +256,10 @@ impl Pipelines {
             }
             if key.half_output {
                 constants.push(("HALF_OUTPUT", 1.0));
+            }
+            if subgroups && key.shader == Shader::Attention {
+                let [d, e] = key.head_quads;
+                constants.extend([("D_QUADS", d as f64), ("E_QUADS", e as f64)]);
             }
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(&format!("{key:?}")),

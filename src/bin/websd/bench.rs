@@ -108,7 +108,7 @@ pub async fn bench(args: BenchArgs) -> Result<(), String> {
             "adapter": gpu.describe(),
             "f16_weights": args.f16,
             "f16_arithmetic": gpu.half_arithmetic,
-            "subgroup_tiles": gpu.subgroup_tiles,
+            "subgroup_kernels": gpu.subgroup_kernels,
             "ceilings": { "gflops": ceilings.gflops, "gbytes_per_s": ceilings.gbytes_per_s },
             "cases": cases,
             "graphs": graphs,

@@ -41,10 +41,10 @@ static HALF_ARITHMETIC: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock:
 #[cfg(not(target_arch = "wasm32"))]
 static HALF_ACTIVATIONS: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
-/// Whether wide GEMM tiles run on the subgroup core (`--subgroup-tiles`); `None`: the
-/// device's default (see `Gpu::subgroup_tiles`).
+/// Whether GEMM tiles and attention run on subgroup kernels (`--subgroup-kernels`); `None`: the
+/// device's default (see `Gpu::subgroup_kernels`).
 #[cfg(not(target_arch = "wasm32"))]
-static SUBGROUP_TILES: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+static SUBGROUP_KERNELS: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
 
 /// Opens the default adapter, with the arithmetic, storage and kernels the command line
 /// chose.
@@ -59,8 +59,8 @@ async fn open_gpu() -> Result<websd::engine::Gpu, String> {
         Some(on) => gpu.with_half_arithmetic(on).map_err(|e| e.to_string())?,
         None => gpu,
     };
-    match SUBGROUP_TILES.get().copied().flatten() {
-        Some(on) => gpu.with_subgroup_tiles(on).map_err(|e| e.to_string()),
+    match SUBGROUP_KERNELS.get().copied().flatten() {
+        Some(on) => gpu.with_subgroup_kernels(on).map_err(|e| e.to_string()),
         None => Ok(gpu),
     }
 }
@@ -96,10 +96,11 @@ mod cli {
         /// the default: half the memory where it peaks) or as f32 (`off`).
         #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
         f16_activations: Option<bool>,
-        /// MatMul and Conv's wide tiles on the subgroup GEMM core (`on`) or the
-        /// workgroup-memory one (`off`); by default on for CPU adapters with 8-lane subgroups.
+        /// MatMul and Conv's wide tiles and attention on their subgroup kernels (`on`) or
+        /// the workgroup-memory ones (`off`); by default on for CPU adapters with 8-lane
+        /// subgroups.
         #[arg(long, global = true, value_name = "on|off", value_parser = parse_on_off)]
-        subgroup_tiles: Option<bool>,
+        subgroup_kernels: Option<bool>,
     }
 
     fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -174,7 +175,7 @@ mod cli {
         let cli = Cli::parse();
         let _ = crate::HALF_ARITHMETIC.set(cli.f16_arithmetic);
         let _ = crate::HALF_ACTIVATIONS.set(cli.f16_activations);
-        let _ = crate::SUBGROUP_TILES.set(cli.subgroup_tiles);
+        let _ = crate::SUBGROUP_KERNELS.set(cli.subgroup_kernels);
         let result = match cli.command {
             Command::Run {
                 model,

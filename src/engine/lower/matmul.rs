@@ -230,13 +230,11 @@ impl Lowering<'_> {
             .u(1);
         let groups = [n.div_ceil(64) as u32, 1, batch as u32];
         let inputs = vec![Operand::Value(q), Operand::Value(kt), Operand::Value(v)];
-        Ok(vec![self.launch(
-            Shader::Attention.into(),
-            params,
-            out,
-            inputs,
-            groups,
-        )])
+        let kernel = KernelKey {
+            head_quads: [d, e].map(|c| c.div_ceil(4) as u32),
+            ..Shader::Attention.into()
+        };
+        Ok(vec![self.launch(kernel, params, out, inputs, groups)])
     }
 
     /// One pass of the attention's backward pass: one thread per query row (statistics,

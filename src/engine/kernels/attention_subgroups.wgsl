@@ -1,11 +1,11 @@
 // Fused attention for CPU adapters with 8-lane subgroups (llvmpipe on AVX2): the same
-// result and operands as attention.wgsl (one thread per query row, an online softmax, the
-// scores never stored), without workgroup memory. There, reading a staged key costs a
-// scalar load per lane although every lane wants the same key; here the 8 lanes of a
-// subgroup each read one key's (and value's) channel quad and take the other 7 from their
-// neighbours by `subgroupBroadcast`, a register shuffle: one read per 8 keys' worth of dot
-// products instead of 8. The head sizes are pipeline constants, so the channel loops have
-// fixed trip counts and the query row and accumulator can live in registers.
+// result and operands as attention.wgsl (an online softmax, the scores never stored),
+// without workgroup memory. There, reading a staged key costs a scalar load per lane
+// although every lane wants the same key; here the 8 lanes of a subgroup each read one
+// key's (and value's) channel quad and take the other 7 from their neighbours by
+// `subgroupBroadcast`, a register shuffle, and each lane owns two query rows: one read
+// per 16 dot products instead of one per dot product. The head sizes are pipeline
+// constants, so the channel loops have fixed trip counts.
 
 const MAX_QUADS: u32 = 40u; // keep MAX_QUADS * 4 equal to kernels::ATTENTION_MAX_HEAD_DIM
 const KEYS: u32 = 8u; // keys per step: one per lane of a subgroup
@@ -66,78 +66,117 @@ fn value_quad(at: u32, c4: u32, live: bool) -> vec4<f32> {
     return quad;
 }
 
-@compute @workgroup_size(64)
+// The quads the subgroup's 8 lanes hold, in lane order (broadcast ids must be constants).
+fn keys_of(mine: vec4<f32>) -> array<vec4<f32>, KEYS> {
+    return array(
+        subgroupBroadcast(mine, 0u), subgroupBroadcast(mine, 1u),
+        subgroupBroadcast(mine, 2u), subgroupBroadcast(mine, 3u),
+        subgroupBroadcast(mine, 4u), subgroupBroadcast(mine, 5u),
+        subgroupBroadcast(mine, 6u), subgroupBroadcast(mine, 7u),
+    );
+}
+
+// A query row's running softmax over the keys seen so far: its maximum score and the sum
+// of exp(score - maximum).
+struct Running {
+    max: f32,
+    sum: f32,
+}
+
+// Folds a step's scores into `running`; returns the keys' weights (exp(score - new
+// maximum), zero past `count` keys) and, in `w[KEYS]`, the factor that rescales what was
+// accumulated before.
+fn fold_scores(running: ptr<function, Running>, scores: array<f32, KEYS>, count: u32) -> array<f32, 9> {
+    var tile_max = (*running).max;
+    for (var j = 0u; j < KEYS; j++) {
+        tile_max = max(tile_max, select(-3.4e38, scores[j], j < count));
+    }
+    var w = array<f32, 9>();
+    var tile_sum = 0.0;
+    for (var j = 0u; j < KEYS; j++) {
+        w[j] = select(0.0, exp(scores[j] - tile_max), j < count);
+        tile_sum += w[j];
+    }
+    w[KEYS] = exp((*running).max - tile_max);
+    (*running).sum = (*running).sum * w[KEYS] + tile_sum;
+    (*running).max = tile_max;
+    return w;
+}
+
+// Each lane owns two query rows, `index` and `index + 32` of the workgroup's 64, so every
+// key and value read serves twice the multiply-adds.
+@compute @workgroup_size(32)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) index: u32,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let batch = wg.z;
-    let row = wg.x * 64u + index;
-    let live = row < p.n;
-    var query: array<vec4<f32>, MAX_QUADS>;
-    var acc: array<vec4<f32>, MAX_QUADS>;
-    let q_at = batch * p.q_batch + row * p.q_row;
+    let row_a = wg.x * 64u + index;
+    let row_b = row_a + 32u;
+    let live_a = row_a < p.n;
+    let live_b = row_b < p.n;
+    var query_a: array<vec4<f32>, MAX_QUADS>;
+    var query_b: array<vec4<f32>, MAX_QUADS>;
+    var acc_a: array<vec4<f32>, MAX_QUADS>;
+    var acc_b: array<vec4<f32>, MAX_QUADS>;
     for (var c4 = 0u; c4 < D_QUADS; c4++) {
-        query[c4] = query_quad(q_at, c4, live) * p.scale;
+        query_a[c4] = query_quad(batch * p.q_batch + row_a * p.q_row, c4, live_a) * p.scale;
+        query_b[c4] = query_quad(batch * p.q_batch + row_b * p.q_row, c4, live_b) * p.scale;
     }
-    var running_max = -3.4e38;
-    var running_sum = 0.0;
+    var running_a = Running(-3.4e38, 0.0);
+    var running_b = Running(-3.4e38, 0.0);
     // Every lane runs every step, live or not: the broadcasts need the whole subgroup.
     for (var j0 = 0u; j0 < p.m; j0 += KEYS) {
         let key = j0 + lane;
         let key_live = key < p.m;
         let k_at = batch * p.k_batch + key * p.k_key;
-        var s0 = 0.0; var s1 = 0.0; var s2 = 0.0; var s3 = 0.0;
-        var s4 = 0.0; var s5 = 0.0; var s6 = 0.0; var s7 = 0.0;
+        var sa = array<f32, KEYS>();
+        var sb = array<f32, KEYS>();
         for (var c4 = 0u; c4 < D_QUADS; c4++) {
-            let quad = query[c4];
             let mine = key_quad(k_at, c4, key_live);
-            s0 += dot(quad, subgroupBroadcast(mine, 0u));
-            s1 += dot(quad, subgroupBroadcast(mine, 1u));
-            s2 += dot(quad, subgroupBroadcast(mine, 2u));
-            s3 += dot(quad, subgroupBroadcast(mine, 3u));
-            s4 += dot(quad, subgroupBroadcast(mine, 4u));
-            s5 += dot(quad, subgroupBroadcast(mine, 5u));
-            s6 += dot(quad, subgroupBroadcast(mine, 6u));
-            s7 += dot(quad, subgroupBroadcast(mine, 7u));
+            let qa = query_a[c4];
+            let qb = query_b[c4];
+            let k = keys_of(mine);
+            for (var j = 0u; j < KEYS; j++) {
+                sa[j] += dot(qa, k[j]);
+                sb[j] += dot(qb, k[j]);
+            }
         }
         // Keys past the end score nothing.
         let count = min(KEYS, p.m - j0);
-        let scores = array(s0, s1, s2, s3, s4, s5, s6, s7);
-        var tile_max = running_max;
-        for (var j = 0u; j < KEYS; j++) {
-            tile_max = max(tile_max, select(-3.4e38, scores[j], j < count));
-        }
-        var w = array<f32, KEYS>();
-        var tile_sum = 0.0;
-        for (var j = 0u; j < KEYS; j++) {
-            w[j] = select(0.0, exp(scores[j] - tile_max), j < count);
-            tile_sum += w[j];
-        }
-        let correction = exp(running_max - tile_max);
-        running_sum = running_sum * correction + tile_sum;
-        running_max = tile_max;
+        let wa = fold_scores(&running_a, sa, count);
+        let wb = fold_scores(&running_b, sb, count);
         let v_at = batch * p.v_batch + key * p.v_key;
         for (var c4 = 0u; c4 < E_QUADS; c4++) {
             let mine = value_quad(v_at, c4, key_live);
-            acc[c4] = acc[c4] * correction
-                + w[0] * subgroupBroadcast(mine, 0u) + w[1] * subgroupBroadcast(mine, 1u)
-                + w[2] * subgroupBroadcast(mine, 2u) + w[3] * subgroupBroadcast(mine, 3u)
-                + w[4] * subgroupBroadcast(mine, 4u) + w[5] * subgroupBroadcast(mine, 5u)
-                + w[6] * subgroupBroadcast(mine, 6u) + w[7] * subgroupBroadcast(mine, 7u);
+            var a = acc_a[c4] * wa[KEYS];
+            var b = acc_b[c4] * wb[KEYS];
+            let values = keys_of(mine);
+            for (var j = 0u; j < KEYS; j++) {
+                a += wa[j] * values[j];
+                b += wb[j] * values[j];
+            }
+            acc_a[c4] = a;
+            acc_b[c4] = b;
         }
     }
-    if live {
-        let base = (batch * p.n + row) * p.e;
-        let inv = 1.0 / running_sum;
-        for (var c4 = 0u; c4 < E_QUADS; c4++) {
-            let quad = acc[c4] * inv;
-            for (var i = 0u; i < 4u; i++) {
-                let c = c4 * 4u + i;
-                if c < p.e {
-                    out[base + c] = quad[i];
-                }
+    store_row(batch, row_a, live_a, running_a.sum, &acc_a);
+    store_row(batch, row_b, live_b, running_b.sum, &acc_b);
+}
+
+fn store_row(batch: u32, row: u32, live: bool, sum: f32, acc: ptr<function, array<vec4<f32>, MAX_QUADS>>) {
+    if !live {
+        return;
+    }
+    let base = (batch * p.n + row) * p.e;
+    let inv = 1.0 / sum;
+    for (var c4 = 0u; c4 < E_QUADS; c4++) {
+        let quad = (*acc)[c4] * inv;
+        for (var i = 0u; i < 4u; i++) {
+            let c = c4 * 4u + i;
+            if c < p.e {
+                out[base + c] = quad[i];
             }
         }
     }

@@ -171,10 +171,8 @@ impl Gpu {
         Ok(self.derived(|gpu| gpu.subgroup_kernels = on))
     }
 
-    /// Another handle on this device, planning sessions with other limits or arithmetic (its
-    /// own compiled kernels and intermediates).
-    /// The same device with some of its settings changed, and its own kernel cache (which
-    /// the settings choose among).
+    /// Another handle on this device with some of its settings changed (limits,
+    /// arithmetic, storage, kernels), and its own compiled kernels and intermediates.
     fn derived(&self, change: impl FnOnce(&mut SharedGpu)) -> Gpu {
         let mut gpu = SharedGpu {
             device: self.device.clone(),
@@ -216,12 +214,12 @@ impl Gpu {
             true => "",
             false => ", fp16 activations kept as f32",
         };
-        let tiles = match self.subgroup_kernels {
+        let kernels = match self.subgroup_kernels {
             true => ", subgroup kernels",
             false => "",
         };
         format!(
-            "{name} ({:?}, {:?}, {max_binding} MiB per binding{arithmetic}{activations}{tiles})",
+            "{name} ({:?}, {:?}, {max_binding} MiB per binding{arithmetic}{activations}{kernels})",
             info.backend, info.device_type
         )
     }

@@ -225,14 +225,22 @@ impl Pipelines {
     }
 
     pub fn get(&mut self, device: &wgpu::Device, key: KernelKey) -> &wgpu::ComputePipeline {
+        // The subgroup GEMM core has 64x64 tiles only; narrow ones stay on gemm.wgsl.
+        let subgroups = self.subgroup_kernels
+            && match key.shader {
+                Shader::MatMul | Shader::Conv => key.tile_columns == 64,
+                Shader::Attention => true,
+                _ => false,
+            };
+        // Only the subgroup attention is specialised by head size.
+        let key = match subgroups {
+            true => key,
+            false => KernelKey {
+                head_quads: [0, 0],
+                ..key
+            },
+        };
         if !self.pipelines.contains_key(&key) {
-            // The subgroup GEMM core has 64x64 tiles only; narrow ones stay on gemm.wgsl.
-            let subgroups = self.subgroup_kernels
-                && match key.shader {
-                    Shader::MatMul | Shader::Conv => key.tile_columns == 64,
-                    Shader::Attention => true,
-                    _ => false,
-                };
             let source = (key.shader, key.half_arithmetic, subgroups);
             let module = self.modules.entry(source).or_insert_with(|| {
                 device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -257,7 +265,7 @@ impl Pipelines {
             if key.half_output {
                 constants.push(("HALF_OUTPUT", 1.0));
             }
-            if subgroups && key.shader == Shader::Attention {
+            if key.head_quads != [0, 0] {
                 let [d, e] = key.head_quads;
                 constants.extend([("D_QUADS", d as f64), ("E_QUADS", e as f64)]);
             }

@@ -1,14 +1,16 @@
 // Tiled GEMM core shared by MatMul/Gemm (matmul.wgsl) and Conv (conv.wgsl), which are
 // appended to this file and supply:
 // - `begin(batch)`: per-batch offsets; `gemm_m()`, `gemm_n()`, `gemm_k()`: the sizes;
-// - `load_a4(m, k)`: A[m, k..k+3] for a row m in range, zero past `gemm_k()`;
+// - `load_a4(m, k)`: A[m, k..k+3], zero past `gemm_m()` or `gemm_k()`;
 // - `begin_columns(n)`: per-thread setup for the 4 columns n..n+3 it stages of B (the
 //   convolution resolves their pixel coordinates once, not per element);
-// - `load_b4(k)`: B[k, n..n+3] for those columns, zero past `gemm_n()`;
+// - `load_b4(k)`: B[k, n..n+3] for those columns, zero past `gemm_n()` or `gemm_k()`;
 // - `store4(m, n, values)`: C[m, n..n+3], writing only columns below `gemm_n()`.
-// A prelude before it (gemm_f32.wgsl or gemm_f16.wgsl) gives the arithmetic: `Stage`, the
-// element type of the workgroup tiles, and `accumulate`, which adds a k-quad's products to
-// an f32 accumulator.
+// (The readers load unconditionally, from element 0 when out of range, and select zero:
+// on CPU adapters a load under a branch costs masking per lane.) gemm_subgroups.wgsl is
+// another core over the same readers. A prelude before it (gemm_f32.wgsl or gemm_f16.wgsl)
+// gives the arithmetic: `Stage`, the element type of the workgroup tiles, and `accumulate`,
+// which adds a k-quad's products to an f32 accumulator.
 //
 // Each workgroup of 64 threads computes a 64x64 output tile, each thread an 8x8 block
 // (rows 4y..4y+3 and 32+4y.., columns 4x.. and 32+4x..: split so that neighbouring threads

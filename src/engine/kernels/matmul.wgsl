@@ -72,8 +72,6 @@ fn gemm_k() -> u32 { return p.k; }
 fn a_at(row: u32, k: u32) -> f32 { return a[a_base + row * p.a_m + k * p.a_k]; }
 fn b_at_kn(k: u32, column: u32) -> f32 { return b_at(b_base + k * p.b_k + column * p.b_n); }
 
-// The readers below load unconditionally, from element 0 when out of range, and then
-// select zero: on CPU adapters a load under a branch costs masking per lane.
 fn load_a4(m: u32, k: u32) -> vec4<f32> {
     var v = vec4<f32>();
     for (var j = 0u; j < 4u; j++) {

@@ -10,9 +10,10 @@ use super::tensor::HostTensor;
 
 /// Reading activations stored as halves (the kernels that may: Conv, Norm, Resize).
 const HALVES: &str = include_str!("kernels/halves.wgsl");
+const ATTENTION_IO: &str = include_str!("kernels/attention_io.wgsl");
 
-/// Largest head dimension the fused attention kernel holds per thread (attention.wgsl's
-/// MAX_DIM). Wider heads run unfused.
+/// Largest head dimension the fused attention kernels hold per thread (attention_io.wgsl's
+/// MAX_QUADS * 4). Wider heads run unfused.
 pub const ATTENTION_MAX_HEAD_DIM: usize = 160;
 
 /// Threads per workgroup of the one-thread-per-element kernels.
@@ -42,8 +43,9 @@ impl Shader {
     /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), the GEMM
     /// core (gemm.wgsl, or gemm_subgroups.wgsl for `subgroups`), then their operands'
     /// readers. Those that read and write activations stored as halves (Conv, Norm,
-    /// Resize) get the accessor of halves.wgsl. Attention with `subgroups` is
-    /// attention_subgroups.wgsl.
+    /// Resize) get the accessor of halves.wgsl. Attention is attention_io.wgsl (its
+    /// parameters and bindings), then attention.wgsl, or attention_subgroups.wgsl for
+    /// `subgroups`.
     fn source(self, half_arithmetic: bool, subgroups: bool) -> String {
         let with_halves = |kernel: &str| format!("{HALVES}\n{kernel}");
         let gemm = |operands: &str| {
@@ -68,10 +70,13 @@ impl Shader {
             Shader::Softmax => include_str!("kernels/softmax.wgsl").into(),
             Shader::Reduce => include_str!("kernels/reduce.wgsl").into(),
             Shader::Resize => with_halves(include_str!("kernels/resize.wgsl")),
-            Shader::Attention if subgroups => {
-                include_str!("kernels/attention_subgroups.wgsl").into()
+            Shader::Attention if subgroups => format!(
+                "{ATTENTION_IO}\n{}",
+                include_str!("kernels/attention_subgroups.wgsl")
+            ),
+            Shader::Attention => {
+                format!("{ATTENTION_IO}\n{}", include_str!("kernels/attention.wgsl"))
             }
-            Shader::Attention => include_str!("kernels/attention.wgsl").into(),
             Shader::AttentionGrad => include_str!("kernels/attention_grad.wgsl").into(),
             Shader::Combine => include_str!("kernels/combine.wgsl").into(),
             Shader::Adam => include_str!("kernels/adam.wgsl").into(),

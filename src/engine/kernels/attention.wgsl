@@ -2,7 +2,7 @@
 // computed with a running (online) softmax so the [N, M] score matrix is never stored: the
 // memory is O(N * E), which is what lets 64x64-latent SD (N = M = 4096) fit WebGPU limits.
 // One thread owns one query row; the workgroup streams keys and values through workgroup
-// memory 16 at a time. Operands are strided, so K may arrive transposed or not.
+// memory 16 at a time. (Parameters and bindings: attention_io.wgsl.)
 //
 // The head dimension is walked 4 channels at a time: the query row, the accumulator and the
 // staged keys and values are vec4 arrays (channels past d read as zero), so each dynamically
@@ -11,30 +11,6 @@
 
 const ROWS: u32 = 64u;
 const KEYS: u32 = 16u;
-const MAX_QUADS: u32 = 40u; // MAX_DIM / 4; keep MAX_DIM equal to kernels::ATTENTION_MAX_HEAD_DIM
-
-struct Params {
-    n: u32,
-    m: u32,
-    d: u32,
-    e: u32,
-    scale: f32,
-    q_batch: u32,
-    q_row: u32,
-    q_col: u32,
-    k_batch: u32,
-    k_dim: u32,   // stride of Kt along the head dimension
-    k_key: u32,   // stride of Kt along the keys
-    v_batch: u32,
-    v_key: u32,
-    v_col: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;
-@group(0) @binding(2) var<storage, read> q: array<f32>;
-@group(0) @binding(3) var<storage, read> kt: array<f32>;
-@group(0) @binding(4) var<storage, read> v: array<f32>;
 
 var<workgroup> keys: array<vec4<f32>, 640>;   // [KEYS][MAX_QUADS]
 var<workgroup> values: array<vec4<f32>, 640>; // [KEYS][MAX_QUADS]

@@ -5,39 +5,16 @@
 // key's (and value's) channel quad and take the other 7 from their neighbours by
 // `subgroupBroadcast`, a register shuffle, and each lane owns two query rows: one read
 // per 16 dot products instead of one per dot product. The head sizes are pipeline
-// constants, so the channel loops have fixed trip counts.
+// constants, so the channel loops have fixed trip counts. (Parameters and bindings:
+// attention_io.wgsl.)
 
-const MAX_QUADS: u32 = 40u; // keep MAX_QUADS * 4 equal to kernels::ATTENTION_MAX_HEAD_DIM
 const KEYS: u32 = 8u; // keys per step: one per lane of a subgroup
 
 override D_QUADS: u32 = 40u; // channel quads of a query and key: ceil(d / 4)
 override E_QUADS: u32 = 40u; // channel quads of a value: ceil(e / 4)
 
-struct Params {
-    n: u32,
-    m: u32,
-    d: u32,
-    e: u32,
-    scale: f32,
-    q_batch: u32,
-    q_row: u32,
-    q_col: u32,
-    k_batch: u32,
-    k_dim: u32,   // stride of Kt along the head dimension
-    k_key: u32,   // stride of Kt along the keys
-    v_batch: u32,
-    v_key: u32,
-    v_col: u32,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> out: array<f32>;
-@group(0) @binding(2) var<storage, read> q: array<f32>;
-@group(0) @binding(3) var<storage, read> kt: array<f32>;
-@group(0) @binding(4) var<storage, read> v: array<f32>;
-
-// Channels c4*4.. of the query row, key or value at `at` (element 0 of the quad, stepping
-// `step`), zero past `size` channels or when not `live`. The loads are unconditional (from
+// Channels c4*4.. of the query row, key or value whose channel 0 is at `at`, zero past its
+// channels or when not `live`. The loads are unconditional (from
 // element 0 when out of range): a load under a branch costs masking per lane.
 fn query_quad(at: u32, c4: u32, live: bool) -> vec4<f32> {
     var quad = vec4<f32>();

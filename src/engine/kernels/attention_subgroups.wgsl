@@ -44,7 +44,7 @@ fn value_quad(at: u32, c4: u32, live: bool) -> vec4<f32> {
 }
 
 // The quads the subgroup's 8 lanes hold, in lane order (broadcast ids must be constants).
-fn keys_of(mine: vec4<f32>) -> array<vec4<f32>, KEYS> {
+fn lane_quads(mine: vec4<f32>) -> array<vec4<f32>, KEYS> {
     return array(
         subgroupBroadcast(mine, 0u), subgroupBroadcast(mine, 1u),
         subgroupBroadcast(mine, 2u), subgroupBroadcast(mine, 3u),
@@ -60,24 +60,29 @@ struct Running {
     sum: f32,
 }
 
-// Folds a step's scores into `running`; returns the keys' weights (exp(score - new
-// maximum), zero past `count` keys) and, in `w[KEYS]`, the factor that rescales what was
-// accumulated before.
-fn fold_scores(running: ptr<function, Running>, scores: array<f32, KEYS>, count: u32) -> array<f32, 9> {
+// A step's keys' weights, exp(score - new maximum) (zero past the keys that exist), and the
+// factor that rescales what was accumulated before the step.
+struct Step {
+    weights: array<f32, KEYS>,
+    correction: f32,
+}
+
+// Folds a step's scores into `running`.
+fn fold_scores(running: ptr<function, Running>, scores: array<f32, KEYS>, count: u32) -> Step {
     var tile_max = (*running).max;
     for (var j = 0u; j < KEYS; j++) {
         tile_max = max(tile_max, select(-3.4e38, scores[j], j < count));
     }
-    var w = array<f32, 9>();
+    var step = Step();
     var tile_sum = 0.0;
     for (var j = 0u; j < KEYS; j++) {
-        w[j] = select(0.0, exp(scores[j] - tile_max), j < count);
-        tile_sum += w[j];
+        step.weights[j] = select(0.0, exp(scores[j] - tile_max), j < count);
+        tile_sum += step.weights[j];
     }
-    w[KEYS] = exp((*running).max - tile_max);
-    (*running).sum = (*running).sum * w[KEYS] + tile_sum;
+    step.correction = exp((*running).max - tile_max);
+    (*running).sum = (*running).sum * step.correction + tile_sum;
     (*running).max = tile_max;
-    return w;
+    return step;
 }
 
 // Each lane owns two query rows, `index` and `index + 32` of the workgroup's 64, so every
@@ -114,25 +119,25 @@ fn main(
             let mine = key_quad(k_at, c4, key_live);
             let qa = query_a[c4];
             let qb = query_b[c4];
-            let k = keys_of(mine);
+            let k = lane_quads(mine);
             for (var j = 0u; j < KEYS; j++) {
                 sa[j] += dot(qa, k[j]);
                 sb[j] += dot(qb, k[j]);
             }
         }
-        // Keys past the end score nothing.
+        // Keys past the end weigh nothing.
         let count = min(KEYS, p.m - j0);
         let wa = fold_scores(&running_a, sa, count);
         let wb = fold_scores(&running_b, sb, count);
         let v_at = batch * p.v_batch + key * p.v_key;
         for (var c4 = 0u; c4 < E_QUADS; c4++) {
             let mine = value_quad(v_at, c4, key_live);
-            var a = acc_a[c4] * wa[KEYS];
-            var b = acc_b[c4] * wb[KEYS];
-            let values = keys_of(mine);
+            var a = acc_a[c4] * wa.correction;
+            var b = acc_b[c4] * wb.correction;
+            let values = lane_quads(mine);
             for (var j = 0u; j < KEYS; j++) {
-                a += wa[j] * values[j];
-                b += wb[j] * values[j];
+                a += wa.weights[j] * values[j];
+                b += wb.weights[j] * values[j];
             }
             acc_a[c4] = a;
             acc_b[c4] = b;

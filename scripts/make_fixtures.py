@@ -584,6 +584,19 @@ def one_tap_cases():
             initializers=[("w", f(3, 4, 3, 1))])
 
 
+def norm_variant_cases():
+    """Rows on both sides of the length where websd stops normalising a row per thread and
+    shares one per workgroup (256): layer norms over 256 and 257 channels, and a group norm
+    of 2 rows of 1800 elements (a UNet's few long rows)."""
+    local = np.random.default_rng(91)
+    f = lambda *shape: local.uniform(-3.0, 3.0, shape).astype(np.float32)
+    for channels in [256, 257]:
+        op_case(f"layer_norm_{channels}_channels", "LayerNormalization", [("x", f(3, 5, channels))],
+                {"epsilon": 1e-5}, initializers=[("scale", f(channels)), ("bias", f(channels))])
+    op_case("group_norm_long_rows", "GroupNormalization", [("x", f(1, 4, 30, 30))], {"num_groups": 2, "epsilon": 1e-5},
+            initializers=[("scale", f(4)), ("bias", f(4))], opset=21)
+
+
 if __name__ == "__main__":
     tiny_sd(sys.argv[1])
     op_cases()
@@ -592,5 +605,6 @@ if __name__ == "__main__":
     symbolic_models()
     narrow_tile_cases()
     one_tap_cases()
+    norm_variant_cases()
     fp16_converter_case()
     fp16_activations_case()

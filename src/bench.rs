@@ -36,11 +36,18 @@ pub enum Case {
         keys: usize,
         dim: usize,
     },
-    /// GroupNorm with 32 groups (memory-bound: read against the bandwidth ceiling).
+    /// GroupNorm with 32 groups (memory-bound, as LayerNorm: read against the bandwidth
+    /// ceiling).
     GroupNorm {
         batch: usize,
         channels: usize,
         size: usize,
+    },
+    /// LayerNorm over the last axis of [batch, tokens, channels] (a transformer block's).
+    LayerNorm {
+        batch: usize,
+        tokens: usize,
+        channels: usize,
     },
 }
 
@@ -98,6 +105,11 @@ pub fn sd15_cases() -> Vec<Case> {
             channels: 320,
             size: 64,
         },
+        Case::LayerNorm {
+            batch: 2,
+            tokens: 4096,
+            channels: 320,
+        },
     ]
 }
 
@@ -116,6 +128,7 @@ impl Case {
             Case::Attention { keys, queries, .. } if keys == queries => "self-attention",
             Case::Attention { .. } => "cross-attention",
             Case::GroupNorm { .. } => "groupnorm",
+            Case::LayerNorm { .. } => "layernorm",
         }
     }
 
@@ -142,6 +155,11 @@ impl Case {
                 channels,
                 size,
             } => format!("[{batch}, {channels}, {size}, {size}], 32 groups"),
+            Case::LayerNorm {
+                batch,
+                tokens,
+                channels,
+            } => format!("[{batch}, {tokens}, {channels}], last axis"),
         }
     }
 
@@ -170,6 +188,11 @@ impl Case {
                 channels,
                 size,
             } => Work::Bytes(8.0 * (batch * channels * size * size) as f64),
+            Case::LayerNorm {
+                batch,
+                tokens,
+                channels,
+            } => Work::Bytes(8.0 * (batch * tokens * channels) as f64),
         }
     }
 
@@ -261,6 +284,20 @@ impl Case {
                         &[("num_groups", Attr::Int(32))],
                     )
             }
+            Case::LayerNorm {
+                batch,
+                tokens,
+                channels,
+            } => graph
+                .input("x", &[batch, tokens, channels])
+                .weight("scale", &[channels], &noise(channels, 1, 1.0))
+                .weight("bias", &[channels], &noise(channels, 2, 1.0))
+                .node(
+                    "LayerNormalization",
+                    &["x", "scale", "bias"],
+                    &["y"],
+                    &[("axis", Attr::Int(-1))],
+                ),
         };
         graph.output("y").build()
     }
@@ -282,9 +319,16 @@ pub fn noise(n: usize, seed: u64, scale: f32) -> Vec<f32> {
         .collect()
 }
 
-/// The best of `repeats` timed runs of a session (after one untimed run that compiles
-/// its kernels), with noise for float inputs and ones for integer inputs.
-pub async fn time_session(gpu: &Gpu, session: &Session, repeats: usize) -> Result<f64> {
+/// A session's first run and the best of the timed runs after it, in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionTimes {
+    pub first: f64,
+    pub best: f64,
+}
+
+/// Times a session's first run, then `repeats` more, with noise for float inputs and ones
+/// for integer inputs.
+pub async fn time_session(gpu: &Gpu, session: &Session, repeats: usize) -> Result<SessionTimes> {
     let inputs: Vec<(String, GpuTensor)> = session
         .input_names()
         .iter()
@@ -302,8 +346,10 @@ pub async fn time_session(gpu: &Gpu, session: &Session, repeats: usize) -> Resul
         })
         .collect();
     let refs: Vec<(&str, &GpuTensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let start = now_ms();
     session.run(&refs).await?;
     gpu.finish().await?;
+    let first = (now_ms() - start) / 1000.0;
     let mut best = f64::INFINITY;
     for _ in 0..repeats.max(1) {
         let start = now_ms();
@@ -311,7 +357,7 @@ pub async fn time_session(gpu: &Gpu, session: &Session, repeats: usize) -> Resul
         gpu.finish().await?;
         best = best.min((now_ms() - start) / 1000.0);
     }
-    Ok(best)
+    Ok(SessionTimes { first, best })
 }
 
 /// One case's result.
@@ -336,7 +382,7 @@ pub async fn time_case(
 ) -> Result<Timing> {
     let model = case.model(half_weights)?;
     let session = Session::new(gpu, &model, &HashMap::new()).await?;
-    let seconds = time_session(gpu, &session, repeats).await?;
+    let seconds = time_session(gpu, &session, repeats).await?.best;
     let (rate, ceiling) = match case.work() {
         Work::Flops(f) => (f / seconds / 1e9, ceilings.gflops),
         Work::Bytes(b) => (b / seconds / 1e9, ceilings.gbytes_per_s),

@@ -40,9 +40,10 @@ pub enum Shader {
 
 impl Shader {
     /// The module's WGSL. The GEMM kernels (MatMul, Conv) are the prelude of their
-    /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), the GEMM
-    /// core (gemm.wgsl, or gemm_subgroups.wgsl for `subgroups`), then their operands'
-    /// readers. Those that read and write activations stored as halves (Conv, Norm,
+    /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), their
+    /// operands' readers, then the GEMM core (gemm.wgsl, or gemm_subgroups.wgsl for
+    /// `subgroups`): last, because naga 30 fails (a panic) on a workgroup array sized by
+    /// an override when another override is declared after it. Those that read and write activations stored as halves (Conv, Norm,
     /// Resize) get the accessor of halves.wgsl. Attention is attention_io.wgsl (its
     /// parameters and bindings), then attention.wgsl, or attention_subgroups.wgsl for
     /// `subgroups`.
@@ -57,7 +58,7 @@ impl Shader {
                 true => include_str!("kernels/gemm_subgroups.wgsl"),
                 false => include_str!("kernels/gemm.wgsl"),
             };
-            format!("{prelude}\n{core}\n{operands}")
+            format!("{prelude}\n{operands}\n{core}")
         };
         match self {
             Shader::Elementwise => include_str!("kernels/elementwise.wgsl").into(),
@@ -107,8 +108,10 @@ pub struct KernelKey {
     pub half_input: bool,
     pub half_output: bool,
     /// Attention: channel quads of a query or key and of a value (ceil(d / 4), ceil(e / 4)),
-    /// constants of its subgroup kernel.
+    /// constants of its kernels.
     pub head_quads: [u32; 2],
+    /// Norm: a thread per row instead of a workgroup (`THREAD_PER_ROW`, short rows).
+    pub thread_per_row: bool,
 }
 
 /// Output columns per workgroup of the GEMM core (gemm.wgsl) for a product `n` columns
@@ -135,6 +138,7 @@ impl From<Shader> for KernelKey {
             half_input: false,
             half_output: false,
             head_quads: [0, 0],
+            thread_per_row: false,
         }
     }
 }
@@ -237,14 +241,6 @@ impl Pipelines {
                 Shader::Attention => true,
                 _ => false,
             };
-        // Only the subgroup attention is specialised by head size.
-        let key = match subgroups {
-            true => key,
-            false => KernelKey {
-                head_quads: [0, 0],
-                ..key
-            },
-        };
         if !self.pipelines.contains_key(&key) {
             let source = (key.shader, key.half_arithmetic, subgroups);
             let module = self.modules.entry(source).or_insert_with(|| {
@@ -270,6 +266,9 @@ impl Pipelines {
             if key.half_output {
                 constants.push(("HALF_OUTPUT", 1.0));
             }
+            if key.thread_per_row {
+                constants.push(("THREAD_PER_ROW", 1.0));
+            }
             if key.head_quads != [0, 0] {
                 let [d, e] = key.head_quads;
                 constants.extend([("D_QUADS", d as f64), ("E_QUADS", e as f64)]);
@@ -281,7 +280,11 @@ impl Pipelines {
                 entry_point: Some("main"),
                 compilation_options: wgpu::PipelineCompilationOptions {
                     constants: &constants,
-                    ..Default::default()
+                    // Every kernel writes its workgroup memory before reading it. Zeroing
+                    // it first is what dominates compiling the GEMM and attention kernels
+                    // on CPU adapters (SwiftShader: ~0.2 ms per 4 bytes; browsers always
+                    // zero it).
+                    zero_initialize_workgroup_memory: false,
                 },
                 cache: None,
             });

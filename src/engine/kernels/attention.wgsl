@@ -12,21 +12,19 @@
 const ROWS: u32 = 64u;
 const KEYS: u32 = 16u;
 
-var<workgroup> keys: array<vec4<f32>, 640>;   // [KEYS][MAX_QUADS]
-var<workgroup> values: array<vec4<f32>, 640>; // [KEYS][MAX_QUADS]
+var<workgroup> keys: array<vec4<f32>, KEYS * D_QUADS>;   // [KEYS][D_QUADS]
+var<workgroup> values: array<vec4<f32>, KEYS * E_QUADS>; // [KEYS][E_QUADS]
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {
     let batch = wg.z;
     let row = wg.x * ROWS + lane;
     let live = row < p.n;
-    let d_quads = (p.d + 3u) / 4u;
-    let e_quads = (p.e + 3u) / 4u;
     var query: array<vec4<f32>, MAX_QUADS>;
     var acc: array<vec4<f32>, MAX_QUADS>;
     if live {
         let base = batch * p.q_batch + row * p.q_row;
-        for (var c4 = 0u; c4 < d_quads; c4++) {
+        for (var c4 = 0u; c4 < D_QUADS; c4++) {
             var quad = vec4<f32>();
             for (var i = 0u; i < 4u; i++) {
                 let c = c4 * 4u + i;
@@ -43,9 +41,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
         let count = min(KEYS, p.m - j0);
         // Stage KEYS keys and values, one channel quad per thread per pass; keys past the
         // end and channels past d stage as zero.
-        for (var t = lane; t < KEYS * d_quads; t += ROWS) {
-            let j = t / d_quads;
-            let c4 = t % d_quads;
+        for (var t = lane; t < KEYS * D_QUADS; t += ROWS) {
+            let j = t / D_QUADS;
+            let c4 = t % D_QUADS;
             var quad = vec4<f32>();
             for (var i = 0u; i < 4u; i++) {
                 let c = c4 * 4u + i;
@@ -53,11 +51,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     quad[i] = kt[batch * p.k_batch + c * p.k_dim + (j0 + j) * p.k_key];
                 }
             }
-            keys[j * MAX_QUADS + c4] = quad;
+            keys[j * D_QUADS + c4] = quad;
         }
-        for (var t = lane; t < KEYS * e_quads; t += ROWS) {
-            let j = t / e_quads;
-            let c4 = t % e_quads;
+        for (var t = lane; t < KEYS * E_QUADS; t += ROWS) {
+            let j = t / E_QUADS;
+            let c4 = t % E_QUADS;
             var quad = vec4<f32>();
             for (var i = 0u; i < 4u; i++) {
                 let c = c4 * 4u + i;
@@ -65,7 +63,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                     quad[i] = v[batch * p.v_batch + (j0 + j) * p.v_key + c * p.v_col];
                 }
             }
-            values[j * MAX_QUADS + c4] = quad;
+            values[j * E_QUADS + c4] = quad;
         }
         workgroupBarrier();
         if live {
@@ -76,10 +74,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
             // Explicitly zeroed: a bare `var` in a loop was not re-zeroed per iteration on
             // Chromium (SwiftShader), which summed scores across tiles.
             var scores = array<f32, KEYS>();
-            for (var c4 = 0u; c4 < d_quads; c4++) {
+            for (var c4 = 0u; c4 < D_QUADS; c4++) {
                 let quad = query[c4];
                 for (var j = 0u; j < KEYS; j++) {
-                    scores[j] += dot(quad, keys[j * MAX_QUADS + c4]);
+                    scores[j] += dot(quad, keys[j * D_QUADS + c4]);
                 }
             }
             var tile_max = running_max;
@@ -96,10 +94,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
                 tile_sum += weights[j];
             }
             running_sum = running_sum * correction + tile_sum;
-            for (var c4 = 0u; c4 < e_quads; c4++) {
+            for (var c4 = 0u; c4 < E_QUADS; c4++) {
                 var a = acc[c4] * correction;
                 for (var j = 0u; j < KEYS; j++) {
-                    a += weights[j] * values[j * MAX_QUADS + c4];
+                    a += weights[j] * values[j * E_QUADS + c4];
                 }
                 acc[c4] = a;
             }
@@ -110,7 +108,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     if live {
         let base = (batch * p.n + row) * p.e;
         let inv = 1.0 / running_sum;
-        for (var c4 = 0u; c4 < e_quads; c4++) {
+        for (var c4 = 0u; c4 < E_QUADS; c4++) {
             let quad = acc[c4] * inv;
             for (var i = 0u; i < 4u; i++) {
                 let c = c4 * 4u + i;

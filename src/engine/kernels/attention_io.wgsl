@@ -6,6 +6,12 @@
 // kernels::ATTENTION_MAX_HEAD_DIM.
 const MAX_QUADS: u32 = 40u;
 
+// The head's sizes are pipeline constants: the channel loops have fixed trip counts, and
+// attention.wgsl's staged tiles are no larger than the head (SwiftShader's compile time
+// grows with a kernel's workgroup memory, which it zero-fills element by element).
+override D_QUADS: u32 = MAX_QUADS; // channel quads of a query and key: ceil(d / 4)
+override E_QUADS: u32 = MAX_QUADS; // channel quads of a value: ceil(e / 4)
+
 struct Params {
     n: u32,
     m: u32,

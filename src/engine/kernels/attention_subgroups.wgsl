@@ -4,14 +4,10 @@
 // although every lane wants the same key; here the 8 lanes of a subgroup each read one
 // key's (and value's) channel quad and take the other 7 from their neighbours by
 // `subgroupBroadcast`, a register shuffle, and each lane owns two query rows: one read
-// per 16 dot products instead of one per dot product. The head sizes are pipeline
-// constants, so the channel loops have fixed trip counts. (Parameters and bindings:
-// attention_io.wgsl.)
+// per 16 dot products instead of one per dot product. (Parameters, bindings and head-size
+// constants: attention_io.wgsl.)
 
 const KEYS: u32 = 8u; // keys per step: one per lane of a subgroup
-
-override D_QUADS: u32 = 40u; // channel quads of a query and key: ceil(d / 4)
-override E_QUADS: u32 = 40u; // channel quads of a value: ceil(e / 4)
 
 // Channels c4*4.. of the query row, key or value whose channel 0 is at `at`, zero past its
 // channels or when not `live`. The loads are unconditional (from

@@ -1,5 +1,5 @@
 // Tiled GEMM core shared by MatMul/Gemm (matmul.wgsl) and Conv (conv.wgsl), which are
-// appended to this file and supply:
+// put before this file (kernels.rs) and supply:
 // - `begin(batch)`: per-batch offsets; `gemm_m()`, `gemm_n()`, `gemm_k()`: the sizes;
 // - `load_a4(m, k)`: A[m, k..k+3], zero past `gemm_m()` or `gemm_k()`;
 // - `begin_columns(n)`: per-thread setup for the 4 columns n..n+3 it stages of B (the
@@ -33,7 +33,7 @@ override NARROW: bool = TILE_N < 64u;
 override B_QUADS: u32 = TILE_N / 4u; // vec4s per staged row of B
 
 var<workgroup> tile_a: array<vec4<Stage>, 320>; // [TILE m][A_STRIDE]: 4 consecutive k per vector
-var<workgroup> tile_b: array<vec4<Stage>, 256>; // [DEPTH k][B_QUADS]: 4 consecutive n per vector
+var<workgroup> tile_b: array<vec4<Stage>, DEPTH * B_QUADS>; // [DEPTH k][B_QUADS]: 4 consecutive n per vector
 
 @compute @workgroup_size(64)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) lane: u32) {

@@ -1,8 +1,12 @@
-// Instance, group and layer normalisation: each workgroup normalises one row of `len`
-// elements (mean and variance in two passes for accuracy), then applies the affine
-// parameters at index (row % row_mod) * row_mul + col / col_div, which expresses each op's
-// parameter layout. `act` 1 applies SiLU after (fused GroupNorm -> SiLU). Past the binding
-// limit, launches take runs of rows; `first_row` is the run's first row in the whole tensor.
+// Instance, group and layer normalisation of rows of `len` elements (mean and variance in
+// two passes for accuracy), then the affine parameters at index (row % row_mod) * row_mul
+// + col / col_div, which expresses each op's parameter layout. `act` 1 applies SiLU after
+// (fused GroupNorm -> SiLU). Past the binding limit, launches take runs of rows;
+// `first_row` is the run's first row in the whole tensor.
+// `THREAD_PER_ROW`: each thread normalises a row of its own (short rows: a transformer's
+// LayerNorm); otherwise each workgroup shares one. Barriers are what short rows cost on CPU
+// adapters (SwiftShader and llvmpipe run a workgroup with barriers as one coroutine per
+// SIMD group, switched at each barrier), so the shared variant has two and the other none.
 // `HALF_INPUT` / `HALF_OUTPUT`: x / out stored as packed f16 pairs (an fp16 model's
 // activations); statistics and arithmetic stay f32. Rows of halves have an even length, so
 // a thread writes a pair of elements to one word.
@@ -24,52 +28,72 @@ struct Params {
 @group(0) @binding(3) var<storage, read> scale: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
 
-var<workgroup> partial: array<f32, 256>;
+override THREAD_PER_ROW: bool = false;
+const WORKGROUP: u32 = 64u;
 
-fn workgroup_sum(value: f32, lane: u32) -> f32 {
-    partial[lane] = value;
-    workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride >>= 1u) {
-        if lane < stride {
-            partial[lane] += partial[lane + stride];
-        }
-        workgroupBarrier();
-    }
-    let total = partial[0];
-    workgroupBarrier();
-    return total;
-}
+// The threads' partial sums of a row: the first half for its mean, the second for its
+// variance, so that the second reduction needs no barrier before its writes.
+var<workgroup> partial: array<f32, 2 * WORKGROUP>;
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
-    let row = wg.y * groups.x + wg.x;
-    if row >= p.rows {
-        return; // uniform across the workgroup
+    let group = wg.y * groups.x + wg.x;
+    if THREAD_PER_ROW {
+        // Every thread calls (the barriers' uniformity rule); those past the end redo the
+        // last row without writing it.
+        let row = group * WORKGROUP + lane;
+        normalize_row(min(row, p.rows - 1u), 0u, 1u, row < p.rows);
+    } else if group < p.rows { // uniform across the workgroup
+        normalize_row(group, lane, WORKGROUP, true);
     }
+}
+
+// Normalises `row`, this thread taking elements first, first + step, ...; `store`: writes
+// them.
+fn normalize_row(row: u32, first: u32, step: u32, store: bool) {
     let base = row * p.len;
     var sum = 0.0;
-    for (var i = lane; i < p.len; i += 256u) {
+    for (var i = first; i < p.len; i += step) {
         sum += x_at(base + i);
     }
-    let mean = workgroup_sum(sum, lane) / f32(p.len);
-    var squares = 0.0;
-    for (var i = lane; i < p.len; i += 256u) {
+    let mean = row_total(0u, sum, first) / f32(p.len);
+    var sum_sq = 0.0;
+    for (var i = first; i < p.len; i += step) {
         let d = x_at(base + i) - mean;
-        squares += d * d;
+        sum_sq += d * d;
     }
-    let inv_std = inverseSqrt(workgroup_sum(squares, lane) / f32(p.len) + p.epsilon);
+    let inv_std = inverseSqrt(row_total(WORKGROUP, sum_sq, first) / f32(p.len) + p.epsilon);
     param_row = ((p.first_row + row) % p.row_mod) * p.row_mul;
+    if !store {
+        return;
+    }
     if HALF_OUTPUT {
-        for (var i = 2u * lane; i < p.len; i += 512u) {
+        for (var i = 2u * first; i < p.len; i += 2u * step) {
             let pair = vec2(normalized(base, i, mean, inv_std), normalized(base, i + 1u, mean, inv_std));
             out[(base + i) >> 1u] = pack2x16float(pair);
         }
         return;
     }
-    for (var i = lane; i < p.len; i += 256u) {
+    for (var i = first; i < p.len; i += step) {
         out[base + i] = bitcast<u32>(normalized(base, i, mean, inv_std));
     }
+}
+
+// The row's total of every thread's `value`: the value itself for a thread per row;
+// otherwise each thread sums the workgroup's partial values from `partial[at]` on (one
+// barrier).
+fn row_total(at: u32, value: f32, lane: u32) -> f32 {
+    if THREAD_PER_ROW {
+        return value;
+    }
+    partial[at + lane] = value;
+    workgroupBarrier();
+    var total = 0.0;
+    for (var i = 0u; i < WORKGROUP; i++) {
+        total += partial[at + i];
+    }
+    return total;
 }
 
 var<private> param_row: u32;

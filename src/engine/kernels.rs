@@ -11,6 +11,8 @@ use super::tensor::HostTensor;
 /// Reading activations stored as halves (the kernels that may: Conv, Norm, Resize).
 const HALVES: &str = include_str!("kernels/halves.wgsl");
 const ATTENTION_IO: &str = include_str!("kernels/attention_io.wgsl");
+/// A row per thread or per workgroup, for the kernels that reduce rows (Norm, Softmax).
+const ROWS: &str = include_str!("kernels/rows.wgsl");
 
 /// Largest head dimension the fused attention kernels hold per thread (attention_io.wgsl's
 /// MAX_QUADS * 4). Wider heads run unfused.
@@ -44,7 +46,8 @@ impl Shader {
     /// operands' readers, then the GEMM core (gemm.wgsl, or gemm_subgroups.wgsl for
     /// `subgroups`): last, because naga 30 fails (a panic) on a workgroup array sized by
     /// an override when another override is declared after it. Those that read and write activations stored as halves (Conv, Norm,
-    /// Resize) get the accessor of halves.wgsl. Attention is attention_io.wgsl (its
+    /// Resize) get the accessor of halves.wgsl, and those that reduce rows (Norm, Softmax)
+    /// the helpers of rows.wgsl. Attention is attention_io.wgsl (its
     /// parameters and bindings), then attention.wgsl, or attention_subgroups.wgsl for
     /// `subgroups`.
     fn source(self, half_arithmetic: bool, subgroups: bool) -> String {
@@ -67,8 +70,8 @@ impl Shader {
             Shader::Gather => include_str!("kernels/gather.wgsl").into(),
             Shader::MatMul => gemm(include_str!("kernels/matmul.wgsl")),
             Shader::Conv => gemm(&with_halves(include_str!("kernels/conv.wgsl"))),
-            Shader::Norm => with_halves(include_str!("kernels/norm.wgsl")),
-            Shader::Softmax => include_str!("kernels/softmax.wgsl").into(),
+            Shader::Norm => with_halves(&format!("{ROWS}\n{}", include_str!("kernels/norm.wgsl"))),
+            Shader::Softmax => format!("{ROWS}\n{}", include_str!("kernels/softmax.wgsl")),
             Shader::Reduce => include_str!("kernels/reduce.wgsl").into(),
             Shader::Resize => with_halves(include_str!("kernels/resize.wgsl")),
             Shader::Attention if subgroups => format!(
@@ -110,7 +113,8 @@ pub struct KernelKey {
     /// Attention: channel quads of a query or key and of a value (ceil(d / 4), ceil(e / 4)),
     /// constants of its kernels.
     pub head_quads: [u32; 2],
-    /// Norm: a thread per row instead of a workgroup (`THREAD_PER_ROW`, short rows).
+    /// Norm and Softmax: a thread per row instead of a workgroup (`THREAD_PER_ROW`,
+    /// rows.wgsl).
     pub thread_per_row: bool,
 }
 

@@ -3,10 +3,7 @@
 // + col / col_div, which expresses each op's parameter layout. `act` 1 applies SiLU after
 // (fused GroupNorm -> SiLU). Past the binding limit, launches take runs of rows;
 // `first_row` is the run's first row in the whole tensor.
-// `THREAD_PER_ROW`: each thread normalises a row of its own (short rows: a transformer's
-// LayerNorm); otherwise each workgroup shares one. Barriers are what short rows cost on CPU
-// adapters (SwiftShader and llvmpipe run a workgroup with barriers as one coroutine per
-// SIMD group, switched at each barrier), so the shared variant has two and the other none.
+// A thread per row, or a workgroup per row: rows.wgsl.
 // `HALF_INPUT` / `HALF_OUTPUT`: x / out stored as packed f16 pairs (an fp16 model's
 // activations); statistics and arithmetic stay f32. Rows of halves have an even length, so
 // a thread writes a pair of elements to one word.
@@ -27,13 +24,6 @@ struct Params {
 @group(0) @binding(2) var<storage, read> x: array<u32>; // f32 bits, or f16 pairs
 @group(0) @binding(3) var<storage, read> scale: array<f32>;
 @group(0) @binding(4) var<storage, read> bias: array<f32>;
-
-override THREAD_PER_ROW: bool = false;
-const WORKGROUP: u32 = 64u;
-
-// The threads' partial sums of a row: the first half for its mean, the second for its
-// variance, so that the second reduction needs no barrier before its writes.
-var<workgroup> partial: array<f32, 2 * WORKGROUP>;
 
 @compute @workgroup_size(WORKGROUP)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
@@ -57,13 +47,13 @@ fn normalize_row(row: u32, first: u32, step: u32, store: bool) {
     for (var i = first; i < p.len; i += step) {
         sum += x_at(base + i);
     }
-    let mean = row_total(0u, sum, first) / f32(p.len);
+    let mean = row_combine(0u, sum, first, false) / f32(p.len);
     var sum_sq = 0.0;
     for (var i = first; i < p.len; i += step) {
         let d = x_at(base + i) - mean;
         sum_sq += d * d;
     }
-    let inv_std = inverseSqrt(row_total(WORKGROUP, sum_sq, first) / f32(p.len) + p.epsilon);
+    let inv_std = inverseSqrt(row_combine(1u, sum_sq, first, false) / f32(p.len) + p.epsilon);
     param_row = ((p.first_row + row) % p.row_mod) * p.row_mul;
     if !store {
         return;
@@ -78,22 +68,6 @@ fn normalize_row(row: u32, first: u32, step: u32, store: bool) {
     for (var i = first; i < p.len; i += step) {
         out[base + i] = bitcast<u32>(normalized(base, i, mean, inv_std));
     }
-}
-
-// The row's total of every thread's `value`: the value itself for a thread per row;
-// otherwise each thread sums the workgroup's partial values from `partial[at]` on (one
-// barrier).
-fn row_total(at: u32, value: f32, lane: u32) -> f32 {
-    if THREAD_PER_ROW {
-        return value;
-    }
-    partial[at + lane] = value;
-    workgroupBarrier();
-    var total = 0.0;
-    for (var i = 0u; i < WORKGROUP; i++) {
-        total += partial[at + i];
-    }
-    return total;
 }
 
 var<private> param_row: u32;

@@ -1,6 +1,6 @@
-// Softmax over one axis: the input is viewed as [outer, len, inner] and each workgroup
-// handles one (outer, inner) row, reading with stride `inner`, from `in_base` / `out_base`
-// elements into its bindings.
+// Softmax over one axis: the input is viewed as [outer, len, inner] and each (outer,
+// inner) row, read with stride `inner` from `in_base` / `out_base` elements into the
+// bindings, is a thread's or a workgroup's (rows.wgsl).
 //
 // A row too long for one binding runs in parts along `len` (see lower/rows.rs), in two
 // phases: phase 1 folds each part's maximum and sum of exponentials into `stats` (the
@@ -24,37 +24,20 @@ struct Params {
 // Per row: running maximum, then running sum of exp(x - maximum). Phases 1 and 2 only.
 @group(0) @binding(3) var<storage, read_write> stats: array<f32>;
 
-var<workgroup> partial: array<f32, 256>;
-
-fn workgroup_reduce(value: f32, lane: u32, take_max: bool) -> f32 {
-    partial[lane] = value;
-    workgroupBarrier();
-    for (var stride = 128u; stride > 0u; stride >>= 1u) {
-        if lane < stride {
-            let other = partial[lane + stride];
-            partial[lane] = select(partial[lane] + other, max(partial[lane], other), take_max);
-        }
-        workgroupBarrier();
-    }
-    let result = partial[0];
-    workgroupBarrier();
-    return result;
-}
-
-fn row_max(base: u32, lane: u32) -> f32 {
+fn row_max(base: u32, first: u32, step: u32) -> f32 {
     var largest = -3.4e38;
-    for (var i = lane; i < p.len; i += 256u) {
+    for (var i = first; i < p.len; i += step) {
         largest = max(largest, x[p.in_base + base + i * p.inner]);
     }
-    return workgroup_reduce(largest, lane, true);
+    return row_combine(0u, largest, first, true);
 }
 
-fn row_exp_sum(base: u32, lane: u32, largest: f32) -> f32 {
+fn row_exp_sum(base: u32, first: u32, step: u32, largest: f32) -> f32 {
     var sum = 0.0;
-    for (var i = lane; i < p.len; i += 256u) {
+    for (var i = first; i < p.len; i += step) {
         sum += exp(x[p.in_base + base + i * p.inner] - largest);
     }
-    return workgroup_reduce(sum, lane, false);
+    return row_combine(1u, sum, first, false);
 }
 
 fn merge_stats(row: u32, largest: f32, sum: f32) {
@@ -69,13 +52,23 @@ fn merge_stats(row: u32, largest: f32, sum: f32) {
     stats[2u * row] = merged;
 }
 
-@compute @workgroup_size(256)
+@compute @workgroup_size(WORKGROUP)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
-    let row = wg.y * groups.x + wg.x;
-    if row >= p.rows {
-        return;
+    let group = wg.y * groups.x + wg.x;
+    if THREAD_PER_ROW {
+        // Every thread calls (the barriers' uniformity rule); those past the end redo the
+        // last row without writing it.
+        let row = group * WORKGROUP + lane;
+        softmax_row(min(row, p.rows - 1u), 0u, 1u, row < p.rows);
+    } else if group < p.rows { // uniform across the workgroup
+        softmax_row(group, lane, WORKGROUP, true);
     }
+}
+
+// `row`'s softmax (phase 0), statistics (1) or outputs from them (2), this thread taking
+// elements first, first + step, ...; `store`: writes them.
+fn softmax_row(row: u32, first: u32, step: u32, store: bool) {
     let base = (row / p.inner) * p.len * p.inner + row % p.inner;
     var largest: f32;
     var inv: f32;
@@ -83,17 +76,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
         largest = stats[2u * row];
         inv = 1.0 / stats[2u * row + 1u];
     } else {
-        largest = row_max(base, lane);
-        let sum = row_exp_sum(base, lane, largest);
+        largest = row_max(base, first, step);
+        let sum = row_exp_sum(base, first, step, largest);
         if p.phase == 1u {
-            if lane == 0u {
+            if store && first == 0u {
                 merge_stats(row, largest, sum);
             }
             return;
         }
         inv = 1.0 / sum;
     }
-    for (var i = lane; i < p.len; i += 256u) {
+    if !store {
+        return;
+    }
+    for (var i = first; i < p.len; i += step) {
         let at = base + i * p.inner;
         out[p.out_base + at] = exp(x[p.in_base + at] - largest) * inv;
     }

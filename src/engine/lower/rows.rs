@@ -14,17 +14,25 @@ use super::{LowerResult, Lowering, MAX_RANK, check_rank};
 /// loop silently. Longer rows run in parts.
 const MAX_ROW_PER_LAUNCH: usize = 1 << 20;
 
-/// Threads per workgroup of norm.wgsl.
-const NORM_WORKGROUP: usize = 64;
+/// Threads per workgroup of norm.wgsl and softmax.wgsl (rows.wgsl's WORKGROUP).
+const ROW_WORKGROUP: usize = 64;
 
-/// Whether norm.wgsl normalises `rows` rows of `len` elements a thread each rather than a
-/// workgroup each: short rows always (a thread's pass over them is short, and a workgroup's
-/// barriers cost CPU adapters more than the row), rows up to 2048 long when there are
-/// enough to keep a device busy (a transformer's LayerNorm at any SD size: 5x faster on
-/// lavapipe and SwiftShader at [2, 4096, 320]). A UNet's GroupNorm, 64 long rows, shares
-/// each row among a workgroup.
+/// Whether `rows` rows of `len` elements are reduced a thread each rather than a workgroup
+/// each (rows.wgsl's `THREAD_PER_ROW`): short rows always (a thread's pass over them is
+/// short, and a workgroup's barriers cost CPU adapters more than the row), rows up to 2048
+/// long when there are enough to keep a device busy (a transformer's LayerNorm at any SD
+/// size: 5x faster on lavapipe and SwiftShader at [2, 4096, 320]). A UNet's GroupNorm, 64
+/// long rows, shares each row among a workgroup.
 fn thread_per_row(rows: usize, len: usize) -> bool {
-    len <= 256 || (len <= 2048 && rows >= 8 * NORM_WORKGROUP)
+    len <= 256 || (len <= 2048 && rows >= 8 * ROW_WORKGROUP)
+}
+
+/// Workgroups for `rows` rows.
+fn row_groups(rows: usize, thread_per_row: bool, max_groups: u32) -> [u32; 3] {
+    match thread_per_row {
+        true => grid(rows.div_ceil(ROW_WORKGROUP), max_groups),
+        false => grid(rows, max_groups),
+    }
 }
 
 impl Lowering<'_> {
@@ -79,10 +87,7 @@ impl Lowering<'_> {
                         Operand::Value(scale),
                         bias.clone(),
                     ],
-                    workgroups: match thread_per_row {
-                        true => grid(run.len().div_ceil(NORM_WORKGROUP), self.max_groups),
-                        false => grid(run.len(), self.max_groups),
-                    },
+                    workgroups: row_groups(run.len(), thread_per_row, self.max_groups),
                 }
             })
             .collect();
@@ -119,12 +124,17 @@ impl Lowering<'_> {
                 .u(phase[0])
                 .u(phase[1])
                 .u(0);
+            // Rows split in parts (phases 1 and 2) are long: a workgroup each.
+            let thread_per_row = phase[0] == 0 && thread_per_row(rows, len);
             Launch {
-                kernel: Shader::Softmax.into(),
+                kernel: KernelKey {
+                    thread_per_row,
+                    ..Shader::Softmax.into()
+                },
                 params: params.0,
                 output,
                 inputs: vec![input, stats.clone()],
-                workgroups: grid(rows, self.max_groups),
+                workgroups: row_groups(rows, thread_per_row, self.max_groups),
             }
         };
         let room = self.max_binding.saturating_sub(self.align);

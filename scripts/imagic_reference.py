@@ -17,6 +17,8 @@ The UNet is rebuilt from the ONNX export itself (weights by name; the anonymous 
 weights by their node's module path), so the reference runs exactly websd's model.
 
     python scripts/imagic_reference.py fixture OUT_DIR      # tests/fixtures/imagic
+    python scripts/imagic_reference.py bench BENCH OUT ETAS [...]   # the edit benchmark
+    python scripts/imagic_reference.py roundtrip BENCH IMAGES OUT   # pictures through the VAE
     python -c 'import imagic_reference as r; ...'           # used by eval_edits.py
 """
 import json
@@ -291,9 +293,25 @@ def bench(benchmark, out, etas, steps=20, guidance=7.5, embed_steps=60, embed_lr
         print(f"{case['prompt']}: {time.time() - started:.1f} s")
 
 
+def roundtrip(benchmark, images, out):
+    """Each case's picture in `images` encoded by Glyph SD's VAE (the posterior sampled
+    with the case's seed) and decoded, as OUT/<source name>: what a latent-space method
+    keeps of a picture before any denoising."""
+    from PIL import Image
+    model = Model(os.path.join(ROOT, "onnx", "glyph-sd"))
+    os.makedirs(os.path.join(out, "edits"), exist_ok=True)
+    for case in json.load(open(os.path.join(benchmark, "edits.json")))["cases"]:
+        image = np.asarray(Image.open(os.path.join(images, case["source"])).convert("RGB"))
+        latents = model.encode(image, torch.Generator().manual_seed(case["seed"]))
+        Image.fromarray(model.decode(latents)).save(os.path.join(out, case["source"]))
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
-    if sys.argv[1] == "fixture":
+    if sys.argv[1] == "roundtrip":
+        # roundtrip BENCH IMAGES OUT
+        roundtrip(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "fixture":
         fixture(sys.argv[2])
     elif sys.argv[1] == "bench":
         # bench BENCH OUT ETAS [TUNE_STEPS TUNE_LR RANK LAYERS [STRENGTHS]]

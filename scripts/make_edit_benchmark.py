@@ -6,6 +6,13 @@ e.g. a render of "a red 7 on a blue background" -> "a green 7 on a blue backgrou
 palette is written alongside, so fidelity (the glyph's pixel mask kept) can be measured.
 
     python scripts/make_edit_benchmark.py onnx/glyph-benchmark [PER_KIND]
+    python scripts/make_edit_benchmark.py --ideal OUT [PER_KIND]
+
+`--ideal` writes each case's ideal edit as OUT/edits/NN.png instead: the generator's render
+of the target with every random draw of the source's render (font, size, offset, angle,
+colour jitter), so only the edited attribute differs. Scored by `websd eval-edit --method
+images --images OUT`, it is the best any method can do, and through the model's VAE
+(`imagic_reference.py roundtrip`) the best a latent-space method can.
 """
 import json
 import os
@@ -33,20 +40,36 @@ def labels(triple):
     return {"glyph": g.GLYPHS[glyph], "foreground": g.COLOR_NAMES[fg], "background": g.COLOR_NAMES[bg]}
 
 
-def main(out, per_kind):
+def draws(per_kind):
+    """(kind, source, target, rendered source, ideal edit) per case, in the benchmark's
+    order: the ideal edit renders the target from the random state the source's render
+    started from."""
     _, held = g.split_triples()
     rng = random.Random(2024)
-    os.makedirs(os.path.join(out, "edits"), exist_ok=True)
-    cases = []
     for kind in KINDS:
         for _ in range(per_kind):
             source = rng.choice(held)
             target = edited(source, kind, rng)
-            name = f"edits/{len(cases):02d}.png"
-            Image.fromarray(g.render(source, rng)).save(os.path.join(out, name))
-            cases.append({"source": name, "kind": kind, "seed": 500 + len(cases),
-                          "prompt": g.caption(target, 0), "source_labels": labels(source),
-                          "target_labels": labels(target)})
+            replay = random.Random()
+            replay.setstate(rng.getstate())
+            yield kind, source, target, g.render(source, rng), g.render(target, replay)
+
+
+def ideal(out, per_kind):
+    os.makedirs(os.path.join(out, "edits"), exist_ok=True)
+    for i, (_, _, _, _, edit) in enumerate(draws(per_kind)):
+        Image.fromarray(edit).save(os.path.join(out, f"edits/{i:02d}.png"))
+
+
+def main(out, per_kind):
+    os.makedirs(os.path.join(out, "edits"), exist_ok=True)
+    cases = []
+    for kind, source, target, render, _ in draws(per_kind):
+        name = f"edits/{len(cases):02d}.png"
+        Image.fromarray(render).save(os.path.join(out, name))
+        cases.append({"source": name, "kind": kind, "seed": 500 + len(cases),
+                      "prompt": g.caption(target, 0), "source_labels": labels(source),
+                      "target_labels": labels(target)})
     data = {"colors": {n: list(c) for n, c in g.COLORS.items()}, "cases": cases}
     with open(os.path.join(out, "edits.json"), "w") as f:
         json.dump(data, f, indent=1)
@@ -54,4 +77,7 @@ def main(out, per_kind):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 4)
+    if sys.argv[1] == "--ideal":
+        ideal(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 4)
+    else:
+        main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 4)

@@ -45,11 +45,11 @@ impl Shader {
     /// arithmetic (`Stage`, the type of the workgroup tiles, and `accumulate`), their
     /// operands' readers, then the GEMM core (gemm.wgsl, or gemm_subgroups.wgsl for
     /// `subgroups`): last, because naga 30 fails (a panic) on a workgroup array sized by
-    /// an override when another override is declared after it. Those that read and write activations stored as halves (Conv, Norm,
-    /// Resize) get the accessor of halves.wgsl, and those that reduce rows (Norm, Softmax)
-    /// the helpers of rows.wgsl. Attention is attention_io.wgsl (its
-    /// parameters and bindings), then attention.wgsl, or attention_subgroups.wgsl for
-    /// `subgroups`.
+    /// an override when another override is declared after it. Those that read and write
+    /// activations stored as halves (Conv, Norm, Resize) get the accessor of halves.wgsl,
+    /// and those that reduce rows (Norm, Softmax) the helpers of rows.wgsl. Attention is
+    /// attention_io.wgsl (its parameters and bindings), then attention.wgsl, or
+    /// attention_subgroups.wgsl for `subgroups`.
     fn source(self, half_arithmetic: bool, subgroups: bool) -> String {
         let with_halves = |kernel: &str| format!("{HALVES}\n{kernel}");
         let gemm = |operands: &str| {

@@ -91,6 +91,41 @@ fn elementwise_past_the_workgroup_limit() {
     );
 }
 
+/// A row longer than 64 threads can loop over on lavapipe (65535 iterations each, past
+/// which it stops a loop silently): 2^22 + 2 elements alternating -1, +1 have mean 0 and
+/// variance 1, so InstanceNormalization returns them divided by sqrt(1 + epsilon).
+#[test]
+fn rows_past_lavapipes_loop_limit_normalise_whole() {
+    let n = (1 << 22) + 2;
+    let model = GraphBuilder::new(17)
+        .input("x", &[1, 1, n])
+        .weight("scale", &[1], &[1.0])
+        .weight("bias", &[1], &[0.0])
+        .node(
+            "InstanceNormalization",
+            &["x", "scale", "bias"],
+            &["y"],
+            &[("epsilon", Attr::Float(0.25))],
+        )
+        .output("y")
+        .build()
+        .unwrap();
+    let session =
+        pollster::block_on(Session::new(&common::gpu(), &model, &HashMap::new())).unwrap();
+    let x = HostTensor::f32(vec![1, 1, n], (0..n).map(|i| [-1.0, 1.0][i % 2]).collect());
+    let outputs = pollster::block_on(session.run_host(&[("x", &x)])).unwrap();
+    let y = outputs["y"].to_f32();
+    let expected = 1.0 / 1.25f32.sqrt();
+    for i in [0, 1, n / 2 + 1, n - 2, n - 1] {
+        let want = [-expected, expected][i % 2];
+        assert!(
+            (y[i] - want).abs() < 1e-5,
+            "element {i}: {} vs {want}",
+            y[i]
+        );
+    }
+}
+
 /// fp16 initializers (raw_data) are upcast on load; a Cast to f32 then folds away.
 #[test]
 fn fp16_weights_match_onnxruntime() {

@@ -113,9 +113,9 @@ pub struct KernelKey {
     /// Attention: channel quads of a query or key and of a value (ceil(d / 4), ceil(e / 4)),
     /// constants of its kernels.
     pub head_quads: [u32; 2],
-    /// Norm and Softmax: a thread per row instead of a workgroup (`THREAD_PER_ROW`,
-    /// rows.wgsl).
-    pub thread_per_row: bool,
+    /// Norm and Softmax: threads per row (`ROW_THREADS` of rows.wgsl: 1, 64 or 256; 0 for
+    /// the other kernels).
+    pub row_threads: u32,
 }
 
 /// Output columns per workgroup of the GEMM core (gemm.wgsl) for a product `n` columns
@@ -142,7 +142,7 @@ impl From<Shader> for KernelKey {
             half_input: false,
             half_output: false,
             head_quads: [0, 0],
-            thread_per_row: false,
+            row_threads: 0,
         }
     }
 }
@@ -270,8 +270,8 @@ impl Pipelines {
             if key.half_output {
                 constants.push(("HALF_OUTPUT", 1.0));
             }
-            if key.thread_per_row {
-                constants.push(("THREAD_PER_ROW", 1.0));
+            if key.row_threads != 0 {
+                constants.push(("ROW_THREADS", key.row_threads as f64));
             }
             if key.head_quads != [0, 0] {
                 let [d, e] = key.head_quads;

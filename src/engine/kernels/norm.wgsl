@@ -29,13 +29,13 @@ struct Params {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
     let group = wg.y * groups.x + wg.x;
-    if THREAD_PER_ROW {
+    if ROW_THREADS == 1u {
         // Every thread calls (the barriers' uniformity rule); those past the end redo the
         // last row without writing it.
         let row = group * WORKGROUP + lane;
         normalize_row(min(row, p.rows - 1u), 0u, 1u, row < p.rows);
     } else if group < p.rows { // uniform across the workgroup
-        normalize_row(group, lane, WORKGROUP, true);
+        normalize_row(group, lane, ROW_THREADS, true);
     }
 }
 

@@ -1,12 +1,14 @@
-// Rows reduced by norm.wgsl and softmax.wgsl, which are put after this file. With
-// `THREAD_PER_ROW` each thread owns a row (short rows: a transformer's LayerNorm, an
-// attention's softmax), otherwise the WORKGROUP threads of a workgroup share one.
-// Barriers are what short rows cost on CPU adapters: SwiftShader and llvmpipe run a
-// workgroup with barriers as one coroutine per SIMD group, switched at each barrier, so a
-// thread per row has none and a shared row one per reduction.
+// Rows reduced by norm.wgsl and softmax.wgsl, which are put after this file. Either each
+// thread owns a row (`ROW_THREADS` 1: short rows, a transformer's LayerNorm, an
+// attention's softmax) or the ROW_THREADS threads of a workgroup share one. Barriers are
+// what short rows cost on CPU adapters: SwiftShader and llvmpipe run a workgroup with
+// barriers as one coroutine per SIMD group, switched at each barrier, so a thread per row
+// has none, a shared row one per reduction, and rows are shared by 64 threads, or by 256
+// past 64 * 32768 elements (a VAE decoder's GroupNorm at 1024 px: 4M), which keeps a
+// thread's loop short of lavapipe's 65535 iterations, past which it stops a loop silently.
 
-override THREAD_PER_ROW: bool = false;
-const WORKGROUP: u32 = 64u;
+override ROW_THREADS: u32 = 64u;
+override WORKGROUP: u32 = max(ROW_THREADS, 64u); // a row's threads, or 64 rows
 
 // The threads' partial values of a row: two halves, one per reduction, so that the second
 // needs no barrier before its writes.
@@ -16,7 +18,7 @@ var<workgroup> partial: array<f32, 2 * WORKGROUP>;
 // for a thread per row; otherwise each thread combines the workgroup's values through
 // half `half` of `partial`. A kernel uses each half once.
 fn row_combine(half: u32, value: f32, lane: u32, take_max: bool) -> f32 {
-    if THREAD_PER_ROW {
+    if ROW_THREADS == 1u {
         return value;
     }
     let at = half * WORKGROUP;

@@ -56,13 +56,13 @@ fn merge_stats(row: u32, largest: f32, sum: f32) {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: vec3<u32>,
         @builtin(local_invocation_index) lane: u32) {
     let group = wg.y * groups.x + wg.x;
-    if THREAD_PER_ROW {
+    if ROW_THREADS == 1u {
         // Every thread calls (the barriers' uniformity rule); those past the end redo the
         // last row without writing it.
         let row = group * WORKGROUP + lane;
         softmax_row(min(row, p.rows - 1u), 0u, 1u, row < p.rows);
     } else if group < p.rows { // uniform across the workgroup
-        softmax_row(group, lane, WORKGROUP, true);
+        softmax_row(group, lane, ROW_THREADS, true);
     }
 }
 

@@ -10,28 +10,33 @@ use super::super::tensor::{DType, HostTensor, numel};
 use super::{LowerResult, Lowering, MAX_RANK, check_rank};
 
 /// Most elements one workgroup of reduce.wgsl or softmax.wgsl reduces in one launch: 4096
-/// per lane keeps their loops well inside lavapipe's 65535 iterations, where it stops a
-/// loop silently. Longer rows run in parts.
+/// per lane (16384 for softmax's 64) keeps their loops well inside lavapipe's 65535
+/// iterations, where it stops a loop silently. Longer rows run in parts.
 const MAX_ROW_PER_LAUNCH: usize = 1 << 20;
 
-/// Threads per workgroup of norm.wgsl and softmax.wgsl (rows.wgsl's WORKGROUP).
-const ROW_WORKGROUP: usize = 64;
+/// Rows per workgroup when each thread owns one (rows.wgsl's WORKGROUP then).
+const ROWS_PER_GROUP: usize = 64;
 
-/// Whether `rows` rows of `len` elements are reduced a thread each rather than a workgroup
-/// each (rows.wgsl's `THREAD_PER_ROW`): short rows always (a thread's pass over them is
-/// short, and a workgroup's barriers cost CPU adapters more than the row), rows up to 2048
-/// long when there are enough to keep a device busy (a transformer's LayerNorm at any SD
-/// size: 5x faster on lavapipe and SwiftShader at [2, 4096, 320]). A UNet's GroupNorm, 64
-/// long rows, shares each row among a workgroup.
-fn thread_per_row(rows: usize, len: usize) -> bool {
-    len <= 256 || (len <= 2048 && rows >= 8 * ROW_WORKGROUP)
+/// Threads per row of `rows` rows of `len` elements (rows.wgsl's `ROW_THREADS`): one for
+/// short rows (a thread's pass over them is short, and a workgroup's barriers cost CPU
+/// adapters more than the row), and for rows up to 2048 long when there are enough to
+/// keep a device busy (a transformer's LayerNorm at any SD size: 5x faster on lavapipe
+/// and SwiftShader at [2, 4096, 320]); otherwise 64 (a UNet's GroupNorm: 64 long rows),
+/// or 256 past 64 * 32768 elements, where 64 threads would loop past lavapipe's limit.
+fn row_threads(rows: usize, len: usize) -> u32 {
+    match len {
+        0..=256 => 1,
+        257..=2048 if rows >= 512 => 1,
+        0x20_0001.. => 256,
+        _ => 64,
+    }
 }
 
-/// Workgroups for `rows` rows.
-fn row_groups(rows: usize, thread_per_row: bool, max_groups: u32) -> [u32; 3] {
-    match thread_per_row {
-        true => grid(rows.div_ceil(ROW_WORKGROUP), max_groups),
-        false => grid(rows, max_groups),
+/// Workgroups for `rows` rows reduced by `threads` threads each.
+fn row_groups(rows: usize, threads: u32, max_groups: u32) -> [u32; 3] {
+    match threads {
+        1 => grid(rows.div_ceil(ROWS_PER_GROUP), max_groups),
+        _ => grid(rows, max_groups),
     }
 }
 
@@ -58,11 +63,11 @@ impl Lowering<'_> {
         let words = [self.words(x, len), self.words(out, len)];
         let runs = self.runs(rows, &words, usize::MAX, "normalised row")?;
         let split = runs.len() > 1;
-        let thread_per_row = thread_per_row(rows, len);
+        let threads = row_threads(rows, len);
         let kernel = KernelKey {
             half_input: self.half(x),
             half_output: self.half(out),
-            thread_per_row,
+            row_threads: threads,
             ..Shader::Norm.into()
         };
         let launches = runs
@@ -87,7 +92,7 @@ impl Lowering<'_> {
                         Operand::Value(scale),
                         bias.clone(),
                     ],
-                    workgroups: row_groups(run.len(), thread_per_row, self.max_groups),
+                    workgroups: row_groups(run.len(), threads, self.max_groups),
                 }
             })
             .collect();
@@ -125,16 +130,19 @@ impl Lowering<'_> {
                 .u(phase[1])
                 .u(0);
             // Rows split in parts (phases 1 and 2) are long: a workgroup each.
-            let thread_per_row = phase[0] == 0 && thread_per_row(rows, len);
+            let threads = match phase[0] {
+                0 => row_threads(rows, len),
+                _ => 64,
+            };
             Launch {
                 kernel: KernelKey {
-                    thread_per_row,
+                    row_threads: threads,
                     ..Shader::Softmax.into()
                 },
                 params: params.0,
                 output,
                 inputs: vec![input, stats.clone()],
-                workgroups: row_groups(rows, thread_per_row, self.max_groups),
+                workgroups: row_groups(rows, threads, self.max_groups),
             }
         };
         let room = self.max_binding.saturating_sub(self.align);

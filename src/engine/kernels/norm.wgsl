@@ -43,17 +43,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) groups: v
 // them.
 fn normalize_row(row: u32, first: u32, step: u32, store: bool) {
     let base = row * p.len;
-    var sum = 0.0;
-    for (var i = first; i < p.len; i += step) {
-        sum += x_at(base + i);
-    }
+    let sum = thread_sum(base, first, step, 0.0, false);
     let mean = row_combine(0u, sum, first, false) / f32(p.len);
-    var sum_sq = 0.0;
-    for (var i = first; i < p.len; i += step) {
-        let d = x_at(base + i) - mean;
-        sum_sq += d * d;
-    }
-    let inv_std = inverseSqrt(row_combine(1u, sum_sq, first, false) / f32(p.len) + p.epsilon);
+    let squares = thread_sum(base, first, step, mean, true);
+    let inv_std = inverseSqrt(row_combine(1u, squares, first, false) / f32(p.len) + p.epsilon);
     param_row = ((p.first_row + row) % p.row_mod) * p.row_mul;
     if !store {
         return;
@@ -68,6 +61,22 @@ fn normalize_row(row: u32, first: u32, step: u32, store: bool) {
     for (var i = first; i < p.len; i += step) {
         out[base + i] = bitcast<u32>(normalized(base, i, mean, inv_std));
     }
+}
+
+// The sum of x (or with `squares`, of (x - mean)^2) over this thread's elements of the row
+// at `base`: first, first + step, ...; summed in runs of RUN, then the runs' sums (see
+// rows.wgsl).
+fn thread_sum(base: u32, first: u32, step: u32, mean: f32, squares: bool) -> f32 {
+    var total = 0.0;
+    for (var run = first; run < p.len; run += RUN * step) {
+        var run_sum = 0.0;
+        for (var i = run; i < min(run + RUN * step, p.len); i += step) {
+            let v = x_at(base + i);
+            run_sum += select(v, (v - mean) * (v - mean), squares);
+        }
+        total += run_sum;
+    }
+    return total;
 }
 
 var<private> param_row: u32;

@@ -32,10 +32,15 @@ fn row_max(base: u32, first: u32, step: u32) -> f32 {
     return row_combine(0u, largest, first, true);
 }
 
+// Summed in runs of RUN, then the runs' sums (see rows.wgsl).
 fn row_exp_sum(base: u32, first: u32, step: u32, largest: f32) -> f32 {
     var sum = 0.0;
-    for (var i = first; i < p.len; i += step) {
-        sum += exp(x[p.in_base + base + i * p.inner] - largest);
+    for (var run = first; run < p.len; run += RUN * step) {
+        var run_sum = 0.0;
+        for (var i = run; i < min(run + RUN * step, p.len); i += step) {
+            run_sum += exp(x[p.in_base + base + i * p.inner] - largest);
+        }
+        sum += run_sum;
     }
     return row_combine(1u, sum, first, false);
 }

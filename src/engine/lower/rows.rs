@@ -17,6 +17,9 @@ const MAX_ROW_PER_LAUNCH: usize = 1 << 20;
 /// Rows per workgroup when each thread owns one (rows.wgsl's WORKGROUP then).
 const ROWS_PER_GROUP: usize = 64;
 
+/// Threads sharing a row that is not a thread's own, below 2M elements.
+const SHARED_ROW_THREADS: u32 = 64;
+
 /// Threads per row of `rows` rows of `len` elements (rows.wgsl's `ROW_THREADS`): one for
 /// short rows (a thread's pass over them is short, and a workgroup's barriers cost CPU
 /// adapters more than the row), and for rows up to 2048 long when there are enough to
@@ -28,7 +31,7 @@ fn row_threads(rows: usize, len: usize) -> u32 {
         0..=256 => 1,
         257..=2048 if rows >= 512 => 1,
         0x20_0001.. => 256,
-        _ => 64,
+        _ => SHARED_ROW_THREADS,
     }
 }
 
@@ -132,7 +135,7 @@ impl Lowering<'_> {
             // Rows split in parts (phases 1 and 2) are long: a workgroup each.
             let threads = match phase[0] {
                 0 => row_threads(rows, len),
-                _ => 64,
+                _ => SHARED_ROW_THREADS,
             };
             Launch {
                 kernel: KernelKey {
